@@ -1,0 +1,39 @@
+"""blobplane: large binary payloads between processes on one host, through shared memory."""
+
+from blobplane.blobs import (
+    MappedRead,
+    ProducerBlob,
+    SharedMemoryBlobs,
+    map_descriptor,
+    read_blob_contents,
+)
+from blobplane.errors import BlobError
+from blobplane.types import (
+    BlobBackend,
+    BlobId,
+    BlobToken,
+    FilePath,
+    Named,
+    SharedBlobDescriptor,
+    UnixFd,
+    WindowsHandle,
+)
+
+__all__ = [
+    "BlobBackend",
+    "BlobError",
+    "BlobId",
+    "BlobToken",
+    "FilePath",
+    "MappedRead",
+    "Named",
+    "ProducerBlob",
+    "SharedBlobDescriptor",
+    "SharedMemoryBlobs",
+    "UnixFd",
+    "WindowsHandle",
+    "map_descriptor",
+    "read_blob_contents",
+]
+
+__version__ = "0.1.0"

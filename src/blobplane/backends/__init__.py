@@ -1,0 +1,94 @@
+"""Backends: where blob memory lives, and how a reader opens a descriptor it was given."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from blobplane.backends.base import Allocation, Backend
+from blobplane.backends.checks import check_received_fd, check_regular_and_size
+from blobplane.backends.files import (
+    PosixShmBackend,
+    TempFileBackend,
+    named_path,
+    open_file_for_read,
+)
+from blobplane.backends.memfd import MemfdBackend, memfd_available
+from blobplane.backends.windows import UNSUPPORTED as WINDOWS_UNSUPPORTED
+from blobplane.backends.windows import WindowsBackend
+from blobplane.types import (
+    BlobBackend,
+    FilePath,
+    Named,
+    SharedBlobDescriptor,
+    UnixFd,
+    WindowsHandle,
+)
+
+__all__ = ["Allocation", "Backend", "ReadableFd", "get_backend", "open_for_read", "resolve"]
+
+_BACKENDS: dict[BlobBackend, type[Backend]] = {
+    BlobBackend.MEMFD: MemfdBackend,
+    BlobBackend.POSIX_SHM: PosixShmBackend,
+    BlobBackend.TEMP_FILE: TempFileBackend,
+    BlobBackend.WINDOWS: WindowsBackend,
+}
+
+
+def resolve(kind: BlobBackend) -> BlobBackend:
+    """Turn PLATFORM_DEFAULT into the concrete backend for this host."""
+    if kind is not BlobBackend.PLATFORM_DEFAULT:
+        return kind
+    if sys.platform.startswith("linux") and memfd_available():
+        return BlobBackend.MEMFD
+    return BlobBackend.TEMP_FILE
+
+
+def get_backend(kind: BlobBackend) -> Backend:
+    concrete = resolve(BlobBackend(kind))
+    if concrete is BlobBackend.MEMFD and not memfd_available():
+        raise NotImplementedError("memfd blobs need Linux; use BlobBackend.TEMP_FILE here")
+    return _BACKENDS[concrete]()
+
+
+class ReadableFd:
+    """An fd to map read-only: borrowed (the caller's, never closed) or owned (closed here)."""
+
+    __slots__ = ("fd", "owned")
+
+    def __init__(self, fd: int, *, owned: bool) -> None:
+        self.fd = fd
+        self.owned = owned
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+def open_for_read(descriptor: SharedBlobDescriptor, size: int) -> ReadableFd:
+    """Open and check a descriptor from elsewhere, ready to map *size* bytes read-only.
+
+    An fd must be a size-sealed memfd (see `checks`); files must be regular
+    and at least *size* bytes long.
+    """
+    match descriptor:
+        case UnixFd(fd=fd):
+            check_received_fd(fd, size)
+            return ReadableFd(fd, owned=False)
+        case Named(name=name):
+            path = named_path(name)
+        case FilePath(path=path):
+            pass
+        case WindowsHandle():
+            raise NotImplementedError(WINDOWS_UNSUPPORTED)
+    readable = ReadableFd(open_file_for_read(path), owned=True)
+    try:
+        check_regular_and_size(readable.fd, size, path)
+    except BaseException:
+        readable.__exit__()
+        raise
+    return readable

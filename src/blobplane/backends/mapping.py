@@ -1,0 +1,50 @@
+"""mmap helpers shared by every backend: writable pre-faulted maps and read-only maps.
+
+Python's `mmap` cannot map zero bytes, so a zero-size blob has no mapping at
+all and the callers use an empty buffer in its place (the None returns).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+
+from blobplane.errors import os_errors
+
+# MADV_POPULATE_WRITE (Linux 5.14): fault every page in one syscall instead of
+# one fault per 4 KiB page during the fill; it also turns a full tmpfs into an
+# ENOSPC/EFAULT error here instead of SIGBUS later.
+MADV_POPULATE_WRITE = 23
+_populate_supported = True
+
+
+def map_writable(fd: int, size: int, *, prefault: bool) -> mmap.mmap | None:
+    """Map *size* bytes of *fd* shared and writable; pre-fault when asked."""
+    global _populate_supported
+    if size == 0:
+        return None
+    with os_errors("mapping a blob writable"):
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+    if prefault and _populate_supported:
+        try:
+            with os_errors(f"pre-faulting {size} bytes of shared memory"):
+                try:
+                    mapped.madvise(MADV_POPULATE_WRITE)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    _populate_supported = False  # older kernel: fault during the fill
+        except BaseException:
+            mapped.close()
+            raise
+    return mapped
+
+
+def map_readonly(fd: int, size: int) -> mmap.mmap | None:
+    """Map *size* bytes of *fd* shared and read-only (the mapping keeps its own fd)."""
+    if size == 0:
+        return None
+    with os_errors("mapping a blob read-only"):
+        # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
+        # exported memoryviews read-only (a write would otherwise segfault).
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ)

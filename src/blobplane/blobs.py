@@ -1,0 +1,454 @@
+"""The allocator and the two handles: `ProducerBlob` (write, seal) and `MappedRead` (read).
+
+Ownership: a `SharedMemoryBlobs` owns every blob it created until
+`cleanup(token)`; a `ProducerBlob` is a handle on one of them (leaving its
+`with` block cleans it up); a `MappedRead` owns one read-only mapping.
+
+Views and lifetimes: `ProducerBlob.buffer` and `MappedRead.as_slice()` hand out
+memoryviews straight into the mapping. Python's mmap refuses to unmap while
+such a view (or a numpy array made from one) is alive, so closing never pulls
+memory from under a live view: `MappedRead.close()` and `cleanup()` release
+the fd and the name at once and leave the unmap to the last view to go.
+`seal()` is the exception: the kernel refuses F_SEAL_WRITE while a writable
+mapping exists, so it raises `BlobBusy` until the views of `buffer` are gone.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from blobplane.backends import Allocation, Backend, get_backend, open_for_read
+from blobplane.backends.mapping import map_readonly, map_writable
+from blobplane.errors import (
+    BlobBusy,
+    BlobClosed,
+    BlobNotFound,
+    BlobSealed,
+    DescriptorMismatch,
+    InvalidSize,
+    LeaseExpired,
+    OutOfBounds,
+)
+from blobplane.types import (
+    BlobBackend,
+    BlobId,
+    BlobToken,
+    SharedBlobDescriptor,
+    _check_size,
+)
+
+__all__ = [
+    "MappedRead",
+    "ProducerBlob",
+    "SharedMemoryBlobs",
+    "map_descriptor",
+    "read_blob_contents",
+]
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 2**48
+
+
+def _byte_view(data: object) -> memoryview:
+    view = memoryview(data)  # type: ignore[arg-type]
+    if view.format == "B" and view.ndim == 1:
+        return view
+    if not view.c_contiguous:
+        # Non-contiguous input (a strided numpy slice) must be packed once.
+        return memoryview(view.tobytes())
+    return view.cast("B")
+
+
+def _unmap(mapped: mmap.mmap | None) -> None:
+    """Unmap now, or leave it to the last live view: never pull memory from under one."""
+    if mapped is None:
+        return
+    try:
+        mapped.close()
+    except BufferError:
+        pass  # views exported: dropping our reference defers the unmap to them
+
+
+class MappedRead:
+    """A read-only mapping of a blob. `as_slice()` views it without copying.
+
+    `close()` (or leaving the `with` block) releases it. Views obtained from
+    `as_slice()` before that stay valid; the memory is unmapped when the last
+    of them is released or collected.
+    """
+
+    __slots__ = ("__weakref__", "_closed", "_mapped", "_on_close", "_size")
+
+    def __init__(
+        self,
+        mapped: mmap.mmap | None,
+        size: int,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._mapped = mapped
+        self._size = size
+        self._on_close = on_close
+        self._closed = False
+
+    def as_slice(self) -> memoryview:
+        """A read-only memoryview of exactly `len(self)` bytes, zero copy."""
+        if self._closed:
+            raise BlobClosed("this MappedRead is closed; map the blob again to read it")
+        if self._mapped is None:
+            return memoryview(b"")
+        return memoryview(self._mapped)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release the mapping (deferred while views are alive); closing twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        mapped, self._mapped = self._mapped, None
+        on_close, self._on_close = self._on_close, None
+        _unmap(mapped)
+        if on_close is not None:
+            on_close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<MappedRead {self._size} bytes, {state}>"
+
+
+class ProducerBlob:
+    """A blob being produced: write it through `buffer` or `write_all`, then `seal()`.
+
+    The allocator that created it owns it; `with blobs.create(n) as blob:`
+    cleans it up when the block ends.
+    """
+
+    __slots__ = ("__weakref__", "_allocation", "_mapped", "_owner", "_sealed", "token")
+
+    def __init__(
+        self,
+        owner: SharedMemoryBlobs,
+        token: BlobToken,
+        allocation: Allocation,
+        mapped: mmap.mmap | None,
+    ) -> None:
+        self._owner = owner
+        self.token = token
+        self._allocation = allocation
+        self._mapped = mapped
+        self._sealed = False
+
+    @property
+    def id(self) -> BlobId:
+        return self.token.id
+
+    @property
+    def size(self) -> int:
+        return self.token.size
+
+    @property
+    def descriptor(self) -> SharedBlobDescriptor:
+        return self._allocation.descriptor
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealed
+
+    def fileno(self) -> int:
+        """The fd behind the blob, owned by the allocator (send it; never close it)."""
+        self._check_open()
+        return self._allocation.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._allocation.fd < 0
+
+    @property
+    def buffer(self) -> memoryview:
+        """A writable memoryview of the whole blob, zero copy. Release it before `seal()`."""
+        self._check_writable()
+        if self._mapped is None:
+            return memoryview(bytearray())
+        return memoryview(self._mapped)
+
+    def write_all(self, data: Buffer | object, offset: int = 0) -> None:
+        """Copy *data* (any buffer) into the blob at *offset*, bounds-checked."""
+        self._check_writable()
+        view = _byte_view(data)
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise OutOfBounds(f"offset must be an int, got {type(offset).__name__}")
+        end = offset + view.nbytes
+        if offset < 0 or end > self.size:
+            raise OutOfBounds(
+                f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
+                f"past the end of this {self.size}-byte blob"
+            )
+        if self._mapped is not None and view.nbytes:
+            self._mapped[offset:end] = view
+
+    def seal(self) -> None:
+        """Make the contents final. For memfd the kernel enforces it for every process.
+
+        Drops the writable mapping first (the kernel refuses F_SEAL_WRITE while
+        one exists), so every view of `buffer` must be released by now.
+        Sealing twice is fine.
+        """
+        if self._sealed:
+            return
+        self._check_open()
+        mapped = self._mapped
+        if mapped is not None:
+            try:
+                mapped.close()
+            except BufferError:
+                raise BlobBusy(
+                    "cannot seal while views of blob.buffer (or arrays made from it) are "
+                    "alive; release them first (view.release(), del array)"
+                ) from None
+            self._mapped = None
+        self._owner._backend.seal(self._allocation)
+        self._sealed = True
+
+    def cleanup(self) -> None:
+        """Free the blob: same as `blobs.cleanup(blob.token)`."""
+        self._owner.cleanup(self.token)
+
+    def _release(self) -> None:
+        mapped, self._mapped = self._mapped, None
+        _unmap(mapped)
+        self._owner._backend.destroy(self._allocation)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BlobClosed(f"blob {self.id} was cleaned up; create a new one")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._sealed:
+            raise BlobSealed(f"blob {self.id} is sealed; its contents can no longer change")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("sealed" if self._sealed else "writable")
+        return f"<ProducerBlob {self.id} {self.size} bytes {self.descriptor!r} {state}>"
+
+
+@dataclass(slots=True)
+class _Record:
+    blob: ProducerBlob
+    expires_at: float | None
+
+
+def _release_all(records: dict[BlobId, _Record]) -> None:
+    while records:
+        _, record = records.popitem()
+        record.blob._release()
+
+
+class SharedMemoryBlobs:
+    """Allocates blobs, keeps their records (by id, O(1)) and maps them for reading.
+
+    Blobs live until `cleanup(token)`, their lease runs out and
+    `collect_expired()` runs, or the allocator is closed or collected. Files
+    and shm names are unlinked at interpreter exit at the latest; the files
+    of a process killed outright are swept by the next process that uses the
+    same private folder.
+    """
+
+    def __init__(
+        self,
+        backend: BlobBackend = BlobBackend.PLATFORM_DEFAULT,
+        *,
+        max_blob_size: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backend: Backend = get_backend(backend)
+        self._max_size = _physical_memory() if max_blob_size is None else max_blob_size
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._records: dict[BlobId, _Record] = {}
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _release_all, self._records)
+
+    @property
+    def backend(self) -> BlobBackend:
+        """The concrete backend (PLATFORM_DEFAULT resolved)."""
+        return self._backend.kind
+
+    @property
+    def kernel_sealed(self) -> bool:
+        """Whether `seal()` is enforced by the kernel for every process (memfd only)."""
+        return self._backend.kernel_sealed
+
+    def create(self, size: int, lease_ms: int | None = None) -> ProducerBlob:
+        """Allocate a zero-filled blob of *size* bytes, optionally with a lease."""
+        if self._closed:
+            raise BlobClosed("this SharedMemoryBlobs is closed")
+        _check_size(size)
+        if size > self._max_size:
+            raise InvalidSize(
+                f"a blob of {size} bytes is larger than this host's {self._max_size} bytes "
+                "of memory; pass max_blob_size= to SharedMemoryBlobs to allow it"
+            )
+        token = BlobToken(BlobId.new(), size, lease_ms)
+        allocation = self._backend.create(size, token.id)
+        try:
+            mapped = map_writable(allocation.fd, size, prefault=self._backend.prefault)
+        except BaseException:
+            self._backend.destroy(allocation)
+            raise
+        blob = ProducerBlob(self, token, allocation, mapped)
+        expires_at = None if lease_ms is None else self._clock() + lease_ms / 1000
+        with self._lock:
+            self._records[token.id] = _Record(blob, expires_at)
+        return blob
+
+    def cleanup(self, token: BlobToken) -> None:
+        """Free the blob: close its fd, unlink its name, unmap (deferred past live views).
+
+        Idempotent: an unknown or already cleaned-up token is ignored.
+        """
+        with self._lock:
+            record = self._records.get(token.id)
+            if record is None or record.blob.token != token:
+                return
+            del self._records[token.id]
+        record.blob._release()
+
+    def map_read(self, token: BlobToken, descriptor: SharedBlobDescriptor) -> MappedRead:
+        """Map a blob this allocator created, read-only. Sealed or not: it is ours."""
+        record = self._lookup(token)
+        if record.blob.descriptor != descriptor:
+            raise DescriptorMismatch(
+                f"descriptor {descriptor!r} does not belong to blob {token.id} "
+                f"(it was created with {record.blob.descriptor!r})"
+            )
+        if record.expires_at is not None and self._clock() >= record.expires_at:
+            raise LeaseExpired(
+                f"the {token.lease_ms} ms lease of blob {token.id} has run out; "
+                "renew leases before they end, or create the blob again"
+            )
+        return MappedRead(map_readonly(record.blob._allocation.fd, token.size), token.size)
+
+    def renew(self, token: BlobToken, lease_ms: int) -> None:
+        """Extend a live blob's lease to *lease_ms* from now."""
+        if not isinstance(lease_ms, int) or isinstance(lease_ms, bool) or lease_ms <= 0:
+            raise InvalidSize(f"lease_ms must be a positive int, got {lease_ms!r}")
+        record = self._lookup(token)
+        with self._lock:
+            record.expires_at = self._clock() + lease_ms / 1000
+
+    def collect_expired(self) -> list[BlobToken]:
+        """Reclaim every blob whose lease has run out; return their tokens."""
+        now = self._clock()
+        with self._lock:
+            expired = [
+                record
+                for record in self._records.values()
+                if record.expires_at is not None and now >= record.expires_at
+            ]
+            for record in expired:
+                del self._records[record.blob.id]
+        for record in expired:
+            record.blob._release()
+        return [record.blob.token for record in expired]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, token: object) -> bool:
+        if not isinstance(token, BlobToken):
+            return False
+        record = self._records.get(token.id)
+        return record is not None and record.blob.token == token
+
+    def close(self) -> None:
+        """Clean up every blob still held; closing twice is fine."""
+        self._closed = True
+        with self._lock:
+            records = dict(self._records)
+            self._records.clear()
+        _release_all(records)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _lookup(self, token: BlobToken) -> _Record:
+        with self._lock:
+            record = self._records.get(token.id)
+        if record is None:
+            raise BlobNotFound(
+                f"no blob {token.id} here: it was never created by this allocator, "
+                "or it was cleaned up"
+            )
+        if record.blob.token != token:
+            raise DescriptorMismatch(
+                f"token {token!r} does not match the one blob {token.id} was created with "
+                f"({record.blob.token!r})"
+            )
+        return record
+
+
+def map_descriptor(descriptor: SharedBlobDescriptor, size: int) -> MappedRead:
+    """Map a blob from another process read-only, after checking it is safe to.
+
+    An fd (`UnixFd`) is borrowed, never closed: the mapping keeps a duplicate.
+    It must be a memfd sealed against shrinking and growing (see DESIGN.md).
+    """
+    _check_size(size)
+    with open_for_read(descriptor, size) as fd:
+        return MappedRead(map_readonly(fd, size), size)
+
+
+def read_blob_contents(descriptor: SharedBlobDescriptor, size: int) -> bytes:
+    """Copy a blob's *size* bytes out, for a process that has no allocator records."""
+    with map_descriptor(descriptor, size) as mapped, mapped.as_slice() as view:
+        return view.tobytes()

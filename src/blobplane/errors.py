@@ -1,0 +1,160 @@
+"""Every error blobplane raises on purpose, rooted at `BlobError`.
+
+The tree follows the failures a caller can act on. Three shapes recur, after
+trio: *closed* (you closed it yourself), *broken* (the peer or the OS failed;
+the original exception is kept as ``__cause__``) and *busy* (two users of one
+resource at once). Protocol errors come in two kinds, after h11: a local one
+(this side asked for something illegal) and a remote one (the peer sent
+something illegal).
+
+OS errors are translated in one place, `os_errors`, so that call sites stay
+free of errno tables.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class BlobError(Exception):
+    """Root of every error blobplane raises on purpose."""
+
+
+# -- naming and bookkeeping -------------------------------------------------
+
+
+class BlobNotFound(BlobError, KeyError):
+    """The token names no blob this allocator knows (never created, or cleaned up)."""
+
+    def __str__(self) -> str:
+        # KeyError would wrap the message in quotes.
+        return str(self.args[0]) if self.args else "blob not found"
+
+
+class DescriptorMismatch(BlobError):
+    """A descriptor was presented with a token it does not belong to."""
+
+
+class MalformedMetadata(BlobError, ValueError):
+    """A serialized token or descriptor could not be decoded or failed validation."""
+
+
+# -- sizes and bounds -------------------------------------------------------
+
+
+class InvalidSize(BlobError, ValueError):
+    """A size is negative, not an integer, or larger than this host can back."""
+
+
+class OutOfBounds(BlobError, IndexError):
+    """A read or write reaches outside the blob."""
+
+
+# -- state ------------------------------------------------------------------
+
+
+class BlobClosed(BlobError):
+    """The object was closed or cleaned up by its owner and cannot be used any more."""
+
+
+class BlobSealed(BlobError):
+    """The blob is sealed: its contents can no longer be written."""
+
+
+class BlobBusy(BlobError):
+    """The resource is in use in a way that forbids the operation (live views, concurrent use)."""
+
+
+class LeaseExpired(BlobError):
+    """The blob's lease ran out; it is (or will be) reclaimed."""
+
+
+# -- what a reader refuses ----------------------------------------------------
+
+
+class UnsafeDescriptor(BlobError):
+    """A received descriptor cannot be mapped safely; it was refused before mapping."""
+
+
+class WrongKind(UnsafeDescriptor):
+    """The fd is not a regular file or memfd (a pipe, socket, directory, device...)."""
+
+
+class NotSealed(UnsafeDescriptor):
+    """The fd lacks F_SEAL_SHRINK and F_SEAL_GROW, so its owner could truncate it under us."""
+
+
+class DescriptorTooShort(UnsafeDescriptor):
+    """The object behind the descriptor is smaller than its token says."""
+
+
+# -- resources of the host -------------------------------------------------------
+
+
+class BrokenResource(BlobError):
+    """The OS or the peer failed underneath us; ``__cause__`` holds the original error."""
+
+
+class OutOfSharedMemory(BrokenResource):
+    """The host could not back the blob with memory (full tmpfs, memory limit)."""
+
+
+class TooManyOpenFiles(BrokenResource):
+    """The process hit its file-descriptor limit (RLIMIT_NOFILE)."""
+
+
+class ConnectionClosed(BrokenResource):
+    """The peer went away (or closed its end) before the exchange completed."""
+
+
+class QuotaExceeded(BlobError):
+    """The request would exceed a byte quota."""
+
+
+class Timeout(BlobError, TimeoutError):
+    """A blocking call did not complete within its timeout."""
+
+
+# -- control protocol ---------------------------------------------------------------
+
+
+class ProtocolError(BlobError):
+    """The control protocol was violated; the connection is in an error state."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
+
+
+_SPACE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EFAULT}
+_FD_ERRNOS = {errno.EMFILE, errno.ENFILE}
+
+
+@contextmanager
+def os_errors(doing: str) -> Iterator[None]:
+    """Translate an `OSError` raised while *doing* something into a `BlobError`.
+
+    The one place that knows which errno means what to a caller.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FD_ERRNOS:
+            raise TooManyOpenFiles(
+                f"{doing}: the process ran out of file descriptors ({exc.strerror}); "
+                "close blobs you no longer need or raise the limit (ulimit -n)"
+            ) from exc
+        if exc.errno in _SPACE_ERRNOS:
+            raise OutOfSharedMemory(
+                f"{doing}: the host could not back the memory ({exc.strerror}); "
+                "free blobs, or check the size of /dev/shm and the memory limit"
+            ) from exc
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            raise ConnectionClosed(f"{doing}: the peer closed the connection") from exc
+        raise BrokenResource(f"{doing}: {exc.strerror or exc}") from exc

@@ -1,0 +1,60 @@
+"""Counting what a test could leak: fds, mappings, shm names and private files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from blobplane.backends.private_dir import SHM_ROOT, shm_root, temp_root
+
+
+def open_fds(pid: int | str = "self") -> set[int]:
+    return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+
+def blob_mappings(pid: int | str = "self") -> int:
+    """Mapped regions of blobplane blobs (memfds and files in the private folders)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum(
+            1
+            for line in maps
+            if "blobplane" in line and ("/memfd:" in line or "/blobplane-" in line)
+        )
+
+
+def _entries(folder: str) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except FileNotFoundError:
+        return set()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    fds: frozenset[int]
+    mappings: int
+    dev_shm: frozenset[str]
+    shm_private: frozenset[str]
+    temp_private: frozenset[str]
+
+    @classmethod
+    def take(cls) -> Snapshot:
+        return cls(
+            fds=frozenset(open_fds()),
+            mappings=blob_mappings(),
+            dev_shm=frozenset(_entries(SHM_ROOT)),
+            shm_private=frozenset(_entries(shm_root())),
+            temp_private=frozenset(_entries(temp_root())),
+        )
+
+    def leaks_since(self, before: Snapshot) -> list[str]:
+        found = []
+        if extra := self.fds - before.fds:
+            found.append(f"fds {sorted(extra)} left open")
+        if self.mappings > before.mappings:
+            found.append(f"{self.mappings - before.mappings} blob mappings left")
+        for label in ("dev_shm", "shm_private", "temp_private"):
+            extra_names = getattr(self, label) - getattr(before, label)
+            if extra_names:
+                found.append(f"{label}: {sorted(extra_names)} left behind")
+        return found
