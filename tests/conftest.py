@@ -1,11 +1,29 @@
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from blobplane.backends.private_dir import shm_root, temp_root
 from leaks import Snapshot
+
+# Private folders of this test session alone (inherited by the children it
+# starts), so that blobs of other processes on the machine cannot make the
+# leak counts flicker.
+_SESSION_DIR = tempfile.mkdtemp(prefix="blobplane-tests-")
+os.environ["BLOBPLANE_DIR"] = os.path.join(_SESSION_DIR, "temp")
+os.environ["BLOBPLANE_SHM_DIR"] = f"/dev/shm/blobplane-tests-{os.getpid()}"
+shm_root()
+temp_root()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    shutil.rmtree(os.environ["BLOBPLANE_SHM_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

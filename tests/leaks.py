@@ -42,7 +42,8 @@ class Snapshot:
         return cls(
             fds=frozenset(open_fds()),
             mappings=blob_mappings(),
-            dev_shm=frozenset(_entries(SHM_ROOT)),
+            # Only names this library could have made: other programs use /dev/shm too.
+            dev_shm=frozenset(n for n in _entries(SHM_ROOT) if n.startswith("blobplane")),
             shm_private=frozenset(_entries(shm_root())),
             temp_private=frozenset(_entries(temp_root())),
         )

@@ -17,6 +17,7 @@ from blobplane.types import (
     SharedBlobDescriptor,
     UnixFd,
     WindowsHandle,
+    decode_descriptor,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SharedMemoryBlobs",
     "UnixFd",
     "WindowsHandle",
+    "decode_descriptor",
     "map_descriptor",
     "read_blob_contents",
 ]

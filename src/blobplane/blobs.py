@@ -146,60 +146,87 @@ class MappedRead:
         return f"<MappedRead {self._size} bytes, {state}>"
 
 
+@dataclass(slots=True, eq=False)
+class _BlobState:
+    """One blob's resources, shared by its record in the allocator and its `ProducerBlob`.
+
+    It refers to neither, so the allocator's finalizer can hold every state
+    without keeping the allocator alive.
+    """
+
+    token: BlobToken
+    backend: Backend
+    allocation: Allocation
+    mapped: mmap.mmap | None
+    expires_at: float | None
+    sealed: bool = False
+
+    @property
+    def released(self) -> bool:
+        return self.allocation.fd < 0
+
+    def release(self) -> None:
+        mapped, self.mapped = self.mapped, None
+        _unmap(mapped)
+        self.backend.destroy(self.allocation)
+
+
+def _release_all(states: dict[BlobId, _BlobState]) -> None:
+    while states:
+        _, state = states.popitem()
+        state.release()
+
+
 class ProducerBlob:
     """A blob being produced: write it through `buffer` or `write_all`, then `seal()`.
 
-    The allocator that created it owns it; `with blobs.create(n) as blob:`
-    cleans it up when the block ends.
+    The allocator that created it owns it, and this handle keeps that
+    allocator alive; `with blobs.create(n) as blob:` cleans it up when the
+    block ends.
     """
 
-    __slots__ = ("__weakref__", "_allocation", "_mapped", "_owner", "_sealed", "token")
+    __slots__ = ("__weakref__", "_owner", "_state")
 
-    def __init__(
-        self,
-        owner: SharedMemoryBlobs,
-        token: BlobToken,
-        allocation: Allocation,
-        mapped: mmap.mmap | None,
-    ) -> None:
+    def __init__(self, owner: SharedMemoryBlobs, state: _BlobState) -> None:
         self._owner = owner
-        self.token = token
-        self._allocation = allocation
-        self._mapped = mapped
-        self._sealed = False
+        self._state = state
+
+    @property
+    def token(self) -> BlobToken:
+        return self._state.token
 
     @property
     def id(self) -> BlobId:
-        return self.token.id
+        return self._state.token.id
 
     @property
     def size(self) -> int:
-        return self.token.size
+        return self._state.token.size
 
     @property
     def descriptor(self) -> SharedBlobDescriptor:
-        return self._allocation.descriptor
+        return self._state.allocation.descriptor
 
     @property
     def sealed(self) -> bool:
-        return self._sealed
+        return self._state.sealed
+
+    @property
+    def closed(self) -> bool:
+        return self._state.released
 
     def fileno(self) -> int:
         """The fd behind the blob, owned by the allocator (send it; never close it)."""
         self._check_open()
-        return self._allocation.fd
-
-    @property
-    def closed(self) -> bool:
-        return self._allocation.fd < 0
+        return self._state.allocation.fd
 
     @property
     def buffer(self) -> memoryview:
         """A writable memoryview of the whole blob, zero copy. Release it before `seal()`."""
         self._check_writable()
-        if self._mapped is None:
+        if self._state.mapped is None:
             return memoryview(bytearray())
-        return memoryview(self._mapped)
+        return memoryview(self._state.mapped)
 
     def write_all(self, data: Buffer | object, offset: int = 0) -> None:
         """Copy *data* (any buffer) into the blob at *offset*, bounds-checked."""
@@ -213,8 +240,9 @@ class ProducerBlob:
                 f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
                 f"past the end of this {self.size}-byte blob"
             )
-        if self._mapped is not None and view.nbytes:
-            self._mapped[offset:end] = view
+        mapped = self._state.mapped
+        if mapped is not None and view.nbytes:
+            mapped[offset:end] = view
 
     def seal(self) -> None:
         """Make the contents final. For memfd the kernel enforces it for every process.
@@ -223,38 +251,33 @@ class ProducerBlob:
         one exists), so every view of `buffer` must be released by now.
         Sealing twice is fine.
         """
-        if self._sealed:
+        state = self._state
+        if state.sealed:
             return
         self._check_open()
-        mapped = self._mapped
-        if mapped is not None:
+        if state.mapped is not None:
             try:
-                mapped.close()
+                state.mapped.close()
             except BufferError:
                 raise BlobBusy(
                     "cannot seal while views of blob.buffer (or arrays made from it) are "
                     "alive; release them first (view.release(), del array)"
                 ) from None
-            self._mapped = None
-        self._owner._backend.seal(self._allocation)
-        self._sealed = True
+            state.mapped = None
+        state.backend.seal(state.allocation)
+        state.sealed = True
 
     def cleanup(self) -> None:
         """Free the blob: same as `blobs.cleanup(blob.token)`."""
         self._owner.cleanup(self.token)
 
-    def _release(self) -> None:
-        mapped, self._mapped = self._mapped, None
-        _unmap(mapped)
-        self._owner._backend.destroy(self._allocation)
-
     def _check_open(self) -> None:
-        if self.closed:
+        if self._state.released:
             raise BlobClosed(f"blob {self.id} was cleaned up; create a new one")
 
     def _check_writable(self) -> None:
         self._check_open()
-        if self._sealed:
+        if self._state.sealed:
             raise BlobSealed(f"blob {self.id} is sealed; its contents can no longer change")
 
     def __enter__(self) -> Self:
@@ -269,27 +292,16 @@ class ProducerBlob:
         self.cleanup()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("sealed" if self._sealed else "writable")
+        state = "closed" if self.closed else ("sealed" if self.sealed else "writable")
         return f"<ProducerBlob {self.id} {self.size} bytes {self.descriptor!r} {state}>"
-
-
-@dataclass(slots=True)
-class _Record:
-    blob: ProducerBlob
-    expires_at: float | None
-
-
-def _release_all(records: dict[BlobId, _Record]) -> None:
-    while records:
-        _, record = records.popitem()
-        record.blob._release()
 
 
 class SharedMemoryBlobs:
     """Allocates blobs, keeps their records (by id, O(1)) and maps them for reading.
 
     Blobs live until `cleanup(token)`, their lease runs out and
-    `collect_expired()` runs, or the allocator is closed or collected. Files
+    `collect_expired()` runs, or the allocator is closed, or collected once
+    neither it nor any of its `ProducerBlob` handles is referenced. Files
     and shm names are unlinked at interpreter exit at the latest; the files
     of a process killed outright are swept by the next process that uses the
     same private folder.
@@ -306,7 +318,7 @@ class SharedMemoryBlobs:
         self._max_size = _physical_memory() if max_blob_size is None else max_blob_size
         self._clock = clock
         self._lock = threading.Lock()
-        self._records: dict[BlobId, _Record] = {}
+        self._records: dict[BlobId, _BlobState] = {}
         self._closed = False
         self._finalizer = weakref.finalize(self, _release_all, self._records)
 
@@ -337,11 +349,11 @@ class SharedMemoryBlobs:
         except BaseException:
             self._backend.destroy(allocation)
             raise
-        blob = ProducerBlob(self, token, allocation, mapped)
         expires_at = None if lease_ms is None else self._clock() + lease_ms / 1000
+        state = _BlobState(token, self._backend, allocation, mapped, expires_at)
         with self._lock:
-            self._records[token.id] = _Record(blob, expires_at)
-        return blob
+            self._records[token.id] = state
+        return ProducerBlob(self, state)
 
     def cleanup(self, token: BlobToken) -> None:
         """Free the blob: close its fd, unlink its name, unmap (deferred past live views).
@@ -350,25 +362,25 @@ class SharedMemoryBlobs:
         """
         with self._lock:
             record = self._records.get(token.id)
-            if record is None or record.blob.token != token:
+            if record is None or record.token != token:
                 return
             del self._records[token.id]
-        record.blob._release()
+        record.release()
 
     def map_read(self, token: BlobToken, descriptor: SharedBlobDescriptor) -> MappedRead:
         """Map a blob this allocator created, read-only. Sealed or not: it is ours."""
         record = self._lookup(token)
-        if record.blob.descriptor != descriptor:
+        if record.allocation.descriptor != descriptor:
             raise DescriptorMismatch(
                 f"descriptor {descriptor!r} does not belong to blob {token.id} "
-                f"(it was created with {record.blob.descriptor!r})"
+                f"(it was created with {record.allocation.descriptor!r})"
             )
         if record.expires_at is not None and self._clock() >= record.expires_at:
             raise LeaseExpired(
                 f"the {token.lease_ms} ms lease of blob {token.id} has run out; "
                 "renew leases before they end, or create the blob again"
             )
-        return MappedRead(map_readonly(record.blob._allocation.fd, token.size), token.size)
+        return MappedRead(map_readonly(record.allocation.fd, token.size), token.size)
 
     def renew(self, token: BlobToken, lease_ms: int) -> None:
         """Extend a live blob's lease to *lease_ms* from now."""
@@ -388,10 +400,10 @@ class SharedMemoryBlobs:
                 if record.expires_at is not None and now >= record.expires_at
             ]
             for record in expired:
-                del self._records[record.blob.id]
+                del self._records[record.token.id]
         for record in expired:
-            record.blob._release()
-        return [record.blob.token for record in expired]
+            record.release()
+        return [record.token for record in expired]
 
     def __len__(self) -> int:
         return len(self._records)
@@ -400,7 +412,7 @@ class SharedMemoryBlobs:
         if not isinstance(token, BlobToken):
             return False
         record = self._records.get(token.id)
-        return record is not None and record.blob.token == token
+        return record is not None and record.token == token
 
     def close(self) -> None:
         """Clean up every blob still held; closing twice is fine."""
@@ -421,7 +433,7 @@ class SharedMemoryBlobs:
     ) -> None:
         self.close()
 
-    def _lookup(self, token: BlobToken) -> _Record:
+    def _lookup(self, token: BlobToken) -> _BlobState:
         with self._lock:
             record = self._records.get(token.id)
         if record is None:
@@ -429,10 +441,10 @@ class SharedMemoryBlobs:
                 f"no blob {token.id} here: it was never created by this allocator, "
                 "or it was cleaned up"
             )
-        if record.blob.token != token:
+        if record.token != token:
             raise DescriptorMismatch(
                 f"token {token!r} does not match the one blob {token.id} was created with "
-                f"({record.blob.token!r})"
+                f"({record.token!r})"
             )
         return record
 

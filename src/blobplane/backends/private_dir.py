@@ -53,7 +53,14 @@ SHM_ROOT = "/dev/shm"
 
 
 def shm_root() -> str:
-    """This user's private folder inside /dev/shm, home of the named segments."""
+    """This user's private folder inside /dev/shm ($BLOBPLANE_SHM_DIR), home of named segments.
+
+    A `Named` descriptor is a name inside this folder, so producer and
+    consumer must agree on it: same user, same environment.
+    """
+    explicit = os.environ.get("BLOBPLANE_SHM_DIR")
+    if explicit:
+        return ensure_private_dir(explicit)
     return ensure_private_dir(os.path.join(SHM_ROOT, f"blobplane-{os.getuid()}"))
 
 
