@@ -8,6 +8,7 @@ from blobplane.blobs import (
     read_blob_contents,
 )
 from blobplane.errors import BlobError
+from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import (
     BlobBackend,
     BlobId,
@@ -24,10 +25,12 @@ __all__ = [
     "BlobBackend",
     "BlobError",
     "BlobId",
+    "BlobPool",
     "BlobToken",
     "FilePath",
     "MappedRead",
     "Named",
+    "PoolLoan",
     "ProducerBlob",
     "SharedBlobDescriptor",
     "SharedMemoryBlobs",

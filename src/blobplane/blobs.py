@@ -16,7 +16,6 @@ mapping exists, so it raises `BlobBusy` until the views of `buffer` are gone.
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 import time
 import weakref
@@ -26,7 +25,13 @@ from types import TracebackType
 from typing import Self
 
 from blobplane.backends import Allocation, Backend, get_backend, open_for_read
-from blobplane.backends.mapping import map_readonly, map_writable
+from blobplane.backends.mapping import (
+    byte_view,
+    map_readonly,
+    map_writable,
+    physical_memory,
+    unmap_when_unused,
+)
 from blobplane.errors import (
     BlobBusy,
     BlobClosed,
@@ -54,33 +59,6 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover - every Linux has both
-        return 2**48
-
-
-def _byte_view(data: object) -> memoryview:
-    view = memoryview(data)  # type: ignore[arg-type]
-    if view.format == "B" and view.ndim == 1:
-        return view
-    if not view.c_contiguous:
-        # Non-contiguous input (a strided numpy slice) must be packed once.
-        return memoryview(view.tobytes())
-    return view.cast("B")
-
-
-def _unmap(mapped: mmap.mmap | None) -> None:
-    """Unmap now, or leave it to the last live view: never pull memory from under one."""
-    if mapped is None:
-        return
-    try:
-        mapped.close()
-    except BufferError:
-        pass  # views exported: dropping our reference defers the unmap to them
 
 
 class MappedRead:
@@ -126,7 +104,7 @@ class MappedRead:
         self._closed = True
         mapped, self._mapped = self._mapped, None
         on_close, self._on_close = self._on_close, None
-        _unmap(mapped)
+        unmap_when_unused(mapped)
         if on_close is not None:
             on_close()
 
@@ -167,7 +145,7 @@ class _BlobState:
 
     def release(self) -> None:
         mapped, self.mapped = self.mapped, None
-        _unmap(mapped)
+        unmap_when_unused(mapped)
         self.backend.destroy(self.allocation)
 
 
@@ -231,7 +209,7 @@ class ProducerBlob:
     def write_all(self, data: Buffer | object, offset: int = 0) -> None:
         """Copy *data* (any buffer) into the blob at *offset*, bounds-checked."""
         self._check_writable()
-        view = _byte_view(data)
+        view = byte_view(data)
         if not isinstance(offset, int) or isinstance(offset, bool):
             raise OutOfBounds(f"offset must be an int, got {type(offset).__name__}")
         end = offset + view.nbytes
@@ -315,7 +293,7 @@ class SharedMemoryBlobs:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backend: Backend = get_backend(backend)
-        self._max_size = _physical_memory() if max_blob_size is None else max_blob_size
+        self._max_size = physical_memory() if max_blob_size is None else max_blob_size
         self._clock = clock
         self._lock = threading.Lock()
         self._records: dict[BlobId, _BlobState] = {}

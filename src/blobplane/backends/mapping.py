@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 
 from blobplane.errors import os_errors
 
@@ -48,3 +49,31 @@ def map_readonly(fd: int, size: int) -> mmap.mmap | None:
         # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
         # exported memoryviews read-only (a write would otherwise segfault).
         return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+
+
+def unmap_when_unused(mapped: mmap.mmap | None) -> None:
+    """Unmap now, or leave it to the last live view: never pull memory from under one."""
+    if mapped is None:
+        return
+    try:
+        mapped.close()
+    except BufferError:
+        pass  # views exported: dropping our reference defers the unmap to them
+
+
+def byte_view(data: object) -> memoryview:
+    """Any buffer as a flat view of bytes (strided input is packed once)."""
+    view = memoryview(data)  # type: ignore[arg-type]
+    if view.format == "B" and view.ndim == 1:
+        return view
+    if not view.c_contiguous:
+        return memoryview(view.tobytes())
+    return view.cast("B")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this host: the ceiling for a blob or a pool."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux has both
+        return 2**48

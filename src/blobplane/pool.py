@@ -1,0 +1,332 @@
+"""`BlobPool`: memfd slots created, mapped and pre-faulted once, then loaned out again and again.
+
+Fresh shared memory costs a page fault per 4 KiB page; a pool pays that once.
+Each slot is a memfd sealed with F_SEAL_SHRINK | F_SEAL_GROW |
+F_SEAL_FUTURE_WRITE | F_SEAL_SEAL right after the producer mapped it
+writable: nobody can ever shrink or grow it (so readers are safe from SIGBUS)
+and no process can map it writable again, while the producer keeps its own
+mapping. Unlike `ProducerBlob.seal()`, the kernel does not make the contents
+immutable: the producer could still write while a reader looks. The library
+never does: a slot goes back to the free list only when the producer's loan
+is closed and every reader it was handed to has released it.
+
+A control block (one more memfd, sealed the same way) holds a generation
+counter per slot, bumped at every loan. A reader maps it read-only and, in
+check mode, compares the generation it was told with the live one to detect
+a slot rewritten while it held it, which only a broken producer can cause.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from blobplane.backends.checks import F_SEAL_FUTURE_WRITE
+from blobplane.backends.mapping import (
+    byte_view,
+    map_writable,
+    physical_memory,
+    unmap_when_unused,
+)
+from blobplane.backends.memfd import create_sealable_memfd
+from blobplane.errors import (
+    BlobBusy,
+    BlobClosed,
+    InvalidSize,
+    OutOfBounds,
+    Timeout,
+    os_errors,
+)
+from blobplane.types import BlobId, BlobToken, UnixFd
+
+__all__ = ["POOL_SEALS", "BlobPool", "PoolLoan"]
+
+POOL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+_GENERATION = struct.Struct("<Q")
+
+
+def _round_up(size: int, unit: int) -> int:
+    return -(-size // unit) * unit
+
+
+def _sealed_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """A pre-faulted writable mapping of a new memfd, then sealed against everyone else."""
+    fd = create_sealable_memfd(name)
+    try:
+        with os_errors(f"sizing pool memory to {size} bytes"):
+            os.ftruncate(fd, size)
+        mapped = map_writable(fd, size, prefault=True)
+        assert mapped is not None  # size > 0: pools round up to whole pages
+        try:
+            with os_errors("sealing pool memory"):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, POOL_SEALS)
+        except BaseException:
+            mapped.close()
+            raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mapped
+
+
+@dataclass(slots=True)
+class _Slot:
+    fd: int
+    mapped: mmap.mmap
+    loaned: bool = False
+    holders: int = 0
+
+
+class BlobPool:
+    """*slots* reusable memfds of *slot_size* bytes each, owned by the producer.
+
+    `loan()` a slot, fill it through `loan.buffer`, hand it over (a channel
+    calls `retain()` per receiver and the pool hears of each release), close
+    the loan. Thread-safe; `loan(timeout=...)` waits for a free slot.
+    """
+
+    def __init__(self, slot_size: int, slots: int) -> None:
+        if not isinstance(slot_size, int) or isinstance(slot_size, bool) or slot_size <= 0:
+            raise InvalidSize(f"slot_size must be a positive int, got {slot_size!r}")
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots <= 0:
+            raise InvalidSize(f"slots must be a positive int, got {slots!r}")
+        mapped_size = _round_up(slot_size, mmap.PAGESIZE)
+        if mapped_size * slots > physical_memory():
+            raise InvalidSize(f"{slots} slots of {slot_size} bytes exceed this host's memory")
+        self.id = BlobId.new()
+        self.slot_size = slot_size
+        self._lock = threading.Condition()
+        self._slots: list[_Slot] = []
+        self._free: deque[int] = deque()
+        self._closed = False
+        try:
+            control_size = _round_up(_GENERATION.size * slots, mmap.PAGESIZE)
+            self._control_fd, self._control = _sealed_memfd(
+                f"blobplane-pool:{self.id}:control", control_size
+            )
+            for index in range(slots):
+                fd, mapped = _sealed_memfd(f"blobplane-pool:{self.id}:{index}", mapped_size)
+                self._slots.append(_Slot(fd, mapped))
+                self._free.append(index)
+        except BaseException:
+            self._control_fd = getattr(self, "_control_fd", -1)
+            self.close()
+            raise
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def loan(self, timeout: float | None = None) -> PoolLoan:
+        """Take a free slot, waiting up to *timeout* seconds (None: forever) for one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._free:
+                self._check_open()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Timeout(
+                        f"no free slot in this pool of {self.slots} within {timeout} s: "
+                        "every slot is loaned or still held by a reader"
+                    )
+                self._lock.wait(remaining)
+            self._check_open()
+            index = self._free.popleft()
+            slot = self._slots[index]
+            slot.loaned = True
+            generation = self._bump_generation(index)
+        return PoolLoan(self, index, generation)
+
+    def try_loan(self) -> PoolLoan | None:
+        """A free slot now, or None."""
+        try:
+            return self.loan(timeout=0)
+        except Timeout:
+            return None
+
+    def generation(self, slot: int) -> int:
+        """The slot's current generation (bumped at every loan)."""
+        return int(_GENERATION.unpack_from(self._control, slot * _GENERATION.size)[0])
+
+    def control_fileno(self) -> int:
+        """The control block's memfd (generations), for readers to map read-only."""
+        self._check_open()
+        return self._control_fd
+
+    def slot_fileno(self, slot: int) -> int:
+        self._check_open()
+        return self._slots[slot].fd
+
+    def retain(self, slot: int) -> None:
+        """One more reader holds *slot*; it stays out of the free list until released."""
+        with self._lock:
+            self._slots[slot].holders += 1
+
+    def release(self, slot: int) -> None:
+        """A reader let go of *slot*."""
+        with self._lock:
+            state = self._slots[slot]
+            if state.holders <= 0:
+                raise BlobBusy(f"slot {slot} released more often than it was handed out")
+            state.holders -= 1
+            self._maybe_free(slot)
+
+    def holders(self, slot: int) -> int:
+        with self._lock:
+            return self._slots[slot].holders
+
+    def close(self) -> None:
+        """Unmap and close every slot (mappings with live views go when the views do)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify_all()
+            slots, self._slots = self._slots, []
+            self._free.clear()
+        for slot in slots:
+            unmap_when_unused(slot.mapped)
+            os.close(slot.fd)
+        if getattr(self, "_control", None) is not None:
+            unmap_when_unused(self._control)
+        if self._control_fd >= 0:
+            os.close(self._control_fd)
+            self._control_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BlobPool {self.slots} x {self.slot_size} bytes, {self.free_slots} free>"
+
+    def _bump_generation(self, slot: int) -> int:
+        generation = self.generation(slot) + 1
+        _GENERATION.pack_into(self._control, slot * _GENERATION.size, generation)
+        return generation
+
+    def _return_loan(self, slot: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._slots[slot].loaned = False
+            self._maybe_free(slot)
+
+    def _maybe_free(self, slot: int) -> None:
+        state = self._slots[slot]
+        if not state.loaned and state.holders == 0:
+            self._free.append(slot)
+            self._lock.notify()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BlobClosed("this BlobPool is closed")
+
+
+class PoolLoan:
+    """A slot on loan to the producer: write it, hand it over, close it.
+
+    `length` (default: the whole slot) is how many bytes a receiver sees.
+    Closing the loan gives the slot back once every receiver released it;
+    views of `buffer` must be gone by then.
+    """
+
+    __slots__ = ("_closed", "_pool", "generation", "length", "slot", "token")
+
+    def __init__(self, pool: BlobPool, slot: int, generation: int) -> None:
+        self._pool = pool
+        self.slot = slot
+        self.generation = generation
+        self.length = pool.slot_size
+        self.token = BlobToken(BlobId.new(), pool.slot_size)
+        self._closed = False
+
+    @property
+    def pool(self) -> BlobPool:
+        return self._pool
+
+    @property
+    def buffer(self) -> memoryview:
+        """A writable, page-aligned view of the whole slot; write in place for full speed."""
+        self._check_open()
+        return memoryview(self._pool._slots[self.slot].mapped)[: self._pool.slot_size]
+
+    @property
+    def descriptor(self) -> UnixFd:
+        return UnixFd(self.fileno())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        self._check_open()
+        return self._pool.slot_fileno(self.slot)
+
+    def write_all(self, data: object, offset: int = 0) -> None:
+        """Copy *data* into the slot at *offset*, bounds-checked."""
+        self._check_open()
+        view = byte_view(data)
+        end = offset + view.nbytes
+        if offset < 0 or end > self._pool.slot_size:
+            raise OutOfBounds(
+                f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
+                f"past the end of this {self._pool.slot_size}-byte slot"
+            )
+        self._pool._slots[self.slot].mapped[offset:end] = view
+
+    def set_length(self, length: int) -> None:
+        """Hand over only the first *length* bytes of the slot."""
+        if not 0 <= length <= self._pool.slot_size:
+            raise OutOfBounds(f"length {length} outside this {self._pool.slot_size}-byte slot")
+        self.length = length
+        self.token = BlobToken(self.token.id, length)
+
+    def close(self) -> None:
+        """Give the slot back to the pool (it is reused once every reader released it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool._return_loan(self.slot)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BlobClosed(f"the loan of slot {self.slot} was closed; loan() a new one")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PoolLoan slot {self.slot} generation {self.generation} {self.length} bytes>"
