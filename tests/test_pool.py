@@ -42,7 +42,7 @@ def test_slots_are_page_aligned_and_sealed_for_readers() -> None:
             os.pwrite(fd, b"x", 0)
         loan.write_all(b"the producer still writes")  # through its own mapping
         with map_descriptor(UnixFd(fd), 25) as mapped:
-            assert mapped.as_slice() == b"the producer still writes"
+            assert bytes(mapped.as_slice()) == b"the producer still writes"
 
 
 def test_another_process_cannot_map_a_slot_writable() -> None:
