@@ -138,3 +138,50 @@ def test_thousands_of_loans_leave_nothing_behind() -> None:
                 pool.retain(loan.slot)
             pool.release(loan.slot)
         assert pool.free_slots == 4
+
+
+CLAIM_IN_CHILD = """
+import os, sys
+from blobplane.slot_claims import claim_shared, reopen_readonly, unclaim
+fd = reopen_readonly(int(sys.argv[1]))
+claim_shared(fd, int(sys.argv[2]))
+print("claimed", flush=True)
+sys.stdin.readline()
+unclaim(fd, int(sys.argv[2]))
+print("unclaimed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_slot_a_reader_is_reading_cannot_be_revoked() -> None:
+    import subprocess
+    import sys
+
+    with BlobPool(slot_size=4096, slots=2) as pool:
+        with pool.loan() as loan:
+            pool.retain(loan.slot)
+        control = pool.control_fileno()
+        with subprocess.Popen(
+            [sys.executable, "-c", CLAIM_IN_CHILD, str(control), str(loan.slot)],
+            pass_fds=(control,),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as child:
+            assert child.stdin is not None
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "claimed"
+            assert not pool.try_revoke(loan.slot)
+            assert pool.holders(loan.slot) == 1
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "unclaimed"
+            generation = pool.generation(loan.slot)
+            assert pool.try_revoke(loan.slot)
+            assert pool.generation(loan.slot) == generation + 1
+            assert pool.holders(loan.slot) == 0
+            assert pool.free_slots == 2
+            assert not pool.try_revoke(loan.slot)  # nothing to take back
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.wait(timeout=30) == 0

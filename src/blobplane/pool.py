@@ -45,6 +45,7 @@ from blobplane.errors import (
     Timeout,
     os_errors,
 )
+from blobplane.slot_claims import try_claim_exclusive, unclaim
 from blobplane.types import BlobId, BlobToken, UnixFd
 
 __all__ = ["POOL_SEALS", "BlobPool", "PoolLoan"]
@@ -187,6 +188,28 @@ class BlobPool:
                 raise BlobBusy(f"slot {slot} released more often than it was handed out")
             state.holders -= 1
             self._maybe_free(slot)
+
+    def try_revoke(self, slot: int) -> bool:
+        """Take back a slot handed to readers none of whom is reading it now.
+
+        Succeeds only if no reader holds a claim (`slot_claims.claim_shared`)
+        on it; the generation is bumped under the exclusive claim, so a reader
+        that comes to it later sees a stale generation and skips the frame.
+        Readers that took part in a revoked handoff must not release it.
+        """
+        with self._lock:
+            state = self._slots[slot]
+            if state.loaned or state.holders == 0:
+                return False
+            if not try_claim_exclusive(self._control_fd, slot):
+                return False
+            try:
+                self._bump_generation(slot)
+            finally:
+                unclaim(self._control_fd, slot)
+            state.holders = 0
+            self._maybe_free(slot)
+            return True
 
     def holders(self, slot: int) -> int:
         with self._lock:

@@ -1,0 +1,57 @@
+"""Claims on pool slots across processes: open-file-description byte-range locks.
+
+A reader holds a shared lock on a slot's byte of the pool's control block
+while it reads the slot; a producer that wants to take back a slot nobody
+released (the drop-oldest policy of streams) must first win an exclusive lock
+on it, which the kernel grants only when no reader holds one. The kernel drops
+a dead process's locks with its fds, so a killed reader never pins a slot.
+
+OFD locks belong to an open file description, and an fd passed with
+SCM_RIGHTS shares its sender's description: a reader must lock through a
+description of its own, which `reopen_readonly` makes from /proc/self/fd.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from blobplane.errors import os_errors
+
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _flock(lock_type: int, slot: int) -> bytes:
+    return _FLOCK.pack(lock_type, os.SEEK_SET, slot, 1, 0)
+
+
+def reopen_readonly(fd: int) -> int:
+    """A new, read-only open file description of the file behind *fd*."""
+    with os_errors("reopening a pool control block"):
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def claim_shared(fd: int, slot: int) -> None:
+    """Take a reader's lock on *slot*, waiting out a producer that holds it briefly."""
+    with os_errors(f"claiming pool slot {slot}"):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_RDLCK, slot))
+
+
+def try_claim_exclusive(fd: int, slot: int) -> bool:
+    """Take the producer's lock on *slot* if no reader holds it; never waits."""
+    with os_errors(f"claiming pool slot {slot}"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, slot))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def unclaim(fd: int, slot: int) -> None:
+    with os_errors(f"releasing pool slot {slot}"):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, slot))
