@@ -1,0 +1,225 @@
+"""`Connection`: the sans-I/O control protocol, fed bytes and fds, emitting events.
+
+It imports nothing that touches a socket. A driver feeds it what it
+received (`receive_data(data, fds)`, with ``b""`` for end of stream), asks
+what happened (`next_event()`), and asks for the bytes and fds to transmit
+for a message (`send(message, fds)`). States and limits are in `state`.
+
+Fd ownership: fds passed to `receive_data` belong to the connection until
+`next_event` hands them out in a `Received` event; every fd of a rejected
+message, and everything still held after an error or `close()`, is closed
+with the `close_fd` callback (os.close by default; tests pass a recorder).
+Fds passed to `send` are only borrowed: they are returned, not closed.
+
+Not thread-safe: one driver owns it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, TypeAlias
+
+import msgspec
+
+from blobplane.errors import LocalProtocolError, RemoteProtocolError
+from blobplane.wire.events import NEED_DATA, Event, PeerClosed, Received
+from blobplane.wire.frames import (
+    HEADER_SIZE,
+    MAX_FDS_PER_MESSAGE,
+    MAX_FRAME_SIZE,
+    DatagramFramer,
+    Frame,
+    Limits,
+    StreamFramer,
+    pack_header,
+)
+from blobplane.wire.messages import (
+    ErrorReply,
+    Message,
+    decode_message,
+    encode_message_into,
+)
+from blobplane.wire.state import (
+    MAX_OPEN_HANDOFFS,
+    State,
+    check_send_state,
+    describe,
+    new_directions,
+)
+
+__all__ = ["Connection", "Framing"]
+
+Framing: TypeAlias = Literal["datagram", "stream"]
+
+
+class Connection:
+    """One end of a control connection, either framing: "datagram" (SEQPACKET) or "stream"."""
+
+    def __init__(
+        self,
+        framing: Framing = "datagram",
+        *,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_fds: int = MAX_FDS_PER_MESSAGE,
+        max_open_handoffs: int = MAX_OPEN_HANDOFFS,
+        close_fd: Callable[[int], None] = os.close,
+    ) -> None:
+        self.framing = framing
+        self.limits = Limits(max_frame_size, max_fds)
+        self._close_fd = close_fd
+        if framing == "datagram":
+            self._framer: DatagramFramer | StreamFramer = DatagramFramer(self.limits, close_fd)
+        elif framing == "stream":
+            self._framer = StreamFramer(self.limits, close_fd)
+        else:
+            raise ValueError(f"framing must be 'datagram' or 'stream', not {framing!r}")
+        self._ours, self._theirs = new_directions(max_open_handoffs)
+        self._remote_error = ""
+        self._local_error = ""
+
+    @property
+    def our_state(self) -> State:
+        return self._ours.state
+
+    @property
+    def their_state(self) -> State:
+        return self._theirs.state
+
+    @property
+    def open_handoffs(self) -> frozenset[int]:
+        """Ids of the handoffs we sent that the peer has not answered yet."""
+        return frozenset(self._ours.open_handoffs)
+
+    # -- receiving ---------------------------------------------------------------
+
+    def receive_data(
+        self,
+        data: bytes | bytearray | memoryview,
+        fds: Iterable[int] = (),
+        *,
+        truncated: bool = False,
+    ) -> None:
+        """Feed what the transport received: bytes (b"" at end of stream) and the fds with them.
+
+        Takes ownership of *fds* at once, whatever happens next. *truncated*
+        says the transport cut a datagram short (MSG_TRUNC).
+        """
+        owned = list(fds)
+        if self._theirs.state is not State.OPEN:
+            for fd in owned:
+                self._close_quietly(fd)
+            if self._theirs.state is State.CLOSED and (data or owned):
+                raise LocalProtocolError("receive_data() after the end of stream was fed")
+            return
+        self._framer.feed(data, owned, truncated)
+
+    def next_event(self) -> Event:
+        """The next complete event: `Received`, `PeerClosed`, or `NEED_DATA`.
+
+        Raises `RemoteProtocolError` if the peer broke the protocol, every
+        time from then on.
+        """
+        if self._theirs.state is State.ERROR:
+            raise RemoteProtocolError(self._remote_error)
+        if self._theirs.state is State.CLOSED:
+            return PeerClosed()
+        frame: Frame | None = None
+        try:
+            frame = self._framer.next_frame()
+            if frame is None:
+                if self._framer.at_eof:
+                    self._theirs.state = State.CLOSED
+                    return PeerClosed()
+                return NEED_DATA
+            message = decode_message(frame.payload)
+            self._theirs.check(message, len(frame.fds), self._ours, self.limits.max_fds)
+        except RemoteProtocolError as exc:
+            self._theirs.state = State.ERROR
+            self._remote_error = f"{exc} (the connection is in an error state since)"
+            if frame is not None:
+                for fd in frame.fds:
+                    self._close_quietly(fd)
+            self._framer.close_all()
+            raise
+        self._theirs.commit(message, self._ours)
+        return Received(message, tuple(frame.fds))
+
+    # -- sending -----------------------------------------------------------------
+
+    def next_id(self) -> int:
+        """The id the next request should carry."""
+        return self._ours.last_id + 1
+
+    def send(self, message: Message, fds: Sequence[int] = ()) -> tuple[bytes, tuple[int, ...]]:
+        """The bytes and fds that carry *message*; one sendmsg() per call keeps them together.
+
+        A message built with id 0 gets `next_id()`. Raises `LocalProtocolError`
+        if the protocol forbids sending it, every time from then on.
+        """
+        if self._ours.state is State.ERROR:
+            raise LocalProtocolError(self._local_error)
+        if message.id == 0:
+            message = msgspec.structs.replace(message, id=self.next_id())
+        # Refused for the state alone (the peer broke the protocol, or we closed):
+        # nothing of ours was wrong, so our side stays able to say goodbye.
+        check_send_state(message, self._ours, self._theirs)
+        try:
+            if len(fds) > self.limits.max_fds:
+                raise LocalProtocolError(
+                    f"cannot send {len(fds)} fds with one message; "
+                    f"the per-message maximum is {self.limits.max_fds}"
+                )
+            self._ours.check(message, len(fds), self._theirs, self.limits.max_fds)
+            buffer = bytearray(HEADER_SIZE)
+            encode_message_into(message, buffer, HEADER_SIZE)
+            if len(buffer) > self.limits.max_frame_size:
+                raise LocalProtocolError(
+                    f"{describe(message)} encodes to a {len(buffer)}-byte frame, over the "
+                    f"maximum frame size of {self.limits.max_frame_size} bytes"
+                )
+            self._validate_own(message, memoryview(buffer)[HEADER_SIZE:])
+        except LocalProtocolError as exc:
+            if self._ours.state is State.OPEN:
+                self._ours.state = State.ERROR
+            self._local_error = f"{exc} (the connection is in an error state since)"
+            raise
+        pack_header(buffer, len(fds))
+        self._ours.commit(message, self._theirs)
+        if self._theirs.state is State.ERROR and isinstance(message, ErrorReply):
+            self._ours.state = State.CLOSED  # the farewell: nothing may follow it
+        return bytes(buffer), tuple(fds)
+
+    def abandon(self, message: Message) -> None:
+        """The driver could not transmit *message* at all: stop waiting for its answer."""
+        self._ours.open_handoffs.discard(message.id)
+
+    @staticmethod
+    def _validate_own(message: Message, payload: memoryview) -> None:
+        # Structs built in Python are not validated; decoding our own bytes
+        # refuses here what the peer would refuse there.
+        try:
+            decode_message(payload)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"the peer would refuse {describe(message)}: {exc}") from exc
+
+    # -- teardown ----------------------------------------------------------------
+
+    @property
+    def owned_fds(self) -> int:
+        """How many received fds the connection holds and has not handed out yet."""
+        return self._framer.owned_fds
+
+    def close(self) -> None:
+        """Close every fd still held and refuse further use; closing twice is fine."""
+        self._framer.close_all()
+        if self._ours.state is State.OPEN:
+            self._ours.state = State.CLOSED
+        if self._theirs.state is State.OPEN:
+            self._theirs.state = State.CLOSED
+
+    def _close_quietly(self, fd: int) -> None:
+        try:
+            self._close_fd(fd)
+        except OSError:
+            pass
