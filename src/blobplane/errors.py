@@ -158,3 +158,73 @@ def os_errors(doing: str) -> Iterator[None]:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
             raise ConnectionClosed(f"{doing}: the peer closed the connection") from exc
         raise BrokenResource(f"{doing}: {exc.strerror or exc}") from exc
+
+
+# -- broker -------------------------------------------------------------------------------
+# Appended after `os_errors` so that the file only ever grows at its end. None of
+# these mixes in PermissionError: that is an OSError, and a server's
+# `except OSError` around a socket must never mistake a refusal for a broken peer.
+
+
+class UnknownClient(BlobError):
+    """The registry knows no connected client by this id (never connected, or disconnected)."""
+
+
+class DuplicateClient(BlobError):
+    """A client id was connected twice; each connection needs an id of its own."""
+
+
+class BlobDeleted(BlobNotFound):
+    """The blob was deleted (or withdrawn): no new gets; readers that hold it keep reading."""
+
+
+class KeyInUse(BlobError):
+    """Another live blob already has this key; keys are unique among live blobs."""
+
+
+class InvalidKey(BlobError, ValueError):
+    """A blob key is empty, too long or not a string."""
+
+
+class NotOwner(BlobError):
+    """Only the client that created a blob may do this to it (seal it)."""
+
+
+class RightMissing(BlobError):
+    """The client's grant (its token) does not include the right this operation needs."""
+
+
+class NotHolding(BlobError):
+    """The client releases a reference to a blob it holds no reference to."""
+
+
+class MemoryLimitExceeded(QuotaExceeded):
+    """The broker's global memory limit leaves no room for the blob."""
+
+
+class ClientQuotaExceeded(QuotaExceeded):
+    """The client's own byte quota (max_bytes of its token) leaves no room for the blob."""
+
+
+class TokenRefused(BlobError):
+    """A capability token is malformed, forged, altered or minted under another key."""
+
+
+class TokenExpired(TokenRefused):
+    """A capability token is authentic but its time is up."""
+
+
+class InvalidRights(BlobError, ValueError):
+    """Rights that name no right the broker knows, or that cannot go together."""
+
+
+class SecretKeyError(BlobError):
+    """The broker's secret key (or its file) is missing, malformed or of the wrong length."""
+
+
+class InsecureKeyFile(SecretKeyError):
+    """The secret key file is readable or writable by others, or not a plain file of ours."""
+
+
+class InvalidDuration(BlobError, ValueError):
+    """A duration for people ("1h", "30m", "45s") could not be parsed."""

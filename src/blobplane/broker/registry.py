@@ -1,0 +1,908 @@
+"""The broker's registry: which blobs exist, who holds them, whose bytes they are, when they end.
+
+Theory of operation
+-------------------
+
+The registry is a sans-I/O state machine. The server calls one method per
+request; the method either raises a `BlobError` (and changes nothing) or
+changes the state and returns its result together with a list of *actions*
+that the server carries out in order: close the broker's fd of a blob
+(`FreeBlob`), tell a producer that a pool slot came back (`NotifyProducer`),
+answer the gets that wait for a blob (`WakeWaiters`), log why a blob went
+(`Evicted`). The registry never touches an fd, a socket or a timer; time
+comes from the injected clock (seconds, `time.monotonic` by default).
+
+A blob lives in one of three states::
+
+    create ──> ALLOCATED ──seal──> SEALED ──delete/lease/evict/producer gone──> DELETED
+    put ─────────────────────────> SEALED                                         │
+    ALLOCATED ──delete/lease/owner gone──> freed                                  │
+    DELETED ──last reference released──> freed <──────────────────────────────────┘
+
+Only a SEALED blob can be got; each get counts one reference of the caller,
+each release gives one back. An ALLOCATED blob answers get with `Pending`:
+the server parks the request and re-runs `get()` on `WakeWaiters`, which
+comes when the blob is sealed or gone. A withdrawn (DELETED) blob answers no
+new get and gives its key up at once, but its bytes stay accounted until the
+last reference is released; then `FreeBlob` says the broker's fd may go.
+
+Bytes count against the global memory limit and against the *account* of
+the client that created or put the blob (see `Grant.account`), until the blob
+is freed. A client's disconnect releases its references and frees the blobs
+it never sealed; what it sealed stays until deleted, its lease ends or it is
+evicted.
+
+A pooled blob is a slot of a producer's `BlobPool`, published with
+`put(pooled=True)`. Its memory belongs to the producer, so it counts against
+no quota and is never evicted. It stays published until it is deleted, its
+lease ends or its producer disconnects; once it is withdrawn and its last
+reference is released, `NotifyProducer` hands the slot back (only then may the
+producer write to it again).
+
+Eviction (when enabled) takes sealed, non-pooled blobs that nobody
+references, least recently used first (use = put, seal, get, release). It is
+planned before anything changes: when even evicting every candidate would not
+make room, nothing is evicted and the request is refused.
+
+A lease that has run out makes the blob unusable at once (get, seal and renew
+say `LeaseExpired`) even before `expire()` reclaims it; `create` and `put`
+reclaim expired blobs themselves, so their keys and bytes are free again.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from blobplane.broker.rights import Grant, Right
+from blobplane.errors import (
+    BlobDeleted,
+    BlobNotFound,
+    BlobSealed,
+    ClientQuotaExceeded,
+    DuplicateClient,
+    InvalidKey,
+    InvalidSize,
+    KeyInUse,
+    LeaseExpired,
+    MemoryLimitExceeded,
+    NotHolding,
+    NotOwner,
+    RightMissing,
+    UnknownClient,
+)
+from blobplane.sizes import format_size
+from blobplane.types import BlobId, BlobToken
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "AccountUsage",
+    "Action",
+    "BlobInfo",
+    "BlobRegistry",
+    "BlobState",
+    "BrokerStats",
+    "ClientId",
+    "EvictReason",
+    "Evicted",
+    "FreeBlob",
+    "GetResult",
+    "NotifyProducer",
+    "Pending",
+    "Placed",
+    "Ready",
+    "WakeWaiters",
+]
+
+ClientId: TypeAlias = int
+MAX_KEY_BYTES = 1024
+
+
+class BlobState(enum.StrEnum):
+    ALLOCATED = "allocated"  # the broker made it; its owner is filling it
+    SEALED = "sealed"  # immutable and published: gets succeed
+    DELETED = "deleted"  # withdrawn: no new gets; freed when the last reference goes
+
+
+class EvictReason(enum.StrEnum):
+    LEASE_EXPIRED = "lease-expired"
+    MEMORY = "memory-pressure"
+    ABANDONED = "abandoned"  # its owner disconnected before sealing it
+    PRODUCER_GONE = "producer-gone"  # the producer of a pooled slot disconnected
+
+
+# -- actions: what the server must do after a call ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FreeBlob:
+    """The blob is gone from the registry: close the broker's fd of it."""
+
+    id: BlobId
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyProducer:
+    """The pooled blob *id* is free: tell *client*, its producer, that the slot may be reused."""
+
+    client: ClientId
+    id: BlobId
+
+
+@dataclass(frozen=True, slots=True)
+class WakeWaiters:
+    """Blob *id* was sealed or went away: re-run `get()` for every request parked on it."""
+
+    id: BlobId
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """The registry withdrew a blob on its own (not at anyone's request): log it."""
+
+    id: BlobId
+    key: str | None
+    size: int
+    reason: EvictReason
+
+
+Action: TypeAlias = FreeBlob | NotifyProducer | WakeWaiters | Evicted
+
+
+# -- results --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """A snapshot of one blob. Times come from the registry's clock."""
+
+    id: BlobId
+    key: str | None
+    size: int
+    state: BlobState
+    owner: ClientId | None  # None once the creator disconnected
+    account: str
+    pooled: bool
+    lease_ms: int | None
+    expires_at: float | None
+    references: int
+    created_at: float
+    last_used: float
+
+    @property
+    def token(self) -> BlobToken:
+        return BlobToken(self.id, self.size, self.lease_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A blob created or put, and what the server must do first (evictions, expiries)."""
+
+    info: BlobInfo
+    actions: list[Action]
+
+    @property
+    def id(self) -> BlobId:
+        return self.info.id
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The blob is sealed; one reference was counted for the caller (it must release it)."""
+
+    info: BlobInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The blob is not sealed yet: park the request, and `get()` again on `WakeWaiters(id)`."""
+
+    id: BlobId
+
+
+GetResult: TypeAlias = Ready | Pending
+
+
+@dataclass(frozen=True, slots=True)
+class AccountUsage:
+    name: str
+    bytes: int
+    blobs: int
+    max_bytes: int | None
+    clients: int
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    clients: int
+    blobs: int  # every blob the registry holds, withdrawn ones still referenced included
+    allocated: int
+    sealed: int
+    deleted: int  # withdrawn but still referenced
+    pooled: int
+    bytes: int  # accounted against the memory limit (pooled blobs are not)
+    pooled_bytes: int
+    memory_limit: int | None
+    references: int
+    evictions: int  # for memory since the start
+    expirations: int  # leases that ran out since the start
+    accounts: tuple[AccountUsage, ...]
+
+
+# -- internal records ---------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Account:
+    name: str
+    max_bytes: int | None
+    bytes: int = 0
+    blobs: int = 0
+    clients: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Client:
+    id: ClientId
+    grant: Grant
+    account: _Account
+    # dicts as ordered sets, so that cleanup runs (and reports) in a stable order
+    owned: dict[BlobId, None] = field(default_factory=dict)
+    held: dict[BlobId, None] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Blob:
+    id: BlobId
+    size: int
+    key: str | None
+    owner: ClientId | None
+    account: _Account
+    pooled: bool
+    state: BlobState
+    lease_ms: int | None
+    expires_at: float | None
+    created_at: float
+    last_used: float
+    holders: dict[ClientId, int] = field(default_factory=dict)
+    references: int = 0
+    deadline_entry: int = -1  # the tiebreak of its one valid entry in the deadline heap
+
+    def info(self) -> BlobInfo:
+        return BlobInfo(
+            id=self.id,
+            key=self.key,
+            size=self.size,
+            state=self.state,
+            owner=self.owner,
+            account=self.account.name,
+            pooled=self.pooled,
+            lease_ms=self.lease_ms,
+            expires_at=self.expires_at,
+            references=self.references,
+            created_at=self.created_at,
+            last_used=self.last_used,
+        )
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def describe(self) -> str:
+        return f"blob {self.id}" + (f" (key {self.key!r})" if self.key is not None else "")
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise InvalidKey(f"a blob key must be a string, got {type(key).__name__}")
+    if not key or "\0" in key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidKey(
+            f"a blob key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8 without NUL, got {key!r:.80}"
+        )
+    return key
+
+
+class BlobRegistry:
+    """Every blob the broker holds, with references, leases and quotas; see the module doc.
+
+    *memory_limit* (None: none) bounds the bytes of all non-pooled blobs; with
+    *evict*, room is made by evicting idle sealed blobs instead of refusing.
+    Not thread-safe: one event loop (or one lock) drives it.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory_limit: int | None = None,
+        evict: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if memory_limit is not None and (
+            not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 0
+        ):
+            raise InvalidSize(
+                f"memory_limit must be a non-negative int or None, got {memory_limit!r}"
+            )
+        self.memory_limit = memory_limit
+        self.evict = evict
+        self._clock = clock
+        self._blobs: dict[BlobId, _Blob] = {}
+        self._keys: dict[str, _Blob] = {}
+        self._clients: dict[ClientId, _Client] = {}
+        self._accounts: dict[str, _Account] = {}
+        # Sealed, non-pooled, unreferenced, live blobs in order of last use:
+        # exactly the eviction candidates, oldest first.
+        self._idle: OrderedDict[BlobId, _Blob] = OrderedDict()
+        # (deadline, tiebreak, id); an entry is stale once its blob is gone or has
+        # a newer entry (renewed), and is skipped when met.
+        self._deadlines: list[tuple[float, int, BlobId]] = []
+        self._tiebreak = itertools.count()
+        self._bytes = 0
+        self._pooled_bytes = 0
+        self._references = 0
+        self._evictions = 0
+        self._expirations = 0
+
+    # -- connections ---------------------------------------------------------------------
+
+    def connect(self, client: ClientId, grant: Grant | None = None) -> None:
+        """Register a connection with its grant (default: every right, no quota of its own).
+
+        Connections sharing `grant.account` share one quota; the latest
+        connect sets its `max_bytes`.
+        """
+        if client in self._clients:
+            raise DuplicateClient(
+                f"client {client} is already connected; give each connection an id of its own"
+            )
+        grant = Grant() if grant is None else grant
+        name = grant.account if grant.account is not None else f"client:{client}"
+        account = self._accounts.get(name)
+        if account is None:
+            account = self._accounts[name] = _Account(name, grant.max_bytes)
+        account.max_bytes = grant.max_bytes
+        account.clients += 1
+        self._clients[client] = _Client(client, grant, account)
+
+    def disconnect(self, client: ClientId) -> list[Action]:
+        """The connection ended, for whatever reason: clean up after it.
+
+        Its references are released, the blobs it created but never sealed
+        are freed, and its pooled slots are withdrawn (the producer is gone,
+        so nobody is notified). Sealed blobs it published stay.
+        """
+        state = self._client(client)
+        del self._clients[client]
+        actions: list[Action] = []
+        for blob_id in state.owned:
+            blob = self._blobs[blob_id]
+            blob.owner = None
+            if blob.state is BlobState.ALLOCATED:
+                actions += self._withdraw(blob, EvictReason.ABANDONED)
+            elif blob.pooled and blob.state is BlobState.SEALED:
+                actions += self._withdraw(blob, EvictReason.PRODUCER_GONE)
+        for blob_id in state.held:
+            blob = self._blobs[blob_id]
+            count = blob.holders.pop(client)
+            blob.references -= count
+            self._references -= count
+            actions += self._after_release(blob)
+        state.account.clients -= 1
+        self._drop_if_unused(state.account)
+        return actions
+
+    def connected(self, client: ClientId) -> bool:
+        return client in self._clients
+
+    # -- placing blobs -----------------------------------------------------------------
+
+    def create(
+        self,
+        client: ClientId,
+        size: int,
+        *,
+        key: str | None = None,
+        lease_ms: int | None = None,
+    ) -> Placed:
+        """Reserve a blob the broker will allocate and *client* will fill and seal.
+
+        The server allocates the memfd after this returns; if that fails, it
+        calls `discard()`.
+        """
+        return self._place(client, Right.CREATE, size, key, lease_ms, sealed=False, pooled=False)
+
+    def put(
+        self,
+        client: ClientId,
+        size: int,
+        *,
+        key: str | None = None,
+        lease_ms: int | None = None,
+        pooled: bool = False,
+    ) -> Placed:
+        """Publish a blob *client* made and sealed itself (the server has checked its fd).
+
+        With *pooled*, it is a slot of the client's `BlobPool`: not counted
+        against quotas, and handed back with `NotifyProducer` once withdrawn
+        and released by everyone.
+        """
+        return self._place(client, Right.PUT, size, key, lease_ms, sealed=True, pooled=pooled)
+
+    def check_seal(self, client: ClientId, blob_id: BlobId) -> BlobInfo:
+        """Raise what `seal()` would raise, change nothing.
+
+        The server calls it before applying the kernel seals, so that nobody
+        can seal a memfd that is not theirs, then `seal()` once they hold.
+        """
+        state = self._client(client)
+        self._require(state, Right.CREATE)
+        blob = self._blob(blob_id)
+        if blob.state is BlobState.DELETED:
+            raise BlobDeleted(f"{blob.describe()} was deleted before it was sealed")
+        if blob.owner != client:
+            raise NotOwner(
+                f"{blob.describe()} was created by another client; only its creator can seal it"
+            )
+        if blob.state is BlobState.SEALED:
+            raise BlobSealed(f"{blob.describe()} is already sealed")
+        if blob.expired(self._clock()):
+            raise LeaseExpired(
+                f"{blob.describe()}'s lease of {blob.lease_ms} ms ran out before it was sealed; "
+                "create it again with a longer lease, or renew it while filling it"
+            )
+        return blob.info()
+
+    def seal(self, client: ClientId, blob_id: BlobId) -> list[Action]:
+        """The kernel seals hold: publish the blob and wake the gets waiting for it."""
+        self.check_seal(client, blob_id)
+        blob = self._blobs[blob_id]
+        blob.state = BlobState.SEALED
+        blob.last_used = self._clock()
+        self._idle[blob.id] = blob
+        return [WakeWaiters(blob.id)]
+
+    def discard(self, client: ClientId, blob_id: BlobId) -> list[Action]:
+        """Forget an unsealed blob the server failed to back with memory.
+
+        No `FreeBlob` comes back: the server holds no fd for it.
+        """
+        self._client(client)
+        blob = self._blob(blob_id)
+        if blob.state is not BlobState.ALLOCATED or blob.owner != client:
+            raise NotOwner(f"only the creator's unsealed {blob.describe()} can be discarded")
+        return [a for a in self._withdraw(blob, None) if not isinstance(a, FreeBlob)]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, client: ClientId, target: BlobId | str) -> GetResult:
+        """A sealed blob: count a reference for *client*. An unsealed one: `Pending`."""
+        state = self._client(client)
+        blob = self._readable(state, target)
+        if blob.state is BlobState.ALLOCATED:
+            return Pending(blob.id)
+        blob.holders[client] = blob.holders.get(client, 0) + 1
+        blob.references += 1
+        self._references += 1
+        state.held[blob.id] = None
+        self._idle.pop(blob.id, None)
+        blob.last_used = self._clock()
+        return Ready(blob.info())
+
+    def check_get(self, client: ClientId, target: BlobId | str) -> BlobInfo:
+        """Raise what `get()` would raise, count nothing.
+
+        For the server to decide whether *client* may hand the blob on (mint
+        a per-blob read token for it).
+        """
+        return self._readable(self._client(client), target).info()
+
+    def release(self, client: ClientId, blob_id: BlobId) -> list[Action]:
+        """*client* gives one reference back."""
+        self._client(client)
+        blob = self._blob(blob_id)
+        count = blob.holders.get(client, 0)
+        if count == 0:
+            raise NotHolding(
+                f"client {client} holds no reference to {blob.describe()}; release only "
+                "what a get returned, once per get"
+            )
+        if count == 1:
+            del blob.holders[client]
+            del self._clients[client].held[blob.id]
+        else:
+            blob.holders[client] = count - 1
+        blob.references -= 1
+        self._references -= 1
+        blob.last_used = self._clock()
+        return self._after_release(blob)
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def delete(self, client: ClientId, target: BlobId | str) -> list[Action]:
+        """Withdraw a blob: no new gets, its key is free; it goes when its readers let go."""
+        state = self._client(client)
+        blob = self._live(target)
+        self._require_control(state, blob, Right.DELETE, "delete")
+        return self._withdraw(blob, None)
+
+    def renew(self, client: ClientId, target: BlobId | str, lease_ms: int | None) -> BlobInfo:
+        """Restart the blob's lease: it now ends *lease_ms* from now (None: never)."""
+        state = self._client(client)
+        blob = self._live(target)
+        self._require_control(state, blob, Right.RENEW, "renew")
+        now = self._clock()
+        if blob.expired(now):
+            raise LeaseExpired(
+                f"{blob.describe()}'s lease of {blob.lease_ms} ms ran out before the renewal; "
+                "renew well before the lease ends"
+            )
+        BlobToken(blob.id, blob.size, lease_ms)  # the same checks as at creation
+        blob.lease_ms = lease_ms
+        self._set_deadline(blob, now)
+        return blob.info()
+
+    def expire(self, now: float | None = None) -> list[Action]:
+        """Withdraw every blob whose lease has ended by *now* (default: the clock)."""
+        return self._sweep(self._clock() if now is None else now)
+
+    def next_deadline(self) -> float | None:
+        """When the next lease ends (clock time), for the server's timer; None: no lease."""
+        while self._deadlines:
+            deadline, entry, blob_id = self._deadlines[0]
+            if self._deadline_valid(entry, blob_id):
+                return deadline
+            heapq.heappop(self._deadlines)
+        return None
+
+    # -- looking -------------------------------------------------------------------------
+
+    def info(self, blob_id: BlobId) -> BlobInfo:
+        """The blob as the registry sees it, for the server (no rights checked)."""
+        return self._blob(blob_id).info()
+
+    def stats(self, client: ClientId | None = None) -> BrokerStats:
+        """Totals; with *client*, its grant must allow `stats`."""
+        if client is not None:
+            self._require(self._client(client), Right.STATS)
+        states = [blob.state for blob in self._blobs.values()]
+        return BrokerStats(
+            clients=len(self._clients),
+            blobs=len(self._blobs),
+            allocated=states.count(BlobState.ALLOCATED),
+            sealed=states.count(BlobState.SEALED),
+            deleted=states.count(BlobState.DELETED),
+            pooled=sum(blob.pooled for blob in self._blobs.values()),
+            bytes=self._bytes,
+            pooled_bytes=self._pooled_bytes,
+            memory_limit=self.memory_limit,
+            references=self._references,
+            evictions=self._evictions,
+            expirations=self._expirations,
+            accounts=tuple(
+                AccountUsage(a.name, a.bytes, a.blobs, a.max_bytes, a.clients)
+                for a in self._accounts.values()
+            ),
+        )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _client(self, client: ClientId) -> _Client:
+        state = self._clients.get(client)
+        if state is None:
+            raise UnknownClient(
+                f"client {client} is not connected; call connect() first (and nothing after "
+                "disconnect())"
+            )
+        return state
+
+    def _blob(self, blob_id: BlobId) -> _Blob:
+        if not isinstance(blob_id, BlobId):
+            raise BlobNotFound(f"a blob id must be a BlobId, got {type(blob_id).__name__}")
+        blob = self._blobs.get(blob_id)
+        if blob is None:
+            raise BlobNotFound(
+                f"no blob {blob_id}: it never existed here, or it was deleted and freed"
+            )
+        return blob
+
+    def _live(self, target: BlobId | str) -> _Blob:
+        """The blob named by id or key, refusing withdrawn ones."""
+        if isinstance(target, str):
+            blob = self._keys.get(_check_key(target))
+            if blob is None:
+                raise BlobNotFound(
+                    f"no live blob has the key {target!r}; check `list` for the keys in use"
+                )
+            return blob
+        blob = self._blob(target)
+        if blob.state is BlobState.DELETED:
+            raise BlobDeleted(
+                f"{blob.describe()} was deleted; readers that hold it keep reading, "
+                "but it can no longer be got, renewed or deleted"
+            )
+        return blob
+
+    def _readable(self, state: _Client, target: BlobId | str) -> _Blob:
+        self._require(state, Right.GET)
+        bound = state.grant.blob
+        if bound is not None:
+            if isinstance(target, str):
+                holder = self._keys.get(target)
+                target_id = None if holder is None else holder.id
+            else:
+                target_id = target
+            if target_id != bound:
+                named = repr(target) if isinstance(target, str) else str(target)
+                raise RightMissing(
+                    f"client {state.id}'s token grants a get of blob {bound} only, not of {named}"
+                )
+        blob = self._live(target)
+        if blob.expired(self._clock()):
+            raise LeaseExpired(
+                f"{blob.describe()}'s lease of {blob.lease_ms} ms has run out; it is being "
+                "reclaimed"
+            )
+        return blob
+
+    def _require(self, state: _Client, right: Right) -> None:
+        if state.grant.blob is not None and right is not Right.GET:
+            raise RightMissing(
+                f"client {state.id}'s token grants a get of blob {state.grant.blob} only; "
+                f"{right.value} needs a token with the {right.value!r} right"
+            )
+        if not state.grant.allows(right):
+            held = ", ".join(sorted(r.value for r in state.grant.rights))
+            raise RightMissing(
+                f"client {state.id}'s token does not grant {right.value!r} (it grants {held}); "
+                f"ask for a token with --rights including {right.value}"
+            )
+
+    def _require_control(self, state: _Client, blob: _Blob, right: Right, verb: str) -> None:
+        """The creator may always delete or renew its own blob; others need the right."""
+        if blob.owner == state.id and state.grant.blob is None:
+            return
+        try:
+            self._require(state, right)
+        except RightMissing as exc:
+            raise RightMissing(
+                f"{exc}; without it a client may only {verb} the blobs it created itself"
+            ) from None
+
+    def _place(
+        self,
+        client: ClientId,
+        right: Right,
+        size: int,
+        key: str | None,
+        lease_ms: int | None,
+        *,
+        sealed: bool,
+        pooled: bool,
+    ) -> Placed:
+        state = self._client(client)
+        self._require(state, right)
+        token = BlobToken(BlobId.new(), size, lease_ms)  # checks size and lease like everywhere
+        if key is not None:
+            _check_key(key)
+        now = self._clock()
+        # Everything that can refuse runs before anything changes, so a refusal
+        # loses no action; leases that already ran out count as reclaimed.
+        due = self._due(now)
+        holder = None if key is None else self._keys.get(key)
+        if holder is not None and holder.id not in due:
+            raise KeyInUse(
+                f"the key {key!r} already names live {holder.describe()}; delete it first "
+                "or choose another key"
+            )
+        victims = [] if pooled else self._make_room(state.account, size, due)
+
+        actions = self._sweep(now)
+        for victim in victims:
+            actions += self._withdraw(victim, EvictReason.MEMORY)
+        blob = _Blob(
+            id=token.id,
+            size=size,
+            key=key,
+            owner=client,
+            account=state.account,
+            pooled=pooled,
+            state=BlobState.SEALED if sealed else BlobState.ALLOCATED,
+            lease_ms=lease_ms,
+            expires_at=None,
+            created_at=now,
+            last_used=now,
+        )
+        self._blobs[blob.id] = blob
+        if key is not None:
+            self._keys[key] = blob
+        state.owned[blob.id] = None
+        state.account.blobs += 1
+        if pooled:
+            self._pooled_bytes += size
+        else:
+            self._bytes += size
+            state.account.bytes += size
+            if sealed:
+                self._idle[blob.id] = blob
+        self._set_deadline(blob, now)
+        return Placed(blob.info(), actions)
+
+    def _make_room(self, account: _Account, size: int, due: dict[BlobId, _Blob]) -> list[_Blob]:
+        """The blobs to evict so that *size* more bytes fit; raises when they cannot."""
+        # Expired blobs nobody holds are freed by the sweep that precedes placing.
+        reclaimed = [b for b in due.values() if b.references == 0 and not b.pooled]
+        over_limit = over_quota = 0
+        if self.memory_limit is not None:
+            over_limit = self._bytes - sum(b.size for b in reclaimed) + size - self.memory_limit
+        if account.max_bytes is not None:
+            mine = sum(b.size for b in reclaimed if b.account is account)
+            over_quota = account.bytes - mine + size - account.max_bytes
+        if over_limit <= 0 and over_quota <= 0:
+            return []
+        if account.max_bytes is not None and size > account.max_bytes:
+            raise ClientQuotaExceeded(
+                f"a blob of {format_size(size)} can never fit this client's quota of "
+                f"{format_size(account.max_bytes)} (max_bytes of its token); "
+                "ask for a token with a larger --max-bytes"
+            )
+        if self.memory_limit is not None and size > self.memory_limit:
+            raise MemoryLimitExceeded(
+                f"a blob of {format_size(size)} can never fit the broker's memory limit of "
+                f"{format_size(self.memory_limit)}; start the broker with a larger --memory-limit"
+            )
+        victims: list[_Blob] = []
+        if self.evict:
+            candidates = [blob for blob in self._idle.values() if blob.id not in due]
+            # The quota first, from this account's own blobs; then the global
+            # limit, from anyone's: no blob of another goes for this quota's sake.
+            for blob in candidates:
+                if over_quota <= 0:
+                    break
+                if blob.account is account:
+                    victims.append(blob)
+                    over_quota -= blob.size
+                    over_limit -= blob.size
+            taken = {blob.id for blob in victims}
+            for blob in candidates:
+                if over_limit <= 0 or over_quota > 0:
+                    break
+                if blob.id not in taken:
+                    victims.append(blob)
+                    over_limit -= blob.size
+        if over_quota > 0:
+            raise ClientQuotaExceeded(
+                f"a blob of {format_size(size)} would take this client's account "
+                f"{account.name!r} {format_size(over_quota)} over its quota of "
+                f"{format_size(account.max_bytes or 0)} ({format_size(account.bytes)} in use"
+                + (", after evicting all its idle sealed blobs" if self.evict else "")
+                + "); release or delete blobs, or ask for a token with a larger --max-bytes"
+            )
+        if over_limit > 0:
+            assert self.memory_limit is not None
+            raise MemoryLimitExceeded(
+                f"a blob of {format_size(size)} would take the broker {format_size(over_limit)} "
+                f"over its memory limit of {format_size(self.memory_limit)} "
+                f"({format_size(self._bytes)} in use"
+                + (
+                    ", even after evicting every sealed blob that nobody references); "
+                    "release references or delete blobs"
+                    if self.evict
+                    else "); release or delete blobs, or start the broker with --evict"
+                )
+            )
+        return victims
+
+    def _withdraw(self, blob: _Blob, reason: EvictReason | None) -> list[Action]:
+        actions: list[Action] = []
+        if reason is not None:
+            actions.append(Evicted(blob.id, blob.key, blob.size, reason))
+            if reason is EvictReason.MEMORY:
+                self._evictions += 1
+            elif reason is EvictReason.LEASE_EXPIRED:
+                self._expirations += 1
+        if blob.key is not None and self._keys.get(blob.key) is blob:
+            del self._keys[blob.key]
+        self._idle.pop(blob.id, None)
+        was_allocated = blob.state is BlobState.ALLOCATED
+        blob.state = BlobState.DELETED
+        if was_allocated:
+            actions.append(WakeWaiters(blob.id))
+        if blob.references == 0:
+            actions += self._free(blob)
+        return actions
+
+    def _after_release(self, blob: _Blob) -> list[Action]:
+        if blob.references:
+            return []
+        if blob.state is BlobState.DELETED:
+            return self._free(blob)
+        if not blob.pooled:
+            self._idle[blob.id] = blob  # the most recently used idle blob from now on
+        return []
+
+    def _free(self, blob: _Blob) -> list[Action]:
+        del self._blobs[blob.id]
+        self._idle.pop(blob.id, None)
+        blob.account.blobs -= 1
+        if blob.pooled:
+            self._pooled_bytes -= blob.size
+        else:
+            self._bytes -= blob.size
+            blob.account.bytes -= blob.size
+        self._drop_if_unused(blob.account)
+        actions: list[Action] = [FreeBlob(blob.id)]
+        producer = None if blob.owner is None else self._clients.get(blob.owner)
+        if producer is not None:
+            producer.owned.pop(blob.id, None)
+            if blob.pooled:
+                actions.append(NotifyProducer(producer.id, blob.id))
+        return actions
+
+    def _drop_if_unused(self, account: _Account) -> None:
+        if account.clients == 0 and account.blobs == 0:
+            self._accounts.pop(account.name, None)
+
+    def _set_deadline(self, blob: _Blob, now: float) -> None:
+        blob.expires_at = None if blob.lease_ms is None else now + blob.lease_ms / 1000
+        if blob.expires_at is not None:
+            blob.deadline_entry = next(self._tiebreak)
+            heapq.heappush(self._deadlines, (blob.expires_at, blob.deadline_entry, blob.id))
+        else:
+            blob.deadline_entry = -1
+        # Renewals leave stale entries behind; rebuild before they dominate the heap.
+        if len(self._deadlines) > 2 * len(self._blobs) + 64:
+            self._deadlines = [e for e in self._deadlines if self._deadline_valid(e[1], e[2])]
+            heapq.heapify(self._deadlines)
+
+    def _deadline_valid(self, entry: int, blob_id: BlobId) -> bool:
+        blob = self._blobs.get(blob_id)
+        return (
+            blob is not None
+            and blob.deadline_entry == entry
+            and blob.state is not BlobState.DELETED
+        )
+
+    def _due(self, now: float) -> dict[BlobId, _Blob]:
+        """Blobs whose lease ended by *now*, found without popping the heap."""
+        due: dict[BlobId, _Blob] = {}
+        heap = self._deadlines
+        stack = [0] if heap else []
+        while stack:
+            index = stack.pop()
+            deadline, entry, blob_id = heap[index]
+            if deadline > now:
+                continue  # a heap's children come no earlier than their parent
+            if self._deadline_valid(entry, blob_id):
+                due[blob_id] = self._blobs[blob_id]
+            stack.extend(child for child in (2 * index + 1, 2 * index + 2) if child < len(heap))
+        return due
+
+    def _sweep(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, entry, blob_id = heapq.heappop(self._deadlines)
+            if self._deadline_valid(entry, blob_id):
+                actions += self._withdraw(self._blobs[blob_id], EvictReason.LEASE_EXPIRED)
+        return actions
+
+    # Last in the class: from here on `list` names this method in the class body,
+    # and mypy would read any later `list[...]` annotation as this method.
+    def list(
+        self, client: ClientId | None = None, *, include_deleted: bool = False
+    ) -> list[BlobInfo]:
+        """Live blobs in creation order (withdrawn ones too with *include_deleted*).
+
+        With *client*, its grant must allow `list`; None is the server itself.
+        """
+        if client is not None:
+            self._require(self._client(client), Right.LIST)
+        return [
+            blob.info()
+            for blob in self._blobs.values()
+            if include_deleted or blob.state is not BlobState.DELETED
+        ]
