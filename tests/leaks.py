@@ -42,8 +42,13 @@ class Snapshot:
         return cls(
             fds=frozenset(open_fds()),
             mappings=blob_mappings(),
-            # Only names this library could have made: other programs use /dev/shm too.
-            dev_shm=frozenset(n for n in _entries(SHM_ROOT) if n.startswith("blobplane")),
+            # Only names this library could have made (other programs use /dev/shm
+            # too), less the private folders of concurrent test sessions.
+            dev_shm=frozenset(
+                n
+                for n in _entries(SHM_ROOT)
+                if n.startswith("blobplane") and not n.startswith("blobplane-tests-")
+            ),
             shm_private=frozenset(_entries(shm_root())),
             temp_private=frozenset(_entries(temp_root())),
         )
