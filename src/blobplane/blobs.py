@@ -97,6 +97,13 @@ class MappedRead:
     def closed(self) -> bool:
         return self._closed
 
+    def call_when_unmapped(self, callback: Callable[[], None]) -> None:
+        """Run *callback* once the memory is unmapped: after `close()` and the last view."""
+        if self._mapped is None:
+            callback()
+        else:
+            weakref.finalize(self._mapped, callback)
+
     def close(self) -> None:
         """Release the mapping (deferred while views are alive); closing twice is fine."""
         if self._closed:

@@ -299,6 +299,11 @@ class PoolLoan:
         return memoryview(self._pool._slots[self.slot].mapped)[: self._pool.slot_size]
 
     @property
+    def size(self) -> int:
+        """Bytes a receiver sees: the same as `length`."""
+        return self.length
+
+    @property
     def descriptor(self) -> UnixFd:
         return UnixFd(self.fileno())
 
