@@ -132,6 +132,49 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids."""
 
 
+# -- channels -------------------------------------------------------------------------
+
+
+class NotSendable(BlobError, ValueError):
+    """This blob cannot be handed over a channel: only sealed memfd blobs travel as fds."""
+
+
+class PeerRefused(BlobError):
+    """The peer answered a request with an ErrorReply (it refused a handoff, or the connection).
+
+    ``code`` is the peer's machine-readable reason, ``reply_to`` the request id
+    it answered (0: the connection as a whole).
+    """
+
+    def __init__(self, message: str, *, code: str = "", reply_to: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reply_to = reply_to
+
+
+class UnexpectedMessage(BlobError):
+    """A call that expects one kind of message (a blob handoff) received another.
+
+    The message was not consumed: the next `recv()` returns it.
+    """
+
+
+class ForbiddenPeer(BlobError):
+    """The process on the other end runs as a user this side does not accept."""
+
+
+class AddressInUse(BlobError):
+    """Something else already lives at the socket path (a live listener, or not a socket)."""
+
+
+class InvalidAddress(BlobError, ValueError):
+    """A socket path or socket that cannot carry a channel (too long, wrong family or type)."""
+
+
+class ConnectionRefused(BrokenResource):
+    """Nobody listens at the socket path (no such file, or a stale socket)."""
+
+
 _SPACE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EFAULT}
 _FD_ERRNOS = {errno.EMFILE, errno.ENFILE}
 

@@ -1,0 +1,302 @@
+"""The asyncio flavour: the same operations, waiting with loop.add_reader / add_writer.
+
+Use a channel from the event loop's thread only. Closing it (or a failure)
+wakes every task waiting on it, which then raises `BlobClosed` (or the
+failure). One task receives and one task sends at a time; a second gets
+`BlobBusy` rather than a silent queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Container, Sequence
+from types import TracebackType
+from typing import Self, TypeVar
+
+from blobplane.blobs import MappedRead, ProducerBlob
+from blobplane.channel import ops
+from blobplane.channel.base import (
+    DEFAULT,
+    ChannelBase,
+    ListenerBase,
+    TimeoutArg,
+    as_message,
+    check_timeout,
+)
+from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
+from blobplane.channel.ops import Handoff
+from blobplane.channel.transport import Transport, default_transport, socket_pair
+from blobplane.errors import BlobClosed, Timeout
+from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message
+
+__all__ = [
+    "AsyncChannel",
+    "AsyncListener",
+    "connect",
+    "from_socket",
+    "listen",
+    "socketpair",
+]
+
+T = TypeVar("T")
+
+_BACKOFF_S = 0.002
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Waiter:
+    __slots__ = ("fd", "future", "remove")
+
+    def __init__(self, fd: int, future: asyncio.Future[None], remove: Callable[[int], bool]):
+        self.fd = fd
+        self.future = future
+        self.remove = remove
+
+
+class _Waits:
+    """The readiness waits in progress on one socket, so that closing can end them all."""
+
+    def __init__(self) -> None:
+        self._pending: set[_Waiter] = set()
+
+    async def wait(self, wait: Wait, fileno: Callable[[], int] | None) -> None:
+        if wait is Wait.BACKOFF:
+            await asyncio.sleep(_BACKOFF_S)
+            return
+        fd = -1 if fileno is None else fileno()
+        if fd < 0:
+            return  # closed meanwhile: the operation's next step reports it
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if wait is Wait.READABLE:
+            loop.add_reader(fd, _wake, future)
+            waiter = _Waiter(fd, future, loop.remove_reader)
+        else:
+            loop.add_writer(fd, _wake, future)
+            waiter = _Waiter(fd, future, loop.remove_writer)
+        self._pending.add(waiter)
+        try:
+            await future
+        finally:
+            # Unregister only if close() has not: the fd number may be reused by now.
+            if waiter in self._pending:
+                self._pending.discard(waiter)
+                waiter.remove(fd)
+
+    def end_all(self) -> None:
+        """Unregister every wait before the socket closes, and wake its task."""
+        pending, self._pending = self._pending, set()
+        for waiter in pending:
+            waiter.remove(waiter.fd)
+            _wake(waiter.future)
+
+
+async def run(
+    op: Op[T], fileno: Callable[[], int] | None, timeout: float | None, what: str, waits: _Waits
+) -> T:
+    """Drive *op* to its result, awaiting readiness of *fileno* while it waits."""
+    scope = asyncio.timeout(timeout)
+    try:
+        async with scope:
+            while True:
+                try:
+                    wait = op.send(None)
+                except StopIteration as stop:
+                    result: T = stop.value
+                    return result
+                await waits.wait(wait, fileno)
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise Timeout(f"{what} did not complete within {timeout} s") from None
+    finally:
+        op.close()
+
+
+class AsyncChannel(ChannelBase):
+    """An asyncio channel. Every call takes ``timeout=`` (seconds, None: forever);
+    by default the channel's `timeout` attribute (30 s unless set)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        allowed_uids: Container[int] | None = None,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_fds: int = MAX_FDS_PER_MESSAGE,
+    ) -> None:
+        super().__init__(
+            sock,
+            timeout=timeout,
+            allowed_uids=allowed_uids,
+            max_frame_size=max_frame_size,
+            max_fds=max_fds,
+        )
+        self._waits = _Waits()
+        self._core.add_release_hook(self._waits.end_all)
+
+    async def send(
+        self,
+        message: Message | bytes | bytearray | memoryview,
+        fds: Sequence[int] = (),
+        *,
+        timeout: TimeoutArg = DEFAULT,
+    ) -> int:
+        """Send a message (bytes travel as a `UserPayload`) with *fds*; return its request id.
+
+        The fds are only borrowed: the caller still owns and closes them.
+        """
+        op = ops.transmit(self._core, as_message(message), tuple(fds))
+        return await run(op, self._core.fileno, self._timeout(timeout), "send", self._waits)
+
+    async def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
+        """The next message of any kind and its fds; the caller owns (and closes) the fds."""
+        op = ops.receive(self._core)
+        return await run(op, self._core.fileno, self._timeout(timeout), "recv", self._waits)
+
+    async def send_blob(
+        self,
+        blob: ProducerBlob,
+        *,
+        meta: bytes = b"",
+        wait: bool = True,
+        timeout: TimeoutArg = DEFAULT,
+    ) -> int:
+        """Hand a sealed memfd blob to the peer; return the handoff's request id.
+
+        With *wait* (the default) it returns once the peer acknowledged it and
+        raises `PeerRefused` if the peer refused it; without, the reply comes
+        later through `recv()`.
+        """
+        op = ops.send_blob(self._core, blob, meta, wait)
+        return await run(op, self._core.fileno, self._timeout(timeout), "send_blob", self._waits)
+
+    async def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
+        """The next blob with its token and metadata, mapped read-only and acknowledged."""
+        op = ops.receive_handoff(self._core)
+        limit = self._timeout(timeout)
+        return await run(op, self._core.fileno, limit, "recv_handoff", self._waits)
+
+    async def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
+        """The next blob, mapped read-only after the sealing checks, and acknowledged."""
+        return (await self.recv_handoff(timeout=timeout)).blob
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncListener(ListenerBase):
+    """A listening socket at `path` (mode 0600 in a private folder); `await accept()`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        transport: Transport | None = None,
+        backlog: int = socket.SOMAXCONN,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        allowed_uids: Container[int] | None = None,
+    ) -> None:
+        super().__init__(
+            path, transport=transport, backlog=backlog, timeout=timeout, allowed_uids=allowed_uids
+        )
+        self._waits = _Waits()
+
+    async def accept(self, *, timeout: TimeoutArg = DEFAULT) -> AsyncChannel:
+        """The next connection as a channel (with this listener's timeout and allowed uids).
+
+        A peer of a refused uid is disconnected and `ForbiddenPeer` raised; the
+        listener carries on.
+        """
+        sock = self._socket.sock
+        if sock is None:
+            raise BlobClosed(f"the listener at {self.path} is closed")
+        limit = self._timeout(timeout)
+        accepted = await run(ops.accept(sock), self._socket.fileno, limit, "accept", self._waits)
+        return AsyncChannel(accepted, timeout=self.timeout, allowed_uids=self.allowed_uids)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file; a task in `accept()` gets `BlobClosed`."""
+        self._waits.end_all()
+        self._socket.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def listen(
+    path: str | os.PathLike[str],
+    *,
+    transport: Transport | None = None,
+    backlog: int = socket.SOMAXCONN,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    allowed_uids: Container[int] | None = None,
+) -> AsyncListener:
+    """Listen at *path* (binding does not block, so this is not a coroutine)."""
+    return AsyncListener(
+        path, transport=transport, backlog=backlog, timeout=timeout, allowed_uids=allowed_uids
+    )
+
+
+async def connect(
+    path: str | os.PathLike[str],
+    *,
+    transport: Transport | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    allowed_uids: Container[int] | None = None,
+) -> AsyncChannel:
+    """Connect to the listener at *path* (SEQPACKET, or STREAM if that is what listens)."""
+    op = ops.connect(os.fspath(path), transport)
+    sock = await run(op, None, check_timeout(timeout), "connect", _Waits())
+    return AsyncChannel(sock, timeout=timeout, allowed_uids=allowed_uids)
+
+
+def socketpair(
+    *, transport: Transport | None = None, timeout: float | None = DEFAULT_TIMEOUT
+) -> tuple[AsyncChannel, AsyncChannel]:
+    """Two connected asyncio channels."""
+    left, right = socket_pair(transport or default_transport())
+    try:
+        first = AsyncChannel(left, timeout=timeout)
+    except BaseException:
+        right.close()
+        raise
+    return first, AsyncChannel(right, timeout=timeout)
+
+
+def from_socket(
+    sock: socket.socket | int,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    allowed_uids: Container[int] | None = None,
+) -> AsyncChannel:
+    """Wrap a connected AF_UNIX socket, or an fd of one (inherited from a parent); owns it."""
+    if isinstance(sock, int):
+        sock = socket.socket(fileno=sock)
+    return AsyncChannel(sock, timeout=timeout, allowed_uids=allowed_uids)

@@ -1,0 +1,136 @@
+"""What the sync and asyncio channels have in common besides the operations: state and options."""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from collections.abc import Container
+from typing import TypeAlias
+
+from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore
+from blobplane.channel.transport import (
+    ListenerSocket,
+    PeerCredentials,
+    Transport,
+    default_transport,
+)
+from blobplane.errors import InvalidSize
+from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message, UserPayload
+
+__all__ = ["DEFAULT", "ChannelBase", "ListenerBase", "TimeoutArg", "as_message"]
+
+
+class _Default(enum.Enum):
+    DEFAULT = "the channel's timeout"
+
+
+# Passed for a call's `timeout`: use the channel's own `timeout` attribute.
+DEFAULT = _Default.DEFAULT
+TimeoutArg: TypeAlias = float | _Default | None
+
+
+def as_message(message: Message | bytes | bytearray | memoryview) -> Message:
+    """Bytes travel as a `UserPayload`; messages as they are."""
+    if isinstance(message, bytes | bytearray | memoryview):
+        return UserPayload(data=bytes(message))
+    return message
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0
+    ):
+        raise InvalidSize(f"a timeout is a number of seconds >= 0 or None, got {timeout!r}")
+    return timeout
+
+
+class ChannelBase:
+    """One end of a control channel over a connected AF_UNIX socket (which it now owns)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        allowed_uids: Container[int] | None = None,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_fds: int = MAX_FDS_PER_MESSAGE,
+    ) -> None:
+        self.timeout = check_timeout(timeout)
+        self._core = ChannelCore(
+            sock, allowed_uids=allowed_uids, max_frame_size=max_frame_size, max_fds=max_fds
+        )
+
+    @property
+    def peer_credentials(self) -> PeerCredentials:
+        """The peer's pid, uid and gid (SO_PEERCRED, as of when the connection was made)."""
+        return self._core.peer
+
+    @property
+    def transport(self) -> Transport:
+        return "seqpacket" if self._core.framing == "datagram" else "stream"
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def fileno(self) -> int:
+        """The socket's fd (-1 once closed or broken); for selectors, never for I/O."""
+        return self._core.fileno()
+
+    def close(self) -> None:
+        """Close the socket and every fd received but not handed out; closing twice is fine."""
+        self._core.close()
+
+    def _timeout(self, timeout: TimeoutArg) -> float | None:
+        return self.timeout if timeout is DEFAULT else check_timeout(timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("broken" if self._core.failure else "open")
+        peer = self._core.peer
+        return (
+            f"<{type(self).__name__} {self.transport} peer pid={peer.pid} uid={peer.uid} {state}>"
+        )
+
+
+class ListenerBase:
+    """A listening socket at `path` (mode 0600 in a private 0700 folder).
+
+    Channels it accepts get its `timeout` and `allowed_uids`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        transport: Transport | None = None,
+        backlog: int = socket.SOMAXCONN,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        allowed_uids: Container[int] | None = None,
+    ) -> None:
+        self.timeout = check_timeout(timeout)
+        self.allowed_uids = allowed_uids
+        self._socket = ListenerSocket(path, transport or default_transport(), backlog)
+
+    @property
+    def path(self) -> str:
+        return self._socket.path
+
+    @property
+    def transport(self) -> Transport:
+        return self._socket.transport
+
+    @property
+    def closed(self) -> bool:
+        return self._socket.sock is None
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def _timeout(self, timeout: TimeoutArg) -> float | None:
+        return self.timeout if timeout is DEFAULT else check_timeout(timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {self.transport} {self.path} {state}>"

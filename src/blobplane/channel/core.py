@@ -1,0 +1,402 @@
+"""The shared heart of both channel flavours: one non-blocking socket driving one `Connection`.
+
+Nothing here blocks. Each method either makes progress or says it would
+block; the operations in `ops` turn that into "wait until readable or
+writable", and the sync and asyncio drivers only implement the waiting.
+
+Failure rules, in one place:
+
+- `close()` (ours): every later call raises `BlobClosed`.
+- The peer went away (end of stream, ECONNRESET, or the end of stream in
+  the middle of a frame): `ConnectionClosed`, sticky. A send that meets
+  EPIPE raises `ConnectionClosed` for every later send only: what the peer
+  sent before it left is still read, up to the end of stream.
+- The peer broke the protocol: `RemoteProtocolError`, sticky; the peer gets
+  an `ErrorReply` saying why (best effort) and the socket is closed.
+- The kernel dropped fds that came with a message (MSG_CTRUNC, usually the
+  fd limit): `TooManyOpenFiles`, sticky, since that message cannot be
+  completed.
+- A stream-mode send interrupted half way (timeout, cancellation): the
+  stream is out of step, `BrokenResource`, sticky.
+
+A sticky failure releases the socket and every fd at once; the object stays
+until `close()` so that the error keeps being reported.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import errno
+import os
+import resource
+import socket
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Container, Generator, Sequence
+from typing import NoReturn, TypeVar
+
+import msgspec
+
+from blobplane.channel.transport import (
+    PeerCredentials,
+    check_peer,
+    framing_of,
+    peer_credentials,
+)
+from blobplane.errors import (
+    BlobBusy,
+    BlobClosed,
+    BlobError,
+    BrokenResource,
+    ConnectionClosed,
+    RemoteProtocolError,
+    TooManyOpenFiles,
+    os_errors,
+)
+from blobplane.wire import (
+    MAX_FDS_PER_MESSAGE,
+    MAX_FRAME_SIZE,
+    Connection,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    PeerClosed,
+    Received,
+)
+from blobplane.wire.messages import MAX_ERROR_TEXT
+
+__all__ = ["DEFAULT_TIMEOUT", "ChannelCore", "Op", "Wait"]
+
+T = TypeVar("T")
+
+# Seconds a blocking call waits unless told otherwise (None: forever).
+DEFAULT_TIMEOUT = 30.0
+# Messages that may pile up unread while send_blob() waits for its reply.
+MAX_QUEUED = 1024
+_STREAM_CHUNK = 64 * 1024
+# Plain ints: the socket module's flags are IntFlag members, slow on the hot path.
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
+
+
+class Wait(enum.Enum):
+    """What an operation waits for before its next step."""
+
+    READABLE = "readable"
+    WRITABLE = "writable"
+    BACKOFF = "backoff"  # no readiness to wait for (a full listen backlog): retry shortly
+
+
+Op = Generator[Wait, None, T]
+
+
+def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            ints = array.array("i")
+            ints.frombytes(data[: len(data) - len(data) % ints.itemsize])
+            fds.extend(ints)
+    return fds
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _fd_exhaustion() -> TooManyOpenFiles:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        now = f"{len(os.listdir('/proc/self/fd'))} open now"
+    except OSError:
+        now = "the count of open fds is unknown"
+    return TooManyOpenFiles(
+        "the kernel dropped fds that came with a message (MSG_CTRUNC): this process is "
+        f"probably at its limit of open files (RLIMIT_NOFILE soft limit {soft}, hard limit "
+        f"{hard}, {now}). Close received blobs sooner (each open MappedRead holds an fd) "
+        "or raise the limit (ulimit -n); the channel is closed, as that message lost its fds"
+    )
+
+
+def _release(sock: socket.socket, wire: Connection, unread: deque[Received]) -> None:
+    # Shared by close() and the finalizer, so it must not refer to the core.
+    sock.close()
+    wire.close()
+    while unread:
+        _close_all(unread.popleft().fds)
+
+
+class Busy:
+    """`with busy:` marks a use in progress; a second, concurrent one raises `BlobBusy`.
+
+    Trio's rule: concurrent misuse is an error, never a silent queue.
+    """
+
+    __slots__ = ("_lock", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._lock = threading.Lock()
+        self._message = message
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise BlobBusy(self._message)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+class ChannelCore:
+    """Socket, wire connection, unread messages, busy flags and the sticky failure.
+
+    Takes ownership of *sock* at once: if the peer is refused (`ForbiddenPeer`)
+    or the socket is unfit, it is closed before the error propagates.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        allowed_uids: Container[int] | None = None,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_fds: int = MAX_FDS_PER_MESSAGE,
+    ) -> None:
+        try:
+            framing = framing_of(sock)
+            self.peer: PeerCredentials = peer_credentials(sock)
+            check_peer(self.peer, allowed_uids)
+            sock.setblocking(False)
+            self.wire = Connection(framing, max_frame_size=max_frame_size, max_fds=max_fds)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.framing = framing
+        self._fd = sock.fileno()
+        self._buffer = bytearray(max_frame_size if framing == "datagram" else _STREAM_CHUNK)
+        self._view = memoryview(self._buffer)
+        # One slot more than allowed, to tell "too many fds" from "the kernel dropped some".
+        self._fd_capacity = max_fds + 1
+        self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * array.array("i").itemsize)
+        self._unread: deque[Received] = deque()
+        self.receiving = Busy(
+            "another task or thread is already receiving on this channel; receive from one "
+            "task at a time (recv, recv_blob, and send_blob while it awaits its reply)"
+        )
+        self.sending = Busy(
+            "another task or thread is already sending on this channel and waiting for room; "
+            "send from one task at a time (recv_blob sends its acknowledgement too)"
+        )
+        self._closed = False
+        self._failure: BlobError | None = None
+        # The peer stopped reading (EPIPE): what it sent before may still be read.
+        self._send_failure: BlobError | None = None
+        self._eof_fed = False
+        self._release_hooks: list[Callable[[], None]] = []
+        self._finalizer = weakref.finalize(self, _release, sock, self.wire, self._unread)
+
+    # -- state -------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return -1 if self._released else self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def failure(self) -> BlobError | None:
+        return self._failure
+
+    @property
+    def _released(self) -> bool:
+        return not self._finalizer.alive
+
+    def check_usable(self) -> None:
+        if self._closed:
+            raise BlobClosed("this channel is closed")
+        if self._failure is not None:
+            _raise_again(self._failure)
+
+    def check_can_send(self) -> None:
+        self.check_usable()
+        if self._send_failure is not None:
+            _raise_again(self._send_failure)
+
+    def add_release_hook(self, hook: Callable[[], None]) -> None:
+        """Call *hook* just before the socket closes (drivers unregister their waits)."""
+        self._release_hooks.append(hook)
+
+    def close(self) -> None:
+        self._closed = True
+        self._release_now()
+
+    def fail(self, error: BlobError) -> BlobError:
+        """Make *error* the sticky failure (the first one wins) and release everything."""
+        if self._failure is None and not self._closed:
+            self._failure = error
+        self._release_now()
+        return error
+
+    def _release_now(self) -> None:
+        if self._released:
+            return
+        hooks, self._release_hooks = self._release_hooks, []
+        for hook in hooks:
+            hook()
+        self._finalizer()
+
+    # -- receiving ---------------------------------------------------------------
+
+    def poll_received(self, *, queued: bool = True) -> Received | None:
+        """The next message, or None if it has not arrived yet. Never blocks.
+
+        With *queued* False, skip the messages put aside by `defer()` (a
+        reply being awaited is always newer than them).
+        """
+        self.check_usable()
+        if queued and self._unread:
+            return self._unread.popleft()
+        while True:
+            try:
+                event = self.wire.next_event()
+            except RemoteProtocolError as exc:
+                if self._eof_fed:
+                    raise self.fail(
+                        ConnectionClosed(f"the peer went away in the middle of a message: {exc}")
+                    ) from exc
+                self._farewell(exc)
+                raise self.fail(exc) from None
+            if isinstance(event, Received):
+                return event
+            if isinstance(event, PeerClosed):
+                raise self.fail(ConnectionClosed("the peer closed the channel"))
+            if not self._pump():
+                return None
+
+    def defer(self, received: Received) -> None:
+        """Keep *received* for a later `recv()` (it arrived while a reply was awaited)."""
+        if len(self._unread) >= MAX_QUEUED:
+            _close_all(received.fds)
+            error = RemoteProtocolError(
+                f"the peer sent more than {MAX_QUEUED} messages while this side waited "
+                "for the reply to a handoff"
+            )
+            self._farewell(error)
+            raise self.fail(error)
+        self._unread.append(received)
+
+    def unread(self, received: Received) -> None:
+        """Put *received* back in front: the next receive returns it again."""
+        self._unread.appendleft(received)
+
+    def _pump(self) -> bool:
+        """One non-blocking recvmsg into the wire; False if there was nothing to read."""
+        try:
+            size, ancillary, flags, _ = self.sock.recvmsg_into(
+                [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise self._os_failure(exc, "receiving") from exc
+        fds = _fds_from(ancillary) if ancillary else []
+        if flags & _MSG_CTRUNC and len(fds) < self._fd_capacity:
+            _close_all(fds)
+            raise self.fail(_fd_exhaustion())
+        if size == 0 and not fds:
+            # A zero-length datagram reads like end of stream; ours never sends one.
+            self._eof_fed = True
+        truncated = bool(flags & _MSG_TRUNC) and self.framing == "datagram"
+        self.wire.receive_data(self._view[:size], fds, truncated=truncated)
+        return True
+
+    # -- sending -----------------------------------------------------------------
+
+    def encode(
+        self, message: Message, fds: Sequence[int], *, validate: bool
+    ) -> tuple[Message, bytes]:
+        """Give *message* its request id and encode it (see `Connection.send` for *validate*)."""
+        self.check_can_send()
+        if message.id == 0:
+            message = msgspec.structs.replace(message, id=self.wire.next_id())
+        data, _ = self.wire.send(message, fds, validate=validate)
+        return message, data
+
+    def send_some(self, data: memoryview, fds: Sequence[int]) -> int | None:
+        """Send what the socket takes now (fds with the first byte); None if it takes nothing."""
+        self.check_can_send()
+        try:
+            if fds:
+                rights = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
+                return self.sock.sendmsg([data], rights, _MSG_NOSIGNAL)
+            return self.sock.send(data, _MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise self._os_failure(exc, "sending") from exc
+
+    def interrupted_send(self, message: Message, *, sent_any: bool) -> None:
+        """A send stopped before its last byte (timeout, cancellation, error)."""
+        if not sent_any:
+            self.wire.abandon(message)
+            return
+        self.fail(
+            BrokenResource(
+                f"sending {type(message).__name__} {message.id} was interrupted in the middle "
+                "of a frame; the stream is out of step with the peer, so the channel is broken"
+            )
+        )
+
+    def _farewell(self, error: BlobError) -> None:
+        """Tell the peer why we hang up, if the socket takes it right now."""
+        try:
+            reply = ErrorReply(
+                reply_to=0, code=ErrorCode.PROTOCOL, message=str(error)[:MAX_ERROR_TEXT]
+            )
+            data, _ = self.wire.send(reply)
+            self.sock.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+        except (BlobError, OSError):
+            pass  # best effort: the peer may be gone already
+
+    def _os_failure(self, exc: OSError, doing: str) -> BlobError:
+        if exc.errno in _DISCONNECTED:
+            error = ConnectionClosed(f"{doing}: the peer closed the connection")
+            if doing == "sending":
+                # Keep receiving: messages the peer sent before it left are still queued.
+                self._send_failure = self._send_failure or error
+                return error
+            return self.fail(error)
+        if exc.errno == errno.ETOOMANYREFS:
+            return BrokenResource(
+                f"{doing}: too many fds in flight (ETOOMANYREFS): the peer is not receiving "
+                "what was sent; wait for replies before sending more"
+            )
+        if exc.errno == errno.EBADF and self._released:
+            return BlobClosed("this channel was closed meanwhile")
+        return _translate(exc, doing)
+
+
+def _raise_again(error: BlobError) -> NoReturn:
+    """Raise a sticky failure anew (a fresh instance, the first one as its cause)."""
+    raise type(error)(*error.args) from error
+
+
+def _translate(exc: OSError, doing: str) -> BlobError:
+    try:
+        with os_errors(doing):
+            raise exc
+    except BlobError as translated:
+        return translated
+    raise AssertionError("os_errors translates every OSError")  # pragma: no cover

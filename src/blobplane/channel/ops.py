@@ -1,0 +1,300 @@
+"""Every channel operation, written once as a generator that yields what it waits for.
+
+An operation yields `Wait.READABLE`, `Wait.WRITABLE` or `Wait.BACKOFF` when
+it cannot go on, and returns its result. The sync driver answers a wait
+with poll(), the asyncio driver with add_reader/add_writer; a timeout or a
+cancellation closes the generator, whose `finally` and `with` blocks undo
+what is half done. So both flavours share every rule below and cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from blobplane.blobs import MappedRead, ProducerBlob, map_descriptor
+from blobplane.channel.core import ChannelCore, Op, Wait
+from blobplane.channel.transport import Transport, check_path, default_transport, new_socket
+from blobplane.errors import (
+    BlobClosed,
+    BlobError,
+    ConnectionClosed,
+    ConnectionRefused,
+    DescriptorTooShort,
+    InvalidSize,
+    NotSealed,
+    NotSendable,
+    PeerRefused,
+    TooManyOpenFiles,
+    UnexpectedMessage,
+    WrongKind,
+    os_errors,
+)
+from blobplane.types import BlobToken, UnixFd
+from blobplane.wire import Ack, BlobHandoff, ErrorCode, ErrorReply, Message, Received
+from blobplane.wire.messages import MAX_ERROR_TEXT, MAX_META
+
+__all__ = [
+    "Handoff",
+    "accept",
+    "connect",
+    "receive",
+    "receive_handoff",
+    "send_blob",
+    "transmit",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A received blob: its token, the sender's metadata, and the read-only mapping.
+
+    The receiver owns `blob` (a `MappedRead`); leaving the `with` block closes it.
+    """
+
+    token: BlobToken
+    meta: bytes
+    blob: MappedRead
+    request_id: int
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.blob.close()
+
+
+# -- sending -------------------------------------------------------------------------
+
+
+def transmit(
+    core: ChannelCore, message: Message, fds: Sequence[int] = (), *, validate: bool = True
+) -> Op[int]:
+    """Send one message and its fds, waiting for room; returns its request id.
+
+    *validate* False skips re-checking a message this module built itself.
+    """
+    with core.sending:
+        message, data = core.encode(message, fds, validate=validate)
+        view = memoryview(data)
+        riding = fds
+        try:
+            while view:
+                sent = core.send_some(view, riding)
+                if sent is None:
+                    yield Wait.WRITABLE
+                    continue
+                # SCM_RIGHTS travel with the first byte; the rest of a stream frame goes bare.
+                view, riding = view[sent:], ()
+        finally:
+            if view:
+                core.interrupted_send(message, sent_any=len(view) < len(data))
+    return message.id
+
+
+def sendable_fd(blob: ProducerBlob) -> int:
+    """The fd to hand over, if *blob* is one a receiver will accept: a sealed memfd."""
+    fd = blob.fileno()  # BlobClosed once cleaned up
+    if not isinstance(blob.descriptor, UnixFd):
+        raise NotSendable(
+            f"blob {blob.id} is a {type(blob.descriptor).__name__} blob; only memfd blobs "
+            "travel over a channel (create it with BlobBackend.MEMFD)"
+        )
+    if not blob.sealed:
+        raise NotSendable(
+            f"blob {blob.id} is not sealed; call blob.seal() before send_blob(), since a "
+            "receiver refuses a memfd its sender could still resize"
+        )
+    return fd
+
+
+def send_blob(core: ChannelCore, blob: ProducerBlob, meta: bytes, wait: bool) -> Op[int]:
+    """Hand *blob* over; with *wait*, return once the peer mapped it (or raise `PeerRefused`)."""
+    fd = sendable_fd(blob)
+    if len(meta) > MAX_META:
+        raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
+    # Built from a live token and checked meta: valid already.
+    handoff = BlobHandoff(token=blob.token, meta=bytes(meta))
+    if not wait:
+        return (yield from transmit(core, handoff, (fd,), validate=False))
+    core.check_usable()
+    with core.receiving:
+        request_id = yield from transmit(core, handoff, (fd,), validate=False)
+        while True:
+            received = core.poll_received(queued=False)
+            while received is None:
+                yield Wait.READABLE
+                received = core.poll_received(queued=False)
+            match received.message:
+                case Ack(reply_to=reply_to) if reply_to == request_id:
+                    return request_id
+                case ErrorReply(reply_to=reply_to, code=code, message=text) if reply_to in (
+                    0,
+                    request_id,
+                ):
+                    what = "the handoff" if reply_to else "the connection"
+                    raise PeerRefused(
+                        f"the peer refused {what} of blob {blob.id}: {text} ({code})",
+                        code=code,
+                        reply_to=reply_to,
+                    )
+                case _:
+                    core.defer(received)
+
+
+# -- receiving -----------------------------------------------------------------------
+
+
+def _next(core: ChannelCore) -> Op[Received]:
+    received = core.poll_received()
+    while received is None:
+        yield Wait.READABLE
+        received = core.poll_received()
+    return received
+
+
+def receive(core: ChannelCore) -> Op[tuple[Message, tuple[int, ...]]]:
+    """The next message of any kind and its fds, which the caller owns from now on."""
+    core.check_usable()
+    with core.receiving:
+        received = yield from _next(core)
+    return received.message, received.fds
+
+
+_REFUSAL_CODES: tuple[tuple[type[BlobError], ErrorCode], ...] = (
+    (WrongKind, ErrorCode.WRONG_KIND),
+    (NotSealed, ErrorCode.NOT_SEALED),
+    (DescriptorTooShort, ErrorCode.TOO_SHORT),
+    (TooManyOpenFiles, ErrorCode.TOO_MANY_OPEN_FILES),
+)
+
+
+def _map(handoff: BlobHandoff, fds: tuple[int, ...]) -> MappedRead | BlobError:
+    """Map the handed-over fd after the sealing checks; the fds are closed either way."""
+    try:
+        return map_descriptor(UnixFd(fds[0]), handoff.token.size)
+    except BlobError as exc:
+        return exc
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:
+    code = next(
+        (code for kind, code in _REFUSAL_CODES if isinstance(error, kind)), ErrorCode.CANNOT_MAP
+    )
+    return ErrorReply(reply_to=handoff.id, code=code, message=str(error)[:MAX_ERROR_TEXT])
+
+
+def receive_handoff(core: ChannelCore) -> Op[Handoff]:
+    """The next blob, mapped read-only after the sealing checks, and acknowledged.
+
+    A descriptor that fails the checks is closed, the peer gets an
+    `ErrorReply`, and the check's error (an `UnsafeDescriptor`) is raised; the
+    channel stays usable. Anything but a handoff is left for `recv()` and
+    `UnexpectedMessage` is raised.
+    """
+    core.check_usable()
+    with core.receiving:
+        received = core.poll_received()
+        while received is None:
+            yield Wait.READABLE
+            received = core.poll_received()
+        handoff = received.message
+        if not isinstance(handoff, BlobHandoff):
+            core.unread(received)
+            raise UnexpectedMessage(
+                f"expected a blob handoff, received {type(handoff).__name__} {handoff.id}; "
+                "it is left for recv()"
+            )
+        result = _map(handoff, received.fds)
+        reply: Message = (
+            Ack(reply_to=handoff.id)
+            if isinstance(result, MappedRead)
+            else _refusal(handoff, result)
+        )
+        try:
+            yield from transmit(core, reply, validate=False)
+        except ConnectionClosed:
+            # The sender is gone; a mapped blob stays valid (memfd semantics),
+            # and the next call reports the closed connection.
+            if not isinstance(result, MappedRead):
+                raise result from None
+        except BaseException:
+            if isinstance(result, MappedRead):
+                result.close()
+            raise
+    if not isinstance(result, MappedRead):
+        raise result
+    return Handoff(handoff.token, handoff.meta, result, handoff.id)
+
+
+# -- connecting ----------------------------------------------------------------------
+
+
+def connect(path: str, transport: Transport | None) -> Op[socket.socket]:
+    """A socket connected to the listener at *path*.
+
+    With no *transport*, SOCK_SEQPACKET is tried first and SOCK_STREAM if the
+    listener is of that type. A full listen backlog gives no readiness to
+    wait for, so it is retried after a short back-off until the timeout.
+    """
+    path = check_path(path)
+    transports: list[Transport] = [transport] if transport is not None else ["seqpacket"]
+    if transport is None:
+        transports = list(dict.fromkeys([default_transport(), "stream"]))
+    for index, kind in enumerate(transports):
+        sock = new_socket(kind)
+        try:
+            sock.setblocking(False)
+            while True:
+                try:
+                    sock.connect(path)
+                except (BlockingIOError, InterruptedError):
+                    yield Wait.BACKOFF
+                    continue
+                break
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EPROTOTYPE and index + 1 < len(transports):
+                continue
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                reason = "no such file" if exc.errno == errno.ENOENT else "a stale socket"
+                raise ConnectionRefused(f"nobody listens at {path} ({reason})") from exc
+            with os_errors(f"connecting to {path}"):
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise AssertionError("unreachable: the last transport either connects or raises")
+
+
+def accept(listener: socket.socket) -> Op[socket.socket]:
+    """The next connection on a non-blocking listening socket."""
+    while True:
+        if listener.fileno() < 0:
+            raise BlobClosed("the listener was closed")
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            yield Wait.READABLE
+            continue
+        except ConnectionAbortedError:
+            continue  # that client gave up before we accepted; try the next one
+        except OSError as exc:
+            with os_errors("accepting a connection"):
+                raise exc from None
+        return sock

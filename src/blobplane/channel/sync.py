@@ -1,0 +1,217 @@
+"""The blocking flavour: runs the shared operations, waiting with poll()."""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Container, Sequence
+from types import TracebackType
+from typing import Self, TypeVar
+
+from blobplane.blobs import MappedRead, ProducerBlob
+from blobplane.channel import ops
+from blobplane.channel.base import (
+    DEFAULT,
+    ChannelBase,
+    ListenerBase,
+    TimeoutArg,
+    as_message,
+    check_timeout,
+)
+from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
+from blobplane.channel.ops import Handoff
+from blobplane.channel.transport import Transport, default_transport, socket_pair
+from blobplane.errors import BlobClosed, Timeout
+from blobplane.wire import Message
+
+__all__ = ["Channel", "Listener", "connect", "from_socket", "listen", "socketpair"]
+
+T = TypeVar("T")
+
+_BACKOFF_S = 0.002
+_EVENTS = {Wait.READABLE: select.POLLIN, Wait.WRITABLE: select.POLLOUT}
+
+
+def run(op: Op[T], fileno: Callable[[], int] | None, timeout: float | None, what: str) -> T:
+    """Drive *op* to its result, blocking in poll() on *fileno* while it waits."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                wait = op.send(None)
+            except StopIteration as stop:
+                result: T = stop.value
+                return result
+            _block(wait, fileno, deadline, timeout, what)
+    finally:
+        op.close()
+
+
+def _block(
+    wait: Wait,
+    fileno: Callable[[], int] | None,
+    deadline: float | None,
+    timeout: float | None,
+    what: str,
+) -> None:
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        raise Timeout(f"{what} did not complete within {timeout} s")
+    if wait is Wait.BACKOFF:
+        time.sleep(_BACKOFF_S if remaining is None else min(_BACKOFF_S, remaining))
+        return
+    fd = -1 if fileno is None else fileno()
+    if fd < 0:
+        return  # closed meanwhile: the operation's next step reports it
+    poller = select.poll()
+    poller.register(fd, _EVENTS[wait])
+    ready = poller.poll(None if remaining is None else math.ceil(remaining * 1000))
+    if not ready and deadline is not None and time.monotonic() >= deadline:
+        raise Timeout(f"{what} did not complete within {timeout} s")
+
+
+class Channel(ChannelBase):
+    """A blocking channel. Every call takes ``timeout=`` (seconds, None: forever);
+    by default the channel's `timeout` attribute (30 s unless set)."""
+
+    def send(
+        self,
+        message: Message | bytes | bytearray | memoryview,
+        fds: Sequence[int] = (),
+        *,
+        timeout: TimeoutArg = DEFAULT,
+    ) -> int:
+        """Send a message (bytes travel as a `UserPayload`) with *fds*; return its request id.
+
+        The fds are only borrowed: the caller still owns and closes them.
+        """
+        op = ops.transmit(self._core, as_message(message), tuple(fds))
+        return run(op, self._core.fileno, self._timeout(timeout), "send")
+
+    def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
+        """The next message of any kind and its fds; the caller owns (and closes) the fds."""
+        return run(ops.receive(self._core), self._core.fileno, self._timeout(timeout), "recv")
+
+    def send_blob(
+        self,
+        blob: ProducerBlob,
+        *,
+        meta: bytes = b"",
+        wait: bool = True,
+        timeout: TimeoutArg = DEFAULT,
+    ) -> int:
+        """Hand a sealed memfd blob to the peer; return the handoff's request id.
+
+        With *wait* (the default) it returns once the peer acknowledged it and
+        raises `PeerRefused` if the peer refused it; without, the reply comes
+        later through `recv()`.
+        """
+        op = ops.send_blob(self._core, blob, meta, wait)
+        return run(op, self._core.fileno, self._timeout(timeout), "send_blob")
+
+    def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
+        """The next blob with its token and metadata, mapped read-only and acknowledged."""
+        op = ops.receive_handoff(self._core)
+        return run(op, self._core.fileno, self._timeout(timeout), "recv_handoff")
+
+    def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
+        """The next blob, mapped read-only after the sealing checks, and acknowledged."""
+        return self.recv_handoff(timeout=timeout).blob
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Listener(ListenerBase):
+    """A listening socket at `path` (mode 0600 in a private folder); `accept()` gives channels."""
+
+    def accept(self, *, timeout: TimeoutArg = DEFAULT) -> Channel:
+        """The next connection as a channel (with this listener's timeout and allowed uids).
+
+        A peer of a refused uid is disconnected and `ForbiddenPeer` raised; the
+        listener carries on.
+        """
+        sock = self._socket.sock
+        if sock is None:
+            raise BlobClosed(f"the listener at {self.path} is closed")
+        limit = self._timeout(timeout)
+        accepted = run(ops.accept(sock), self._socket.fileno, limit, "accept")
+        return Channel(accepted, timeout=self.timeout, allowed_uids=self.allowed_uids)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file; closing twice is fine."""
+        self._socket.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def listen(
+    path: str | os.PathLike[str],
+    *,
+    transport: Transport | None = None,
+    backlog: int = socket.SOMAXCONN,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    allowed_uids: Container[int] | None = None,
+) -> Listener:
+    """Listen at *path*; its folder is created private (0700) if missing, and must be private."""
+    return Listener(
+        path, transport=transport, backlog=backlog, timeout=timeout, allowed_uids=allowed_uids
+    )
+
+
+def connect(
+    path: str | os.PathLike[str],
+    *,
+    transport: Transport | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    allowed_uids: Container[int] | None = None,
+) -> Channel:
+    """Connect to the listener at *path* (SEQPACKET, or STREAM if that is what listens)."""
+    limit = check_timeout(timeout)
+    sock = run(ops.connect(os.fspath(path), transport), None, limit, "connect")
+    return Channel(sock, timeout=timeout, allowed_uids=allowed_uids)
+
+
+def socketpair(
+    *, transport: Transport | None = None, timeout: float | None = DEFAULT_TIMEOUT
+) -> tuple[Channel, Channel]:
+    """Two connected channels, e.g. to hand one end to a child process (see `from_socket`)."""
+    left, right = socket_pair(transport or default_transport())
+    try:
+        first = Channel(left, timeout=timeout)
+    except BaseException:
+        right.close()
+        raise
+    return first, Channel(right, timeout=timeout)
+
+
+def from_socket(
+    sock: socket.socket | int,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    allowed_uids: Container[int] | None = None,
+) -> Channel:
+    """Wrap a connected AF_UNIX socket, or an fd of one (inherited from a parent); owns it."""
+    if isinstance(sock, int):
+        sock = socket.socket(fileno=sock)
+    return Channel(sock, timeout=timeout, allowed_uids=allowed_uids)
