@@ -29,10 +29,12 @@ from blobplane.errors import (
     AddressInUse,
     BlobBusy,
     BlobClosed,
+    BrokenResource,
     ConnectionClosed,
     ConnectionRefused,
     ForbiddenPeer,
     InvalidAddress,
+    InvalidSize,
     NotSendable,
     PeerRefused,
     Timeout,
@@ -609,3 +611,26 @@ def test_a_full_backlog_is_retried_until_the_timeout(socket_path: str) -> None:
         finally:
             for extra in waiting:
                 extra.close()
+
+
+def test_an_inherited_fd_becomes_a_channel(flavour: Flavour) -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    make = sync.from_socket if flavour.loop is None else aio.from_socket
+    tested = Driven(make(left.detach(), timeout=WAIT), flavour.loop)
+    with Channel(right) as peer:
+        peer.send(b"through an fd number")
+        assert tested.recv()[0] == UserPayload(id=1, data=b"through an fd number")
+    tested.close()
+    read_end, write_end = os.pipe()
+    with pytest.raises(BrokenResource, match=f"adopting fd {read_end}"):
+        make(read_end)
+    os.close(read_end)  # still the caller's: adopting it failed
+    os.close(write_end)
+
+
+def test_a_bad_argument_still_closes_the_socket() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pytest.raises(InvalidSize, match="timeout"):
+        Channel(left, timeout=-1)
+    assert left.fileno() == -1
+    right.close()

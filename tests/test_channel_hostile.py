@@ -42,6 +42,7 @@ from blobplane.wire import (
     UserPayload,
 )
 from children import run_python
+from leaks import open_fds
 from test_channel import WAIT, Driven, Flavour, flavour  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -201,8 +202,10 @@ def test_an_unsafe_descriptor_is_refused_and_the_channel_carries_on(
     finally:
         for fd in fds:
             os.close(fd)
+    before = open_fds()  # the fd in flight is nobody's yet
     with pytest.raises(bad.error, match=bad.text):
         tested.recv_blob()
+    assert open_fds() == before, "the refused fd was closed, not leaked"
     replies = hostile.replies()
     refusal = next(replies)
     assert isinstance(refusal, ErrorReply)
@@ -288,6 +291,8 @@ def test_a_protocol_violation_ends_the_connection(
     finally:
         for fd in fds:
             os.close(fd)
+    # Counted, not compared: listing /proc/self/fd takes the lowest free number itself.
+    before = len(open_fds()) - 1  # the channel's socket goes too
     for _ in range(2):  # and the same again: the error is sticky
         with pytest.raises(RemoteProtocolError, match=attack.error):
             tested.recv()
@@ -297,6 +302,7 @@ def test_a_protocol_violation_ends_the_connection(
     assert isinstance(farewell, ErrorReply)
     assert (farewell.reply_to, farewell.code) == (0, "protocol-error")
     assert end is None, "the channel hung up"
+    assert len(open_fds()) == before, "the socket and every fd of the attack are closed"
     with pytest.raises(RemoteProtocolError):
         tested.send(b"too late")
 

@@ -67,9 +67,12 @@ Behaviour
   is fine. Closing an asyncio channel wakes the tasks waiting on it, which
   raise ``BlobClosed``. (A sync call blocked in another thread is not
   woken; it ends at its timeout.)
-- Peer gone: end of stream, ``ECONNRESET`` or ``EPIPE``, including a peer
-  killed in the middle of a message, raises ``ConnectionClosed``, and so
-  does every later call. A blob already mapped stays readable.
+- Peer gone: end of stream or ``ECONNRESET``, including a peer killed in
+  the middle of a message, raises ``ConnectionClosed``, and so does every
+  later call. A send that finds the peer gone (``EPIPE``) raises
+  ``ConnectionClosed`` for that and every later send, while what the peer
+  sent before it left can still be received, up to the end of stream. A
+  blob already mapped stays readable.
 - Peer misbehaving: a malformed or oversized frame, wrong fds, a version
   mismatch raise ``RemoteProtocolError``; the peer is sent an ``ErrorReply``
   saying why, and the channel is closed (the same error every later call).
@@ -89,7 +92,11 @@ Behaviour
   timeouts: use ``wait=False`` for pipelining and read replies with
   ``recv()``.
 - ``recv_blob`` receives only a handoff: anything else is left for
-  ``recv()`` and ``UnexpectedMessage`` is raised.
+  ``recv()`` and ``UnexpectedMessage`` is raised. ``recv_handoff()`` is the
+  same with the token, the sender's ``meta`` bytes (``send_blob(blob,
+  meta=...)``, up to 4 KiB) and the request id beside the mapping.
+- Each ``send`` returns the message's request id; replies name it in
+  ``reply_to``.
 """
 
 from blobplane.channel.base import DEFAULT

@@ -57,10 +57,14 @@ class ChannelBase:
         max_frame_size: int = MAX_FRAME_SIZE,
         max_fds: int = MAX_FDS_PER_MESSAGE,
     ) -> None:
-        self.timeout = check_timeout(timeout)
         self._core = ChannelCore(
             sock, allowed_uids=allowed_uids, max_frame_size=max_frame_size, max_fds=max_fds
         )
+        try:
+            self.timeout = check_timeout(timeout)
+        except BaseException:
+            self._core.close()  # the socket is ours from the first line on
+            raise
 
     @property
     def peer_credentials(self) -> PeerCredentials:

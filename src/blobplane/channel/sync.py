@@ -23,7 +23,7 @@ from blobplane.channel.base import (
 )
 from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
 from blobplane.channel.ops import Handoff
-from blobplane.channel.transport import Transport, default_transport, socket_pair
+from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
 from blobplane.errors import BlobClosed, Timeout
 from blobplane.wire import Message
 
@@ -213,5 +213,5 @@ def from_socket(
 ) -> Channel:
     """Wrap a connected AF_UNIX socket, or an fd of one (inherited from a parent); owns it."""
     if isinstance(sock, int):
-        sock = socket.socket(fileno=sock)
+        sock = adopt_fd(sock)
     return Channel(sock, timeout=timeout, allowed_uids=allowed_uids)

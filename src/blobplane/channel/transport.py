@@ -32,6 +32,7 @@ __all__ = [
     "ListenerSocket",
     "PeerCredentials",
     "Transport",
+    "adopt_fd",
     "check_peer",
     "default_transport",
     "framing_of",
@@ -60,21 +61,31 @@ def default_transport() -> Transport:
     return "stream"
 
 
-def new_socket(transport: Transport) -> socket.socket:
+def _socket_type(transport: Transport) -> int:
     try:
-        kind = _SOCKET_TYPES[transport]
+        return _SOCKET_TYPES[transport]
     except KeyError:
         raise InvalidAddress(
             f"transport must be one of {sorted(_SOCKET_TYPES)}, not {transport!r}"
         ) from None
+
+
+def new_socket(transport: Transport) -> socket.socket:
+    kind = _socket_type(transport)
     with os_errors(f"creating a {transport} socket"):
         return socket.socket(socket.AF_UNIX, kind)
 
 
 def socket_pair(transport: Transport) -> tuple[socket.socket, socket.socket]:
-    new_socket(transport).close()  # validates the name with a clear error
+    kind = _socket_type(transport)
     with os_errors(f"creating a {transport} socket pair"):
-        return socket.socketpair(socket.AF_UNIX, _SOCKET_TYPES[transport])
+        return socket.socketpair(socket.AF_UNIX, kind)
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """A socket object for an inherited fd, which it then owns (the caller's if this fails)."""
+    with os_errors(f"adopting fd {fd} as a socket"):
+        return socket.socket(fileno=fd)
 
 
 def framing_of(sock: socket.socket) -> Framing:
