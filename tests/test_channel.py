@@ -634,3 +634,29 @@ def test_a_bad_argument_still_closes_the_socket() -> None:
         Channel(left, timeout=-1)
     assert left.fileno() == -1
     right.close()
+
+
+@pytest.mark.parametrize("sent_before_timeout", [0, 10])
+def test_a_send_cut_short_breaks_a_stream_only_if_bytes_went_out(
+    blobs: SharedMemoryBlobs, sent_before_timeout: int
+) -> None:
+    """Interrupting a send (timeout, cancellation) half way leaves a stream out of step."""
+    from blobplane.channel import ops
+    from blobplane.channel.core import ChannelCore, Wait
+
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    core = ChannelCore(left)
+    progress = iter([sent_before_timeout or None, None])
+    core.send_some = lambda data, fds: next(progress)  # type: ignore[method-assign]
+    with sealed(blobs, b"x") as blob:
+        op = ops.send_blob(core, blob, b"", wait=False)
+        assert next(op) is Wait.WRITABLE
+        op.close()  # what a timeout or a cancellation does
+    if sent_before_timeout:
+        with pytest.raises(BrokenResource, match="interrupted in the middle of a frame"):
+            core.check_usable()
+    else:
+        core.check_usable()  # nothing went out: the channel is fine
+        assert core.wire.open_handoffs == frozenset(), "and waits for no answer"
+    core.close()
+    right.close()
