@@ -186,6 +186,9 @@ def _map(handoff: BlobHandoff, fds: tuple[int, ...]) -> MappedRead | BlobError:
         return map_descriptor(UnixFd(fds[0]), handoff.token.size)
     except BlobError as exc:
         return exc
+    except (ValueError, OverflowError) as exc:
+        # mmap's own refusals: a size the checks let through but no address space takes.
+        return InvalidSize(f"cannot map the {handoff.token.size} bytes of a blob: {exc}")
     finally:
         for fd in fds:
             os.close(fd)
@@ -228,8 +231,9 @@ def receive_handoff(core: ChannelCore) -> Op[Handoff]:
         try:
             yield from transmit(core, reply, validate=False)
         except ConnectionClosed:
-            # The sender is gone; a mapped blob stays valid (memfd semantics),
-            # and the next call reports the closed connection.
+            # The sender is gone; a mapped blob stays valid (memfd semantics).
+            # Later sends report the closed connection, and receives do once
+            # whatever the sender sent before it left has been read.
             if not isinstance(result, MappedRead):
                 raise result from None
         except BaseException:
@@ -252,9 +256,13 @@ def connect(path: str, transport: Transport | None) -> Op[socket.socket]:
     wait for, so it is retried after a short back-off until the timeout.
     """
     path = check_path(path)
-    transports: list[Transport] = [transport] if transport is not None else ["seqpacket"]
-    if transport is None:
-        transports = list(dict.fromkeys([default_transport(), "stream"]))
+    transports: list[Transport]
+    if transport is not None:
+        transports = [transport]
+    elif default_transport() == "seqpacket":
+        transports = ["seqpacket", "stream"]
+    else:
+        transports = ["stream"]
     for index, kind in enumerate(transports):
         sock = new_socket(kind)
         try:
