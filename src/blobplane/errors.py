@@ -286,3 +286,14 @@ class InsecureKeyFile(SecretKeyError):
 
 class InvalidDuration(BlobError, ValueError):
     """A duration for people ("1h", "30m", "45s") could not be parsed."""
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+class StreamEnded(ConnectionClosed):
+    """The publisher closed the stream or went away; no more frames will come."""
+
+
+class SlotRewritten(BlobError):
+    """Check mode: a pool slot changed generation while a reader held it (a producer bug)."""

@@ -1,0 +1,264 @@
+"""Publish/subscribe of frames across real processes."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from blobplane import channel
+from blobplane.errors import SlotRewritten, StreamEnded, Timeout
+from blobplane.streams import Backpressure, Publisher, Subscriber
+from blobplane.streams.protocol import Frame, Hello, decode
+from blobplane.wire import UserPayload
+from children import CHILD_TIMEOUT_S
+from leaks import blob_mappings, open_fds
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+# A subscriber process: receives until the stream ends, sleeping `delay` per
+# frame, checks each frame's contents, prints a JSON summary.
+SUBSCRIBER = """
+import json, os, sys, time
+from blobplane.streams import Subscriber
+path, delay, flavour = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+fds_before = len(os.listdir("/proc/self/fd"))
+seqs, missed, bad = [], 0, 0
+
+def check(receipt):
+    global missed, bad
+    seqs.append(receipt.seq)
+    missed += receipt.missed
+    expected = receipt.seq.to_bytes(8, "little")
+    if bytes(receipt.view[:8]) != expected or bytes(receipt.view[-8:]) != expected:
+        bad += 1
+    if receipt.header != b"h%d" % receipt.seq:
+        bad += 1
+    if delay:
+        time.sleep(delay)
+
+if flavour == "sync":
+    with Subscriber(path, check=True) as sub:
+        print("ready", flush=True)
+        for receipt in sub:
+            with receipt:
+                check(receipt)
+else:
+    import asyncio
+    from blobplane.streams import AsyncSubscriber
+    async def main():
+        async with await AsyncSubscriber.connect(path, check=True) as sub:
+            print("ready", flush=True)
+            async for receipt in sub:
+                async with receipt:
+                    check(receipt)
+    asyncio.run(main())
+fds_after = len(os.listdir("/proc/self/fd"))
+print(json.dumps({"seqs": seqs, "missed": missed, "bad": bad, "fd_growth": fds_after - fds_before}))
+"""
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as folder:
+        yield os.path.join(folder, "private", "stream.sock")
+
+
+def _start_subscriber(
+    path: str, delay: float = 0.0, flavour: str = "sync"
+) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", SUBSCRIBER, path, str(delay), flavour],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    return child
+
+
+def _summary(child: subprocess.Popen[str]) -> dict[str, object]:
+    out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == 0, out
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def _publish(pub: Publisher, count: int, size: int) -> None:
+    for seq in range(1, count + 1):
+        with pub.loan(timeout=20) as loan:
+            stamp = seq.to_bytes(8, "little")
+            loan.write_all(stamp)
+            loan.write_all(stamp, offset=size - 8)
+            assert pub.publish(loan, header=b"h%d" % seq, length=size) == seq
+
+
+@pytest.mark.parametrize("flavours", [("sync", "sync", "async"), ("async", "sync", "sync")])
+def test_blocking_stream_delivers_every_frame_once_in_order(
+    socket_path: str, flavours: tuple[str, str, str]
+) -> None:
+    count = 300
+    with Publisher(socket_path, slot_size=64 * 1024, slots=4) as pub:
+        children = [
+            _start_subscriber(socket_path, delay, flavour)
+            for delay, flavour in zip((0.0, 0.001, 0.003), flavours, strict=True)
+        ]
+        pub.wait_for_subscribers(3, timeout=CHILD_TIMEOUT_S)
+        _publish(pub, count, 50_000)
+    for child in children:
+        summary = _summary(child)
+        assert summary["seqs"] == list(range(1, count + 1))
+        assert summary["missed"] == 0
+        assert summary["bad"] == 0
+
+
+def test_drop_oldest_never_blocks_the_publisher_and_counts_what_slow_ones_missed(
+    socket_path: str,
+) -> None:
+    count = 400
+    with Publisher(socket_path, slot_size=4096, slots=4, policy=Backpressure.DROP_OLDEST) as pub:
+        fast = _start_subscriber(socket_path, 0.0)
+        slow = _start_subscriber(socket_path, 0.01)
+        pub.wait_for_subscribers(2, timeout=CHILD_TIMEOUT_S)
+        _publish(pub, count, 4096)
+    fast_summary, slow_summary = _summary(fast), _summary(slow)
+    for summary in (fast_summary, slow_summary):
+        seqs = summary["seqs"]
+        assert isinstance(seqs, list)
+        assert seqs == sorted(set(seqs))  # in order, never twice
+        assert summary["bad"] == 0  # never a frame rewritten under a reader
+        assert isinstance(summary["missed"], int)
+        assert len(seqs) + summary["missed"] <= count
+    slow_seqs, slow_missed = slow_summary["seqs"], slow_summary["missed"]
+    assert isinstance(slow_seqs, list)
+    assert isinstance(slow_missed, int)
+    assert slow_missed > 0
+    assert len(slow_seqs) < count
+
+
+def test_a_killed_subscriber_gives_its_slots_back(socket_path: str) -> None:
+    with Publisher(socket_path, slot_size=4096, slots=2) as pub:
+        healthy = _start_subscriber(socket_path, 0.0)
+        stuck = _start_subscriber(socket_path, 3600.0)  # holds its first frame forever
+        pub.wait_for_subscribers(2, timeout=CHILD_TIMEOUT_S)
+        _publish(pub, 2, 4096)
+        with pytest.raises(Timeout, match="held by a subscriber"):
+            pub.loan(timeout=0.2)
+        stuck.send_signal(signal.SIGKILL)
+        stuck.wait(timeout=CHILD_TIMEOUT_S)
+        for seq in range(3, 50):
+            with pub.loan(timeout=CHILD_TIMEOUT_S) as loan:
+                loan.write_all(seq.to_bytes(8, "little"))
+                loan.write_all(seq.to_bytes(8, "little"), offset=4088)
+                pub.publish(loan, header=b"h%d" % seq)
+        assert pub.subscribers == 1
+    assert _summary(healthy)["seqs"] == list(range(1, 50))
+
+
+def test_a_killed_publisher_ends_the_stream_for_every_subscriber(socket_path: str) -> None:
+    publisher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            """
+import sys, time
+from blobplane.streams import Publisher
+with Publisher(sys.argv[1], slot_size=4096, slots=2) as pub:
+    pub.wait_for_subscribers(1, timeout=30)
+    with pub.loan() as loan:
+        pub.publish(loan, header=b"one")
+    print("published", flush=True)
+    time.sleep(3600)
+""",
+            socket_path,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert publisher.stdout is not None
+    try:
+        for _ in range(500):
+            if os.path.exists(socket_path):
+                break
+            threading.Event().wait(0.01)
+        with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S) as sub:
+            with sub.receive() as receipt:
+                assert receipt.header == b"one"
+            assert publisher.stdout.readline().strip() == "published"
+            publisher.send_signal(signal.SIGKILL)
+            with pytest.raises(StreamEnded, match="publisher went away"):
+                sub.receive()
+            with pytest.raises(StreamEnded):
+                sub.receive()
+    finally:
+        publisher.kill()
+        publisher.wait(timeout=CHILD_TIMEOUT_S)
+        publisher.stdout.close()
+
+
+def test_a_subscriber_cannot_write_a_slot(socket_path: str) -> None:
+    with Publisher(socket_path, slot_size=4096, slots=1) as pub:
+        raw: list[channel.Channel] = []
+        connecting = threading.Thread(target=lambda: raw.append(channel.connect(socket_path)))
+        connecting.start()
+        pub.wait_for_subscribers(1, timeout=CHILD_TIMEOUT_S)
+        connecting.join(CHILD_TIMEOUT_S)
+        with raw[0] as peer:
+            hello, (control,) = peer.recv()
+            assert isinstance(hello, UserPayload)
+            assert isinstance(decode(hello.data), Hello)
+            with pub.loan() as loan:
+                loan.write_all(b"mine")
+                pub.publish(loan)
+            message, (slot_fd,) = peer.recv()
+            assert isinstance(message, UserPayload)
+            assert isinstance(decode(message.data), Frame)
+            try:
+                for fd in (slot_fd, control):
+                    with pytest.raises(PermissionError):
+                        mmap.mmap(fd, 4096, access=mmap.ACCESS_WRITE)
+                    with pytest.raises(PermissionError):
+                        os.ftruncate(fd, 0)
+                    with pytest.raises(PermissionError):
+                        os.pwrite(fd, b"evil", 0)
+                with mmap.mmap(slot_fd, 4096, access=mmap.ACCESS_READ) as view:
+                    assert view[:4] == b"mine"
+            finally:
+                os.close(slot_fd)
+                os.close(control)
+
+
+def test_check_mode_catches_a_slot_rewritten_under_a_reader(socket_path: str) -> None:
+    with Publisher(socket_path, slot_size=4096, slots=1) as pub:
+        waiter = threading.Thread(target=pub.wait_for_subscribers, args=(1, CHILD_TIMEOUT_S))
+        waiter.start()
+        with Subscriber(socket_path, check=True) as sub:
+            waiter.join(CHILD_TIMEOUT_S)
+            with pub.loan() as loan:
+                pub.publish(loan)
+            receipt = sub.receive(timeout=CHILD_TIMEOUT_S)
+            pub.pool._bump_generation(receipt.frame.slot)  # what a broken producer would do
+            with pytest.raises(SlotRewritten, match="rewritten while frame 1"):
+                receipt.close()
+
+
+def test_thousands_of_frames_leak_nothing(socket_path: str) -> None:
+    count = 3000
+    fds_before = open_fds()
+    mappings_before = blob_mappings()
+    with Publisher(socket_path, slot_size=4096, slots=8) as pub:
+        child = _start_subscriber(socket_path)
+        pub.wait_for_subscribers(1, timeout=CHILD_TIMEOUT_S)
+        _publish(pub, count, 4096)
+    summary = _summary(child)
+    assert summary["seqs"] == list(range(1, count + 1))
+    assert summary["fd_growth"] == 0
+    assert open_fds() == fds_before
+    assert blob_mappings() == mappings_before
