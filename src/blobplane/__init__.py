@@ -1,5 +1,6 @@
 """blobplane: large binary payloads between processes on one host, through shared memory."""
 
+from blobplane import channel
 from blobplane.blobs import (
     MappedRead,
     ProducerBlob,
@@ -36,6 +37,7 @@ __all__ = [
     "SharedMemoryBlobs",
     "UnixFd",
     "WindowsHandle",
+    "channel",
     "decode_descriptor",
     "map_descriptor",
     "read_blob_contents",

@@ -69,26 +69,31 @@ class MappedRead:
     of them is released or collected.
     """
 
-    __slots__ = ("__weakref__", "_closed", "_mapped", "_on_close", "_size")
+    __slots__ = ("__weakref__", "_closed", "_mapped", "_on_close", "_owned", "_size")
 
     def __init__(
         self,
         mapped: mmap.mmap | None,
         size: int,
         on_close: Callable[[], None] | None = None,
+        *,
+        owned: bool = True,
     ) -> None:
+        """*mapped* may be longer than *size*; an *owned* mapping is unmapped on close."""
         self._mapped = mapped
         self._size = size
         self._on_close = on_close
+        self._owned = owned
         self._closed = False
 
     def as_slice(self) -> memoryview:
         """A read-only memoryview of exactly `len(self)` bytes, zero copy."""
         if self._closed:
             raise BlobClosed("this MappedRead is closed; map the blob again to read it")
-        if self._mapped is None:
+        if self._mapped is None or self._size == 0:
             return memoryview(b"")
-        return memoryview(self._mapped)
+        whole = memoryview(self._mapped)
+        return whole if len(whole) == self._size else whole[: self._size]
 
     def __len__(self) -> int:
         return self._size
@@ -111,7 +116,8 @@ class MappedRead:
         self._closed = True
         mapped, self._mapped = self._mapped, None
         on_close, self._on_close = self._on_close, None
-        unmap_when_unused(mapped)
+        if self._owned:
+            unmap_when_unused(mapped)
         if on_close is not None:
             on_close()
 

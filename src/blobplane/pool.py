@@ -299,6 +299,10 @@ class PoolLoan:
         return memoryview(self._pool._slots[self.slot].mapped)[: self._pool.slot_size]
 
     @property
+    def id(self) -> BlobId:
+        return self.token.id
+
+    @property
     def size(self) -> int:
         """Bytes a receiver sees: the same as `length`."""
         return self.length

@@ -39,6 +39,7 @@ from typing import NoReturn, TypeVar
 
 import msgspec
 
+from blobplane.channel.slot_cache import SlotCache
 from blobplane.channel.transport import (
     PeerCredentials,
     check_peer,
@@ -55,9 +56,11 @@ from blobplane.errors import (
     TooManyOpenFiles,
     os_errors,
 )
+from blobplane.pool import BlobPool
 from blobplane.wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
+    Ack,
     Connection,
     ErrorCode,
     ErrorReply,
@@ -156,6 +159,10 @@ class Busy:
     def __exit__(self, *exc_info: object) -> None:
         self._lock.release()
 
+    def try_enter(self) -> bool:
+        """Enter if nobody is inside; never waits and never raises."""
+        return self._lock.acquire(blocking=False)
+
 
 class ChannelCore:
     """Socket, wire connection, unread messages, busy flags and the sticky failure.
@@ -204,6 +211,12 @@ class ChannelCore:
         self._send_failure: BlobError | None = None
         self._eof_fed = False
         self._release_hooks: list[Callable[[], None]] = []
+        # Pooled handoffs: slots we sent and hold until the peer's reply, and
+        # the slots we received, mapped once each, with the replies owed for them.
+        self.pooled_out: dict[int, tuple[BlobPool, int]] = {}
+        self.slot_cache = SlotCache()
+        self._owed: deque[Message] = deque()
+        self._owed_rest = memoryview(b"")
         self._finalizer = weakref.finalize(self, _release, sock, self.wire, self._unread)
 
     # -- state -------------------------------------------------------------------
@@ -256,6 +269,12 @@ class ChannelCore:
         for hook in hooks:
             hook()
         self._finalizer()
+        self.slot_cache.close()
+        self._owed.clear()
+        # No reply can come any more: the slots we lent are ours again.
+        pooled, self.pooled_out = self.pooled_out, {}
+        for pool, slot in pooled.values():
+            _give_back(pool, slot)
 
     # -- receiving ---------------------------------------------------------------
 
@@ -279,6 +298,10 @@ class ChannelCore:
                 self._farewell(exc)
                 raise self.fail(exc) from None
             if isinstance(event, Received):
+                if isinstance(event.message, Ack | ErrorReply) and self.pooled_out:
+                    lent = self.pooled_out.pop(event.message.reply_to, None)
+                    if lent is not None:
+                        _give_back(*lent)
                 return event
             if isinstance(event, PeerClosed):
                 raise self.fail(ConnectionClosed("the peer closed the channel"))
@@ -323,6 +346,45 @@ class ChannelCore:
         return True
 
     # -- sending -----------------------------------------------------------------
+
+    def owe_reply(self, message: Message) -> None:
+        """Queue a reply (a released pool slot's Ack) and send it now if the socket is free.
+
+        Called from `MappedRead.close()`, which may run in any thread and
+        outside any channel operation; what cannot go now goes with the next one.
+        """
+        if self._released:
+            return
+        self._owed.append(message)
+        if self.sending.try_enter():
+            try:
+                self.send_owed()
+            except BlobError:
+                pass  # the failure is sticky: the next operation reports it
+            finally:
+                self.sending.__exit__()
+
+    def send_owed(self) -> bool:
+        """Send queued replies (the caller holds `sending`); False while the socket is full.
+
+        Every send first calls this until it returns True, so that the rest of
+        a reply a stream socket took only in part goes before anything else.
+        """
+        while self._owed_rest or self._owed:
+            if not self._owed_rest:
+                message, data = self.encode(self._owed[0], (), validate=False)
+                sent = self.send_some(memoryview(data), ())
+                if sent is None:
+                    self.wire.abandon(message)
+                    return False
+                self._owed.popleft()
+                self._owed_rest = memoryview(data)[sent:]
+                continue
+            sent = self.send_some(self._owed_rest, ())
+            if sent is None:
+                return False
+            self._owed_rest = self._owed_rest[sent:]
+        return True
 
     def encode(
         self, message: Message, fds: Sequence[int], *, validate: bool
@@ -386,6 +448,11 @@ class ChannelCore:
         if exc.errno == errno.EBADF and self._released:
             return BlobClosed("this channel was closed meanwhile")
         return _translate(exc, doing)
+
+
+def _give_back(pool: BlobPool, slot: int) -> None:
+    if not pool.closed:
+        pool.release(slot)
 
 
 def _raise_again(error: BlobError) -> NoReturn:

@@ -36,14 +36,16 @@ from blobplane.errors import (
     WrongKind,
     os_errors,
 )
+from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobToken, UnixFd
-from blobplane.wire import Ack, BlobHandoff, ErrorCode, ErrorReply, Message, Received
+from blobplane.wire import Ack, BlobHandoff, ErrorCode, ErrorReply, Message, Received, SlotRef
 from blobplane.wire.messages import MAX_ERROR_TEXT, MAX_META
 
 __all__ = [
     "Handoff",
     "accept",
     "connect",
+    "loan_slot",
     "receive",
     "receive_handoff",
     "send_blob",
@@ -86,6 +88,8 @@ def transmit(
     *validate* False skips re-checking a message this module built itself.
     """
     with core.sending:
+        while not core.send_owed():
+            yield Wait.WRITABLE
         message, data = core.encode(message, fds, validate=validate)
         view = memoryview(data)
         riding = fds
@@ -103,9 +107,11 @@ def transmit(
     return message.id
 
 
-def sendable_fd(blob: ProducerBlob) -> int:
-    """The fd to hand over, if *blob* is one a receiver will accept: a sealed memfd."""
+def sendable_fd(blob: ProducerBlob | PoolLoan) -> int:
+    """The fd to hand over, if *blob* is one a receiver will accept: a sealed memfd or a slot."""
     fd = blob.fileno()  # BlobClosed once cleaned up
+    if isinstance(blob, PoolLoan):
+        return fd  # sealed against resizing and outside writers when the pool made it
     if not isinstance(blob.descriptor, UnixFd):
         raise NotSendable(
             f"blob {blob.id} is a {type(blob.descriptor).__name__} blob; only memfd blobs "
@@ -119,18 +125,26 @@ def sendable_fd(blob: ProducerBlob) -> int:
     return fd
 
 
-def send_blob(core: ChannelCore, blob: ProducerBlob, meta: bytes, wait: bool) -> Op[int]:
-    """Hand *blob* over; with *wait*, return once the peer mapped it (or raise `PeerRefused`)."""
+def send_blob(core: ChannelCore, blob: ProducerBlob | PoolLoan, meta: bytes, wait: bool) -> Op[int]:
+    """Hand *blob* over; with *wait*, return once the peer replied (or raise `PeerRefused`).
+
+    A plain blob is answered once the peer mapped it. A pool slot is answered
+    once the peer released it: the slot is held for the peer until then, so
+    closing the loan right after a ``wait=False`` send is safe.
+    """
     fd = sendable_fd(blob)
     if len(meta) > MAX_META:
         raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
+    slot = None
+    if isinstance(blob, PoolLoan):
+        slot = SlotRef(blob.pool.id.uuid, blob.slot, blob.generation)
     # Built from a live token and checked meta: valid already.
-    handoff = BlobHandoff(token=blob.token, meta=bytes(meta))
+    handoff = BlobHandoff(token=blob.token, meta=bytes(meta), slot=slot)
     if not wait:
-        return (yield from transmit(core, handoff, (fd,), validate=False))
+        return (yield from _transmit_handoff(core, handoff, blob, fd))
     core.check_usable()
     with core.receiving:
-        request_id = yield from transmit(core, handoff, (fd,), validate=False)
+        request_id = yield from _transmit_handoff(core, handoff, blob, fd)
         while True:
             received = core.poll_received(queued=False)
             while received is None:
@@ -151,6 +165,40 @@ def send_blob(core: ChannelCore, blob: ProducerBlob, meta: bytes, wait: bool) ->
                     )
                 case _:
                     core.defer(received)
+
+
+def _transmit_handoff(
+    core: ChannelCore, handoff: BlobHandoff, blob: ProducerBlob | PoolLoan, fd: int
+) -> Op[int]:
+    if not isinstance(blob, PoolLoan):
+        return (yield from transmit(core, handoff, (fd,), validate=False))
+    blob.pool.retain(blob.slot)
+    try:
+        request_id = yield from transmit(core, handoff, (fd,), validate=False)
+    except BaseException:
+        blob.pool.release(blob.slot)
+        raise
+    core.pooled_out[request_id] = (blob.pool, blob.slot)
+    return request_id
+
+
+def loan_slot(core: ChannelCore, pool: BlobPool) -> Op[PoolLoan]:
+    """A free slot of *pool*, taking in the peer's releases while none is free.
+
+    Other messages that arrive meanwhile are kept for `recv()`.
+    """
+    while True:
+        loan = pool.try_loan()
+        if loan is not None:
+            return loan
+        core.check_usable()
+        with core.receiving:
+            received = core.poll_received(queued=False)
+            if received is None:
+                yield Wait.READABLE
+                continue
+            if not isinstance(received.message, Ack | ErrorReply):
+                core.defer(received)
 
 
 # -- receiving -----------------------------------------------------------------------
@@ -180,9 +228,18 @@ _REFUSAL_CODES: tuple[tuple[type[BlobError], ErrorCode], ...] = (
 )
 
 
-def _map(handoff: BlobHandoff, fds: tuple[int, ...]) -> MappedRead | BlobError:
-    """Map the handed-over fd after the sealing checks; the fds are closed either way."""
+def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> MappedRead | BlobError:
+    """Map the handed-over fd after the sealing checks; the fds are closed either way.
+
+    A pool slot is mapped once and kept (`SlotCache`); what is returned then
+    owes the sender its reply when it is closed.
+    """
     try:
+        if handoff.slot is not None:
+            owed = Ack(reply_to=handoff.id)
+            return core.slot_cache.view(
+                handoff.slot, fds[0], handoff.token.size, lambda: core.owe_reply(owed)
+            )
         return map_descriptor(UnixFd(fds[0]), handoff.token.size)
     except BlobError as exc:
         return exc
@@ -222,14 +279,16 @@ def receive_handoff(core: ChannelCore) -> Op[Handoff]:
                 f"expected a blob handoff, received {type(handoff).__name__} {handoff.id}; "
                 "it is left for recv()"
             )
-        result = _map(handoff, received.fds)
-        reply: Message = (
-            Ack(reply_to=handoff.id)
-            if isinstance(result, MappedRead)
-            else _refusal(handoff, result)
-        )
+        result = _map(core, handoff, received.fds)
+        reply: Message | None
+        if isinstance(result, MappedRead):
+            # A pool slot is answered when it is released (see `_map`).
+            reply = None if handoff.slot is not None else Ack(reply_to=handoff.id)
+        else:
+            reply = _refusal(handoff, result)
         try:
-            yield from transmit(core, reply, validate=False)
+            if reply is not None:
+                yield from transmit(core, reply, validate=False)
         except ConnectionClosed:
             # The sender is gone; a mapped blob stays valid (memfd semantics).
             # Later sends report the closed connection, and receives do once

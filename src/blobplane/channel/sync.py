@@ -25,6 +25,7 @@ from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
 from blobplane.errors import BlobClosed, Timeout
+from blobplane.pool import BlobPool, PoolLoan
 from blobplane.wire import Message
 
 __all__ = ["Channel", "Listener", "connect", "from_socket", "listen", "socketpair"]
@@ -97,20 +98,30 @@ class Channel(ChannelBase):
 
     def send_blob(
         self,
-        blob: ProducerBlob,
+        blob: ProducerBlob | PoolLoan,
         *,
         meta: bytes = b"",
         wait: bool = True,
         timeout: TimeoutArg = DEFAULT,
     ) -> int:
-        """Hand a sealed memfd blob to the peer; return the handoff's request id.
+        """Hand a sealed memfd blob or a pool slot to the peer; return the handoff's request id.
 
         With *wait* (the default) it returns once the peer acknowledged it and
         raises `PeerRefused` if the peer refused it; without, the reply comes
-        later through `recv()`.
+        later through `recv()`. A pool slot is acknowledged when the peer
+        releases it (closes its `MappedRead`), and stays held for the peer
+        until then: close the loan whenever you like.
         """
         op = ops.send_blob(self._core, blob, meta, wait)
         return run(op, self._core.fileno, self._timeout(timeout), "send_blob")
+
+    def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
+        """A free slot of *pool*, taking in the peer's releases while it waits for one.
+
+        Use it instead of `pool.loan()` when the slots come back over this channel.
+        """
+        op = ops.loan_slot(self._core, pool)
+        return run(op, self._core.fileno, self._timeout(timeout), "loan")
 
     def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
         """The next blob with its token and metadata, mapped read-only and acknowledged."""

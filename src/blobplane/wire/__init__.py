@@ -14,6 +14,7 @@ from blobplane.wire.messages import (
     ErrorCode,
     ErrorReply,
     Message,
+    SlotRef,
     UserPayload,
 )
 from blobplane.wire.state import MAX_OPEN_HANDOFFS, State
@@ -36,6 +37,7 @@ __all__ = [
     "NeedData",
     "PeerClosed",
     "Received",
+    "SlotRef",
     "State",
     "UserPayload",
 ]

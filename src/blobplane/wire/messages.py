@@ -10,6 +10,7 @@ connection assign one"). Replies name the request they answer in
 from __future__ import annotations
 
 import enum
+import uuid
 from typing import Annotated, Literal, TypeAlias
 
 import msgspec
@@ -26,6 +27,7 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "Message",
+    "SlotRef",
     "UserPayload",
     "decode_message",
     "encode_message_into",
@@ -69,17 +71,28 @@ class _Message(
     id: RequestId = 0
 
 
+class SlotRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """Which slot of which of the sender's pools a handoff is, and the slot's generation."""
+
+    pool: uuid.UUID
+    index: Annotated[int, msgspec.Meta(ge=0)]
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class BlobHandoff(_Message, frozen=True, tag="handoff"):
     """ "Here is a blob": its token, and how its memory travels (the fd rides out of band).
 
     ``meta`` is a little opaque application data (a checksum, a frame number).
-    Answered by exactly one `Ack` or `ErrorReply`.
+    Answered by exactly one `Ack` or `ErrorReply`: for a plain blob once the
+    receiver mapped it; for a pool slot (``slot`` set) once the receiver
+    released it, since only then may the sender write into the slot again.
     """
 
     token: BlobToken
     kind: DescriptorKind = "memfd"
     fds: FdCount = 1
     meta: Annotated[bytes, msgspec.Meta(max_length=MAX_META)] = b""
+    slot: SlotRef | None = None
 
 
 class Ack(_Message, frozen=True, tag="ack"):
