@@ -143,7 +143,7 @@ class TokenAuthority:
                 f"a token of {len(token)} characters is not one this broker minted "
                 f"(they are far shorter than {MAX_TOKEN_CHARS})"
             )
-        if not token.startswith(TOKEN_PREFIX):
+        if not token.isascii() or not token.startswith(TOKEN_PREFIX):
             raise TokenRefused(
                 f"this is not a blobplane token (they start with {TOKEN_PREFIX!r}); "
                 "mint one with `blobplane token create`"
