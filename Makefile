@@ -29,6 +29,7 @@ test: lint typecheck unit
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/channel.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

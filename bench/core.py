@@ -42,15 +42,12 @@ faults, copy, read, other syscalls and Python overhead.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import gc
 import json
 import mmap
 import os
-import platform
 import random
-import resource
 import statistics
 import sys
 import time
@@ -64,16 +61,25 @@ from rich.console import Console
 from rich.table import Table
 
 import blobplane
+from _common import (
+    KIB,
+    MADV_POPULATE_WRITE,
+    MFD_FLAGS,
+    MIB,
+    SEALS,
+    blob_mappings,
+    environment,
+    fmt_size,
+    fmt_time,
+    gc_paused,
+    make_payload,
+    minor_faults,
+    open_fds,
+    parse_size,
+    quartiles,
+    read_every_byte,
+)
 from blobplane import BlobBackend
-
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
-
-MADV_POPULATE_WRITE = 23
-MFD_NOEXEC_SEAL = 0x0008  # the library passes it too (Linux 6.3+), falling back without it
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-U64_MASK = (1 << 64) - 1
 
 # Repetitions per size: the whole default run takes two to two and a half minutes here.
 DEFAULT_PLAN: dict[int, int] = {4 * KIB: 1001, 1 * MIB: 301, 64 * MIB: 61, 512 * MIB: 31}
@@ -87,37 +93,7 @@ REFERENCE = "raw memfd (reference)"
 Variant = Callable[[bytes], int]
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def read_every_byte(view: memoryview) -> int:
-    """Touch every byte of *view*: a wrapping uint64 sum, plus the bytes past the last 8."""
-    n = view.nbytes
-    words = n // 8
-    total = 0
-    if words:
-        total = int(np.frombuffer(view, dtype=np.uint64, count=words).sum())
-    if n % 8:
-        total += int(np.frombuffer(view, dtype=np.uint8, offset=words * 8).sum())
-    return total & U64_MASK
-
-
 # --------------------------------------------------------------------------- variants
-
-
-def _memfd_flags() -> int:
-    """The flags the library uses: CLOEXEC | ALLOW_SEALING | NOEXEC_SEAL where it exists."""
-    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-    try:
-        os.close(os.memfd_create("bench-probe", flags | MFD_NOEXEC_SEAL))
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        return flags
-    return flags | MFD_NOEXEC_SEAL
-
-
-MFD_FLAGS = _memfd_flags()
 
 
 def raw_memfd(payload: bytes, *, prefault: bool = True, fallocate: bool = False) -> int:
@@ -180,67 +156,6 @@ def numpy_copy(payload: bytes) -> int:
     return checksum
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def fmt_size(n: int) -> str:
-    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": KIB, "M": MIB, "G": GIB}.get(text[-1:], 1)
-    number = text[:-1] if scale != 1 else text
-    value = int(number) * scale
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return value
-
-
-def fmt_time(ns: float) -> str:
-    if ns < 0:
-        return "-" + fmt_time(-ns)
-    if ns >= 1e9:
-        return f"{ns / 1e9:.3f} s"
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f} ms"
-    return f"{ns / 1e3:.1f} µs"
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def blob_mappings() -> int:
-    with open("/proc/self/maps") as maps:
-        return sum(1 for line in maps if "/memfd:" in line or "blobplane-" in line)
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 # --------------------------------------------------------------------------- main pass
 
 
@@ -272,10 +187,6 @@ def make_variants() -> tuple[list[tuple[str, Variant, bool]], list[blobplane.Sha
     variants.append(("raw memfd, fallocate+pre-fault (info)", raw_memfd_fallocate, True))
     variants.append(("numpy copy+read, in-process (info)", numpy_copy, True))
     return variants, allocators
-
-
-def make_payload(size: int) -> bytes:
-    return np.random.default_rng(size).bytes(size)
 
 
 def measure_size(
@@ -631,39 +542,6 @@ def summary_line(b: Breakdown) -> str:
         f"Python overhead {100 * b.python_overhead_ns / b.lib_total_ns:.2f}% "
         f"({fmt_time(b.python_overhead_ns)} a blob, included in the above)"
     )
-
-
-def environment() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "blobplane": blobplane.__version__,
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            info["cpu"] = next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in cpuinfo
-                    if line.startswith("model name")
-                ),
-                "",
-            )
-    except OSError:
-        pass
-    for key, path in (
-        ("thp_shmem", "/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
-        ("thp_anon", "/sys/kernel/mm/transparent_hugepage/enabled"),
-    ):
-        try:
-            with open(path) as f:
-                info[key] = f.read().strip()
-        except OSError:
-            pass
-    return info
 
 
 def to_json(results: list[Result], breakdown: Breakdown | None, seconds: float) -> dict[str, Any]:

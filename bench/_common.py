@@ -1,0 +1,168 @@
+"""What the benchmarks share: reading every byte, the raw memfd steps, formatting, leak counts.
+
+`bench/core.py` and `bench/channel.py` import this as ``_common`` (each runs as
+a script from this folder, so the folder is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import gc
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+import blobplane
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+MADV_POPULATE_WRITE = 23
+MFD_NOEXEC_SEAL = 0x0008  # the library passes it too (Linux 6.3+), falling back without it
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+U64_MASK = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_every_byte(view: memoryview) -> int:
+    """Touch every byte of *view*: a wrapping uint64 sum, plus the bytes past the last 8."""
+    n = view.nbytes
+    words = n // 8
+    total = 0
+    if words:
+        total = int(np.frombuffer(view, dtype=np.uint64, count=words).sum())
+    if n % 8:
+        total += int(np.frombuffer(view, dtype=np.uint8, offset=words * 8).sum())
+    return total & U64_MASK
+
+
+def make_payload(size: int) -> bytes:
+    return np.random.default_rng(size).bytes(size)
+
+
+# --------------------------------------------------------------------------- raw memfd
+
+
+def _memfd_flags() -> int:
+    """The flags the library uses: CLOEXEC | ALLOW_SEALING | NOEXEC_SEAL where it exists."""
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        os.close(os.memfd_create("bench-probe", flags | MFD_NOEXEC_SEAL))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return flags
+    return flags | MFD_NOEXEC_SEAL
+
+
+MFD_FLAGS = _memfd_flags()
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_size(n: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": KIB, "M": MIB, "G": GIB}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    value = int(number) * scale
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return value
+
+
+def fmt_time(ns: float) -> str:
+    if ns < 0:
+        return "-" + fmt_time(-ns)
+    if ns >= 1e9:
+        return f"{ns / 1e9:.3f} s"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e3:.1f} µs"
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def blob_mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if "/memfd:" in line or "blobplane-" in line)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "blobplane": blobplane.__version__,
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            info["cpu"] = next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in cpuinfo
+                    if line.startswith("model name")
+                ),
+                "",
+            )
+    except OSError:
+        pass
+    for key, path in (
+        ("thp_shmem", "/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+        ("thp_anon", "/sys/kernel/mm/transparent_hugepage/enabled"),
+    ):
+        try:
+            with open(path) as f:
+                info[key] = f.read().strip()
+        except OSError:
+            pass
+    return info
