@@ -45,7 +45,7 @@ def test_numpy_arrays_come_back_read_only_and_in_the_blob() -> None:
         with mapped.as_slice() as whole:
             low, high = _address_range(whole)
         result = loads(header, mapped)
-        assert mapped.closed
+        assert not mapped.closed  # the arrays use it
     rebuilt = result["a"]
     np.testing.assert_array_equal(rebuilt, array)
     assert rebuilt.dtype == array.dtype
@@ -55,6 +55,9 @@ def test_numpy_arrays_come_back_read_only_and_in_the_blob() -> None:
     assert low <= rebuilt.ctypes.data < high
     assert rebuilt.ctypes.data % 4096 == 0
     np.testing.assert_array_equal(result["small"], np.arange(3))
+    del result, rebuilt
+    gc.collect()
+    assert mapped.closed
 
 
 @pytest.mark.parametrize(
@@ -126,7 +129,7 @@ def test_the_mapping_lives_until_the_last_object_is_collected() -> None:
         header, blob = dumps([np.arange(1 << 16), np.arange(1 << 16)], blobs)
         mapped = map_descriptor(blob.descriptor, blob.size)
         baseline = blob_mappings()
-        first, second = loads(header, mapped, on_unmapped=lambda: unmapped.append(True))
+        first, second = loads(header, mapped, on_released=lambda: unmapped.append(True))
         del header, blob
     assert blob_mappings() == baseline  # the allocator is gone, the arrays still read
     assert int(first.sum()) == int(second.sum())
@@ -148,7 +151,7 @@ def test_objects_with_no_large_buffers_still_call_back() -> None:
         result = loads(
             header,
             map_descriptor(blob.descriptor, blob.size),
-            on_unmapped=lambda: unmapped.append(1),
+            on_released=lambda: unmapped.append(1),
         )
     assert result == {"k": 1}
     assert unmapped == [1]

@@ -102,6 +102,11 @@ class MappedRead:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def owns_mapping(self) -> bool:
+        """False for a view of a mapping someone else keeps (a cached pool slot)."""
+        return self._owned
+
     def call_when_unmapped(self, callback: Callable[[], None]) -> None:
         """Run *callback* once the memory is unmapped: after `close()` and the last view."""
         if self._mapped is None:
