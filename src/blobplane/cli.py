@@ -27,19 +27,33 @@ def main() -> None:
 
 @main.command()
 @click.option(
-    "--size", default="256MiB", show_default=True, callback=parse_size_option, help="Blob size."
+    "--total",
+    default="2GiB",
+    show_default=True,
+    callback=parse_size_option,
+    help="How much to stream in all.",
+)
+@click.option(
+    "--blob-size",
+    default="64MiB",
+    show_default=True,
+    callback=parse_size_option,
+    help="Size of each blob (the last one may be smaller).",
 )
 @click.option(
     "--backend",
-    type=click.Choice([b.value for b in BlobBackend if b is not BlobBackend.WINDOWS]),
-    default=BlobBackend.PLATFORM_DEFAULT.value,
+    type=click.Choice([BlobBackend.MEMFD.value]),
+    default=BlobBackend.MEMFD.value,
     show_default=True,
+    help="Only memfd blobs travel over a channel: the receiver checks their seals.",
 )
-def demo(size: int, backend: str) -> None:
-    """Fill and seal one blob, and let a second process verify it in place."""
+def demo(total: int, blob_size: int, backend: str) -> None:
+    """Stream blobs to a second process over a Unix socket; it verifies each one in place."""
     from blobplane import demo as demo_module
 
-    demo_module.run(size, BlobBackend(backend), Console())
+    if total <= 0 or blob_size <= 0:
+        raise click.BadParameter("--total and --blob-size must be positive")
+    demo_module.run(total, blob_size, Console(), BlobBackend(backend))
 
 
 if __name__ == "__main__":
