@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
+from blobplane.cli_broker import COMMANDS as BROKER_COMMANDS
 from blobplane.sizes import parse_size
 from blobplane.types import BlobBackend
 
@@ -54,6 +55,10 @@ def demo(total: int, blob_size: int, backend: str) -> None:
     if total <= 0 or blob_size <= 0:
         raise click.BadParameter("--total and --blob-size must be positive")
     demo_module.run(total, blob_size, Console(), BlobBackend(backend))
+
+
+for _command in BROKER_COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

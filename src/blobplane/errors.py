@@ -297,3 +297,10 @@ class StreamEnded(ConnectionClosed):
 
 class SlotRewritten(BlobError):
     """Check mode: a pool slot changed generation while a reader held it (a producer bug)."""
+
+
+# -- broker daemon and clients ------------------------------------------------------------
+
+
+class BrokerShutdown(ConnectionClosed):
+    """The broker is shutting down: the request was not carried out, and the connection ends."""

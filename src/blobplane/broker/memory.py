@@ -1,0 +1,128 @@
+"""The broker's own memory: the memfds it allocates, seals, accepts from clients and hands out.
+
+The broker holds exactly one fd per blob (`FdTable`). While a client fills a
+blob it created, that is the writable memfd the broker made; from the seal
+on, and for every blob a client put, it is a read-only reopening of the
+memfd. So every fd a reader gets is read-only twice over: by its open mode
+(it cannot add seals or map writable) and by the seals (nobody can write,
+shrink or grow it). When the broker exits, the kernel frees every memfd
+whose last fd and mapping are gone: nothing is ever left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from blobplane.backends.checks import F_SEAL_FUTURE_WRITE, check_received_fd, get_seals
+from blobplane.backends.memfd import FULL_SEALS, create_sealable_memfd
+from blobplane.errors import BlobBusy, NotSealed, os_errors
+from blobplane.types import BlobId
+
+__all__ = ["FdTable", "allocate", "check_put", "reopen_readonly", "seal"]
+
+
+def allocate(size: int, blob_id: BlobId) -> int:
+    """A new sealable memfd of *size* bytes, its pages allocated now; the caller owns it.
+
+    posix_fallocate turns a full /dev/shm or memory cgroup into
+    `OutOfSharedMemory` here, instead of a SIGBUS in the client that fills it.
+    """
+    fd = create_sealable_memfd(f"blobplane-broker:{blob_id}")
+    try:
+        if size:
+            with os_errors(f"allocating {size} bytes for blob {blob_id}"):
+                os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def seal(fd: int, blob_id: BlobId) -> None:
+    """Apply F_SEAL_SHRINK | GROW | WRITE | SEAL; `BlobBusy` while anyone maps it writable."""
+    with os_errors(f"sealing blob {blob_id}"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FULL_SEALS)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            raise BlobBusy(
+                f"cannot seal blob {blob_id}: a writable mapping of it still exists. Drop "
+                "yours first (release every view of blob.buffer, then seal); the blob stays "
+                "unsealed, so you may try again"
+            ) from exc
+
+
+def reopen_readonly(fd: int) -> int:
+    """A new read-only open file description of the memfd behind *fd*."""
+    with os_errors("reopening a blob read-only"):
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def check_put(fd: int, size: int, *, pooled: bool) -> None:
+    """Refuse a client's fd unless it is a memfd the broker may hand to readers as it is.
+
+    The checks of `recv_blob` (a regular file of at least *size* bytes, sealed
+    against shrinking and growing), and on top of them a write seal: a blob
+    the broker publishes must not change under its readers. A plain blob
+    needs F_SEAL_WRITE (immutable for good); a pool slot F_SEAL_FUTURE_WRITE
+    at least (only its producer, who keeps its mapping, writes to it, and
+    only after the broker said the slot is free).
+    """
+    check_received_fd(fd, size)
+    with os_errors("reading the seals of a blob"):
+        seals = get_seals(fd) or 0
+    if pooled:
+        if not seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+            raise NotSealed(
+                f"the pool slot lacks F_SEAL_FUTURE_WRITE (seals=0x{seals:x}): any process "
+                "could map it writable and change it under its readers. Publish slots of a "
+                "blobplane BlobPool"
+            )
+    elif not seals & fcntl.F_SEAL_WRITE:
+        raise NotSealed(
+            f"the memfd lacks F_SEAL_WRITE (seals=0x{seals:x}), so its contents could still "
+            "change under readers. Seal it (ProducerBlob.seal()) before put, or publish a "
+            "pool slot with put_pooled"
+        )
+
+
+class FdTable:
+    """The broker's one fd per blob, by blob id. Closing is idempotent."""
+
+    def __init__(self) -> None:
+        self._fds: dict[BlobId, int] = {}
+
+    def add(self, blob_id: BlobId, fd: int) -> None:
+        self._fds[blob_id] = fd
+
+    def get(self, blob_id: BlobId) -> int:
+        return self._fds[blob_id]
+
+    def replace(self, blob_id: BlobId, fd: int) -> None:
+        """Hold *fd* for the blob from now on and close the one held before."""
+        old, self._fds[blob_id] = self._fds[blob_id], fd
+        os.close(old)
+
+    def dup(self, blob_id: BlobId) -> int:
+        """A duplicate to send: it stays valid even if the blob is freed while it is in flight."""
+        with os_errors(f"duplicating the fd of blob {blob_id}"):
+            return os.dup(self._fds[blob_id])
+
+    def close(self, blob_id: BlobId) -> None:
+        fd = self._fds.pop(blob_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+    def __contains__(self, blob_id: object) -> bool:
+        return blob_id in self._fds
+
+    def __len__(self) -> int:
+        return len(self._fds)

@@ -1,0 +1,790 @@
+"""`blobplane serve`: the broker daemon, an asyncio server around the pure `BlobRegistry`.
+
+Theory of operation
+-------------------
+
+One event loop owns everything: the listening socket, one reader task per
+connection (`Session`), the registry, the broker's fd of every blob
+(`memory.FdTable`), the gets that wait, and one timer for the next lease.
+A request is handled synchronously from decoding to the registry call and
+the replies it posts, so the registry is never seen half-changed; the only
+await inside a request is the allocation of a large memfd, which runs in a
+thread. After each request the reader flushes the session's replies. The
+registry's actions are carried out at once, in order: `FreeBlob` closes the
+broker's fd, `WakeWaiters` re-runs the parked gets, `NotifyProducer` posts a
+`SlotFree` to the producer's session, `Evicted` is logged.
+
+Isolation: whatever one connection sends costs only that connection. A
+malformed frame or request, the wrong number of fds, or an unknown request
+ends it (with a `Refused` for rid 0 when the channel still works); a request
+the registry or the fd checks refuse gets a `Refused` and the connection
+carries on. Every fd that arrives is closed or owned by the fd table before
+the request ends; every fd sent is a duplicate that the session closes after
+sending, so freeing a blob never pulls an fd from under a reply in flight.
+
+A connection's end, for any reason (SIGKILL included: the kernel closes the
+socket), unparks its gets and calls `registry.disconnect`: its references
+are released and the blobs it never sealed are freed.
+
+Shutdown (SIGINT, SIGTERM): stop accepting and remove the socket file,
+refuse every parked get with `BrokerShutdown`, let requests being handled
+finish (up to a grace period), tell every client with a `Refused` for rid 0,
+close everything. The memfds die with their last fd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from blobplane.backends.mapping import physical_memory
+from blobplane.broker import memory
+from blobplane.broker.address import key_path_for
+from blobplane.broker.logs import LOGGER, event
+from blobplane.broker.protocol import (
+    MAX_ACCOUNTS_LISTED,
+    MAX_LIST_PART_BYTES,
+    MAX_TEXT,
+    PROTOCOL_VERSION,
+    AccountEntry,
+    BlobEntry,
+    BlobReply,
+    Create,
+    Delete,
+    Get,
+    Hello,
+    List,
+    ListReply,
+    MintToken,
+    Ok,
+    Put,
+    Refused,
+    Release,
+    Renew,
+    Request,
+    Seal,
+    SlotFree,
+    Stats,
+    StatsEntry,
+    StatsReply,
+    TokenReply,
+    Welcome,
+    decode_request,
+    encode,
+    fds_expected,
+    target_of,
+)
+from blobplane.broker.registry import (
+    Action,
+    BlobInfo,
+    BlobRegistry,
+    BlobState,
+    ClientId,
+    Evicted,
+    FreeBlob,
+    NotifyProducer,
+    Pending,
+    WakeWaiters,
+)
+from blobplane.broker.rights import Grant
+from blobplane.broker.session import Session, Waiter
+from blobplane.broker.tokens import TokenAuthority, load_or_create_key
+from blobplane.channel import aio
+from blobplane.errors import (
+    BlobBusy,
+    BlobClosed,
+    BlobDeleted,
+    BlobError,
+    BlobNotFound,
+    BrokerShutdown,
+    ConnectionClosed,
+    InvalidSize,
+    ProtocolError,
+    RemoteProtocolError,
+    Timeout,
+    TokenRefused,
+)
+from blobplane.sizes import format_size
+from blobplane.types import BlobId
+from blobplane.wire import Message, UserPayload
+
+__all__ = ["BrokerConfig", "BrokerServer", "serve"]
+
+# Allocating (and zeroing) a large memfd takes milliseconds: in a thread, so
+# that the other clients are not kept waiting.
+THREAD_ALLOCATION_BYTES = 8 << 20
+MAX_WAITING_GETS = 1024  # per connection
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    socket_path: str
+    memory_limit: int | None = None
+    require_token: bool = False
+    evict: bool = False
+    key_path: str | None = None  # default: beside the socket (`key_path_for`)
+    hello_timeout: float = 10.0
+    shutdown_grace: float = 2.0
+
+
+class _EndSession(Exception):
+    """The connection is over; the reason has been logged (and told to the client)."""
+
+
+class BrokerServer:
+    """The daemon: `await server.run()` serves until `stop()` (or SIGINT/SIGTERM)."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.registry = BlobRegistry(memory_limit=config.memory_limit, evict=config.evict)
+        self.key_path = config.key_path or key_path_for(config.socket_path)
+        self.authority = TokenAuthority(load_or_create_key(self.key_path))
+        self.fds = memory.FdTable()
+        self._max_blob = physical_memory()
+        self._sessions: dict[ClientId, Session] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._by_id: dict[BlobId, dict[Waiter, None]] = {}
+        self._by_key: dict[str, dict[Waiter, None]] = {}
+        self._client_ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._started = time.monotonic()
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, ready: Callable[[str], None] | None = None) -> None:
+        """Listen, call *ready* with the socket path, serve until `stop()`, shut down."""
+        _raise_fd_limit()
+        loop = asyncio.get_running_loop()
+        listener = aio.listen(self.config.socket_path, timeout=None)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stop)
+        event(
+            "broker.started",
+            socket=listener.path,
+            pid=os.getpid(),
+            memory_limit=self.config.memory_limit,
+            require_token=self.config.require_token,
+            evict=self.config.evict,
+            key_file=self.key_path,
+        )
+        accepting = loop.create_task(self._accept(listener))
+        try:
+            if ready is not None:
+                ready(listener.path)
+            await self._stop.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            listener.close()  # the socket file goes first: no new client finds us
+            accepting.cancel()
+            await asyncio.gather(accepting, return_exceptions=True)
+            await self._shutdown()
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (what SIGINT and SIGTERM do)."""
+        if not self._stop.is_set():
+            event("broker.stopping", clients=len(self._sessions))
+        self._stop.set()
+
+    async def _accept(self, listener: aio.AsyncListener) -> None:
+        while True:
+            try:
+                channel = await listener.accept(timeout=None)
+            except BlobClosed:
+                return
+            except BlobError as exc:
+                # A peer of another uid, or this process is out of fds: the others go on.
+                event("client.rejected", logging.WARNING, error=type(exc).__name__, reason=exc)
+                await asyncio.sleep(0.05)
+                continue
+            client = next(self._client_ids)
+            session = Session(client, channel)
+            self._sessions[client] = session
+            task = asyncio.get_running_loop().create_task(self._serve(session))
+            session.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        for session in list(self._sessions.values()):
+            for waiter in list(session.waiters):
+                self._unpark(waiter)
+                session.post(_refusal(waiter.request.rid, BrokerShutdown(_SHUTDOWN)))
+            if not session.busy and session.task is not None:
+                session.task.cancel()  # idle in recv(): nothing in flight
+        if self._tasks:
+            # Requests in progress are answered; then their readers see _stopping.
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.fds.close_all()
+        event("broker.stopped", pid=os.getpid())
+
+    # -- one connection --------------------------------------------------------------------
+
+    async def _serve(self, session: Session) -> None:
+        reason = "closed by the client"
+        try:
+            await self._welcome(session)
+            while not self._stopping:
+                message, fds = await session.channel.recv(timeout=None)
+                session.busy = True
+                try:
+                    await self._handle(session, message, fds)
+                    await session.flush()
+                finally:
+                    session.busy = False
+            reason = "broker shutting down"
+        except _EndSession as end:
+            reason = str(end)
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            event("client.protocol_error", logging.WARNING, client=session.client, error=exc)
+            session.post(_refusal(0, exc))
+            await _flush_briefly(session)
+        except asyncio.CancelledError:
+            reason = "broker shutting down"
+        except BlobError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            # A bug of ours: this connection ends, the broker and everyone else go on.
+            reason = f"internal error: {type(exc).__name__}"
+            _log_bug(session.client, exc)
+        finally:
+            await self._end(session, reason)
+
+    async def _welcome(self, session: Session) -> None:
+        try:
+            message, fds = await session.channel.recv(timeout=self.config.hello_timeout)
+        except Timeout:
+            raise _EndSession("no hello within the hello timeout") from None
+        request = _decode(message, fds)
+        if not isinstance(request, Hello):
+            raise RemoteProtocolError(
+                f"the first request must be a hello, not {type(request).__name__}"
+            )
+        peer = session.channel.peer_credentials
+        session.name = request.name
+        try:
+            if request.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"this broker speaks protocol version {PROTOCOL_VERSION}, "
+                    f"the client {request.version}"
+                )
+            grant = self._grant(request.token)
+        except BlobError as exc:
+            event(
+                "client.refused",
+                logging.WARNING,
+                client=session.client,
+                pid=peer.pid,
+                error=type(exc).__name__,
+                reason=exc,
+            )
+            session.post(_refusal(request.rid, exc))
+            await _flush_briefly(session)
+            raise _EndSession(f"refused: {type(exc).__name__}") from None
+        self.registry.connect(session.client, grant)
+        event(
+            "client.connected",
+            client=session.client,
+            pid=peer.pid,
+            uid=peer.uid,
+            name=request.name or None,
+            rights=",".join(sorted(grant.rights)),
+            max_bytes=grant.max_bytes,
+            account=grant.account,
+        )
+        session.post(
+            Welcome(
+                rid=request.rid,
+                version=PROTOCOL_VERSION,
+                client=session.client,
+                rights=tuple(sorted(grant.rights)),
+                max_bytes=grant.max_bytes,
+                blob=None if grant.blob is None else grant.blob.uuid,
+                token_required=self.config.require_token,
+            )
+        )
+        await session.flush()
+
+    def _grant(self, token: str | None) -> Grant:
+        if token is not None:
+            return self.authority.grant(token)
+        if self.config.require_token:
+            raise TokenRefused(
+                "this broker requires a token: ask its owner for one "
+                "(`blobplane token create --rights ...`) and pass it as token= or $BLOBPLANE_TOKEN"
+            )
+        return Grant()
+
+    async def _end(self, session: Session, reason: str) -> None:
+        for waiter in list(session.waiters):
+            self._unpark(waiter)
+        if self._stopping:
+            session.post(_refusal(0, BrokerShutdown(_SHUTDOWN)))
+            await _flush_briefly(session)
+        session.close()
+        self._sessions.pop(session.client, None)
+        if self.registry.connected(session.client):
+            self._carry_out(self.registry.disconnect(session.client))
+            self._schedule_expiry()
+        event("client.disconnected", client=session.client, reason=reason)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _handle(self, session: Session, message: Message, fds: tuple[int, ...]) -> None:
+        request = _decode(message, fds)
+        if isinstance(request, Hello):
+            _close(fds)
+            raise RemoteProtocolError("the client said hello twice")
+        try:
+            match request:
+                case Put():
+                    fd, fds = fds[0], ()
+                    self._put(session, request, fd)
+                case Create():
+                    await self._create(session, request)
+                case _:
+                    self._dispatch(session, request)
+        except BlobError as exc:
+            quiet = isinstance(request, Release | Delete) and not request.ack
+            event(
+                "request.refused",
+                logging.DEBUG,
+                client=session.client,
+                op=type(request).__name__.lower(),
+                error=type(exc).__name__,
+                reason=exc,
+            )
+            if not quiet:
+                session.post(_refusal(request.rid, exc))
+        finally:
+            _close(fds)
+            self._schedule_expiry()
+
+    def _dispatch(self, session: Session, request: Request) -> None:
+        client = session.client
+        match request:
+            case Seal(id=raw):
+                self._seal(session, request.rid, BlobId(raw))
+            case Get():
+                self._get(session, request)
+            case Release(id=raw, ack=ack):
+                self._carry_out(self.registry.release(client, BlobId(raw)))
+                if ack:
+                    session.post(Ok(rid=request.rid))
+            case Delete(ack=ack):
+                target = target_of(request)
+                self._carry_out(self.registry.delete(client, target))
+                event("blob.deleted", logging.DEBUG, client=client, blob=target)
+                if ack:
+                    session.post(Ok(rid=request.rid))
+            case Renew(lease_ms=lease_ms):
+                info = self.registry.renew(client, target_of(request), lease_ms)
+                session.post(BlobReply(rid=request.rid, blob=_entry(info)))
+            case List(include_deleted=include_deleted):
+                infos = self.registry.list(client, include_deleted=include_deleted)
+                self._post_listing(session, request.rid, infos)
+            case Stats():
+                session.post(StatsReply(rid=request.rid, stats=self._stats(client)))
+            case MintToken(ttl_ms=ttl_ms):
+                info = self.registry.check_get(client, target_of(request))
+                ttl = None if ttl_ms is None else ttl_ms / 1000
+                token = self.authority.mint_for_blob(info.id, ttl=ttl)
+                event("token.minted", logging.DEBUG, client=client, blob=info.id, ttl_ms=ttl_ms)
+                session.post(TokenReply(rid=request.rid, token=token, id=info.id.uuid))
+            case _:  # pragma: no cover - _handle takes Hello, Put and Create itself
+                raise RemoteProtocolError(f"unexpected {type(request).__name__}")
+
+    async def _create(self, session: Session, request: Create) -> None:
+        client, size = session.client, request.size
+        if size > self._max_blob:
+            raise InvalidSize(
+                f"a blob of {format_size(size)} is larger than this host's "
+                f"{format_size(self._max_blob)} of memory"
+            )
+        placed = self.registry.create(client, size, key=request.key, lease_ms=request.lease_ms)
+        self._carry_out(placed.actions)
+        blob_id = placed.id
+        try:
+            fd = await _allocate(size, blob_id)
+        except BlobError:
+            if self._still_allocated(blob_id) and self.registry.connected(client):
+                self._carry_out(self.registry.discard(client, blob_id))
+            raise
+        if not self._still_allocated(blob_id):
+            os.close(fd)
+            raise BlobDeleted(
+                f"blob {blob_id} was withdrawn (deleted, or its lease ran out) while the "
+                "broker allocated it"
+            )
+        self.fds.add(blob_id, fd)
+        try:
+            sent = self.fds.dup(blob_id)
+        except BlobError:
+            self._carry_out(self.registry.discard(client, blob_id))
+            self.fds.close(blob_id)
+            raise
+        session.post(BlobReply(rid=request.rid, blob=_entry(self.registry.info(blob_id))), (sent,))
+        event(
+            "blob.created", logging.DEBUG, client=client, blob=blob_id, size=size, key=request.key
+        )
+        if request.key is not None:
+            self._wake(request.key)
+
+    def _seal(self, session: Session, rid: int, blob_id: BlobId) -> None:
+        self.registry.check_seal(session.client, blob_id)
+        if blob_id not in self.fds:
+            raise BlobBusy(f"blob {blob_id} is still being allocated; seal it once create returned")
+        fd = self.fds.get(blob_id)
+        memory.seal(fd, blob_id)
+        self.fds.replace(blob_id, memory.reopen_readonly(fd))
+        self._carry_out(self.registry.seal(session.client, blob_id))
+        session.post(Ok(rid=rid))
+        event("blob.sealed", logging.DEBUG, client=session.client, blob=blob_id)
+
+    def _put(self, session: Session, request: Put, fd: int) -> None:
+        try:
+            memory.check_put(fd, request.size, pooled=request.pooled)
+            readonly = memory.reopen_readonly(fd)
+        finally:
+            os.close(fd)
+        try:
+            placed = self.registry.put(
+                session.client,
+                request.size,
+                key=request.key,
+                lease_ms=request.lease_ms,
+                pooled=request.pooled,
+            )
+        except BaseException:
+            os.close(readonly)
+            raise
+        self.fds.add(placed.id, readonly)
+        self._carry_out(placed.actions)
+        session.post(BlobReply(rid=request.rid, blob=_entry(placed.info)))
+        event(
+            "blob.put",
+            logging.DEBUG,
+            client=session.client,
+            blob=placed.id,
+            size=request.size,
+            key=request.key,
+            pooled=request.pooled,
+        )
+        if request.key is not None:
+            self._wake(request.key)
+
+    # -- gets that wait --------------------------------------------------------------------
+
+    def _get(self, session: Session, request: Get, waiter: Waiter | None = None) -> None:
+        """Answer the get, or park it (again) on what it waits for."""
+        target = target_of(request)
+        try:
+            result = self.registry.get(session.client, target)
+        except BlobNotFound as exc:
+            # A key nobody has used yet may still come, if the client is willing to wait.
+            if type(exc) is not BlobNotFound or not isinstance(target, str):
+                raise
+            if not request.timeout_ms:
+                raise
+            self._park(session, request, target, waiter)
+            return
+        if isinstance(result, Pending):
+            if request.timeout_ms == 0:
+                raise Timeout(f"blob {result.id} is not sealed yet, and the get would not wait")
+            self._park(session, request, result.id, waiter)
+            return
+        blob_id = result.info.id
+        try:
+            sent = self.fds.dup(blob_id)
+        except BlobError:
+            self._carry_out(self.registry.release(session.client, blob_id))
+            raise
+        if waiter is not None:
+            self._unpark(waiter)
+        session.post(BlobReply(rid=request.rid, blob=_entry(result.info)), (sent,))
+
+    def _park(
+        self, session: Session, request: Get, on: BlobId | str, waiter: Waiter | None
+    ) -> None:
+        if waiter is None:
+            if len(session.waiters) >= MAX_WAITING_GETS:
+                raise BlobBusy(
+                    f"this connection already has {MAX_WAITING_GETS} gets waiting; "
+                    "wait for their answers before asking for more"
+                )
+            waiter = Waiter(session, request)
+            if request.timeout_ms is not None:
+                loop = asyncio.get_running_loop()
+                waiter.timer = loop.call_later(
+                    request.timeout_ms / 1000, self._waiter_timed_out, waiter
+                )
+            session.waiters[waiter] = None
+        waiter.on = on
+        if isinstance(on, str):
+            self._by_key.setdefault(on, {})[waiter] = None
+        else:
+            self._by_id.setdefault(on, {})[waiter] = None
+
+    def _unpark(self, waiter: Waiter) -> None:
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+            waiter.timer = None
+        self._off_table(waiter)
+        waiter.session.waiters.pop(waiter, None)
+
+    def _off_table(self, waiter: Waiter) -> None:
+        on, waiter.on = waiter.on, None
+        if isinstance(on, str):
+            parked = self._by_key.get(on)
+            if parked is not None:
+                parked.pop(waiter, None)
+                if not parked:
+                    del self._by_key[on]
+        elif on is not None:
+            waiting = self._by_id.get(on)
+            if waiting is not None:
+                waiting.pop(waiter, None)
+                if not waiting:
+                    del self._by_id[on]
+
+    def _wake(self, on: BlobId | str) -> None:
+        parked = self._by_key.pop(on, None) if isinstance(on, str) else self._by_id.pop(on, None)
+        for waiter in parked or ():
+            waiter.on = None
+            try:
+                self._get(waiter.session, waiter.request, waiter)
+            except BlobError as exc:
+                self._unpark(waiter)
+                waiter.session.post(_refusal(waiter.request.rid, exc))
+
+    def _waiter_timed_out(self, waiter: Waiter) -> None:
+        waiter.timer = None
+        on = waiter.on
+        self._unpark(waiter)
+        what = (
+            f"no blob with the key {on!r} appeared"
+            if isinstance(on, str)
+            else f"blob {on} was not sealed"
+        )
+        waiter.session.post(
+            _refusal(
+                waiter.request.rid,
+                Timeout(f"{what} within the get's timeout of {waiter.request.timeout_ms} ms"),
+            )
+        )
+
+    # -- registry actions, leases --------------------------------------------------------------
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case FreeBlob(id=blob_id):
+                    self.fds.close(blob_id)
+                case WakeWaiters(id=blob_id):
+                    self._wake(blob_id)
+                case NotifyProducer(client=client, id=blob_id):
+                    producer = self._sessions.get(client)
+                    if producer is not None:
+                        producer.post(SlotFree(id=blob_id.uuid))
+                case Evicted(id=blob_id, key=key, size=size, reason=reason):
+                    event("blob.evicted", blob=blob_id, key=key, size=size, reason=reason.value)
+
+    def _schedule_expiry(self) -> None:
+        deadline = self.registry.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            # A hair late: asyncio may fire a little early, and the registry must see it due.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline + 0.001, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._carry_out(self.registry.expire())
+        self._schedule_expiry()
+
+    def _still_allocated(self, blob_id: BlobId) -> bool:
+        try:
+            return self.registry.info(blob_id).state is BlobState.ALLOCATED
+        except BlobNotFound:
+            return False
+
+    # -- looking -----------------------------------------------------------------------------
+
+    def _post_listing(self, session: Session, rid: int, infos: list[BlobInfo]) -> None:
+        part: list[BlobEntry] = []
+        used = 0
+        for info in infos:
+            entry = _entry(info)
+            size = len(encode(entry))
+            if part and used + size > MAX_LIST_PART_BYTES:
+                session.post(ListReply(rid=rid, blobs=tuple(part), more=True))
+                part, used = [], 0
+            part.append(entry)
+            used += size
+        session.post(ListReply(rid=rid, blobs=tuple(part), more=False))
+
+    def _stats(self, client: ClientId) -> StatsEntry:
+        stats = self.registry.stats(client)
+        accounts = sorted(stats.accounts, key=lambda a: a.bytes, reverse=True)
+        try:
+            open_fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            open_fds = -1
+        return StatsEntry(
+            pid=os.getpid(),
+            uptime_s=time.monotonic() - self._started,
+            clients=stats.clients,
+            blobs=stats.blobs,
+            allocated=stats.allocated,
+            sealed=stats.sealed,
+            deleted=stats.deleted,
+            pooled=stats.pooled,
+            bytes=stats.bytes,
+            pooled_bytes=stats.pooled_bytes,
+            memory_limit=stats.memory_limit,
+            references=stats.references,
+            evictions=stats.evictions,
+            expirations=stats.expirations,
+            waiting_gets=sum(len(s.waiters) for s in self._sessions.values()),
+            open_fds=open_fds,
+            token_required=self.config.require_token,
+            evict=self.config.evict,
+            accounts=tuple(
+                AccountEntry(
+                    name=a.name,
+                    bytes=a.bytes,
+                    blobs=a.blobs,
+                    max_bytes=a.max_bytes,
+                    clients=a.clients,
+                )
+                for a in accounts[:MAX_ACCOUNTS_LISTED]
+            ),
+            accounts_omitted=max(0, len(accounts) - MAX_ACCOUNTS_LISTED),
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+_SHUTDOWN = "the broker is shutting down; the request was not carried out"
+
+
+def _log_bug(client: ClientId, exc: BaseException) -> None:
+    LOGGER.error(
+        "event=client.internal_error client=%s error=%s", client, type(exc).__name__, exc_info=exc
+    )
+
+
+def _decode(message: Message, fds: tuple[int, ...]) -> Request:
+    """The broker request in *message*; on any violation its fds are closed and it raises."""
+    try:
+        if not isinstance(message, UserPayload):
+            raise RemoteProtocolError(
+                f"expected a broker request in a UserPayload, got {type(message).__name__}"
+            )
+        request = decode_request(message.data)
+        wanted = fds_expected(request)
+        if len(fds) != wanted:
+            raise RemoteProtocolError(
+                f"fd count mismatch: a {type(request).__name__.lower()} request takes "
+                f"{wanted} fds, {len(fds)} came with it"
+            )
+    except BaseException:
+        _close(fds)
+        raise
+    return request
+
+
+def _close(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _refusal(rid: int, error: BlobError) -> Refused:
+    return Refused(rid=rid, error=type(error).__name__, message=str(error)[:MAX_TEXT])
+
+
+def _entry(info: BlobInfo) -> BlobEntry:
+    now = time.monotonic()
+    return BlobEntry(
+        id=info.id.uuid,
+        key=info.key,
+        size=info.size,
+        state=info.state.value,
+        pooled=info.pooled,
+        lease_ms=info.lease_ms,
+        expires_in_ms=None if info.expires_at is None else round((info.expires_at - now) * 1000),
+        references=info.references,
+        age_ms=max(0, round((now - info.created_at) * 1000)),
+        idle_ms=max(0, round((now - info.last_used) * 1000)),
+        account=info.account,
+        owner=info.owner,
+    )
+
+
+async def _allocate(size: int, blob_id: BlobId) -> int:
+    if size < THREAD_ALLOCATION_BYTES:
+        return memory.allocate(size, blob_id)
+    future = asyncio.get_running_loop().run_in_executor(None, memory.allocate, size, blob_id)
+    try:
+        # Shielded: a cancelled request must still close what the thread allocates.
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(future: asyncio.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        os.close(future.result())
+
+
+async def _flush_briefly(session: Session) -> None:
+    """Send what is queued if the client takes it soon; a farewell must not hang the broker."""
+    try:
+        await asyncio.wait_for(session.flush(), 0.5)
+    except (BlobError, TimeoutError):
+        pass
+
+
+def _raise_fd_limit() -> None:
+    """Every blob holds one fd in the broker: allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def serve(config: BrokerConfig, ready: Callable[[str], None] | None = None) -> None:
+    """Run a broker until SIGINT or SIGTERM (blocking); *ready* is called once it listens."""
+
+    async def main() -> None:
+        await BrokerServer(config).run(ready)
+
+    asyncio.run(main())

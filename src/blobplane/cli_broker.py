@@ -1,0 +1,497 @@
+"""The broker's commands of `blobplane`: serve, put, get, ls, rm, stats, token create, demo-broker.
+
+Every command but `serve` is a client of a running broker: ``--socket``
+(default ``$BLOBPLANE_BROKER``, else the default socket) says which one, and
+``--token`` (default ``$BLOBPLANE_TOKEN``) what to present. A `BlobError`
+becomes one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO, ParamSpec, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from blobplane.broker.address import ENV_SOCKET, ENV_TOKEN, key_path_for, resolve_socket
+from blobplane.broker.protocol import StatsEntry
+from blobplane.durations import format_duration, parse_duration
+from blobplane.errors import BlobError, BlobNotFound
+from blobplane.sizes import format_size, parse_size
+from blobplane.types import BlobId
+
+__all__ = ["COMMANDS", "stats_table"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Files at least this large get a progress bar (on a terminal).
+PROGRESS_BYTES = 16 << 20
+_CHUNK = 4 << 20
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _duration_ms(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None or value.lower() in ("never", "none"):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except BlobError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be longer than zero", ctx, param)
+    return max(1, round(seconds * 1000))
+
+
+def _socket_option(function: Callable[P, T]) -> Callable[P, T]:
+    return click.option(
+        "--socket",
+        "socket_path",
+        envvar=ENV_SOCKET,
+        default=None,
+        metavar="PATH",
+        help=f"The broker's socket (default: ${ENV_SOCKET}, else the default socket).",
+    )(function)
+
+
+def _client_options(function: Callable[P, T]) -> Callable[P, T]:
+    function = click.option(
+        "--token",
+        envvar=ENV_TOKEN,
+        default=None,
+        help=f"A token from `blobplane token create` (default: ${ENV_TOKEN}).",
+    )(function)
+    return _socket_option(function)
+
+
+def _one_line_errors(function: Callable[P, T]) -> Callable[P, T]:
+    """A `BlobError` is a message for people: one line on stderr, exit status 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return function(*args, **kwargs)
+        except BlobError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for large transfers on a terminal; yields `advance(bytes)`."""
+    console = Console(stderr=True)
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=total < PROGRESS_BYTES or not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(label, total=total)
+        yield lambda done: progress.advance(task, done)
+
+
+def _parse_target(text: str) -> BlobId:
+    """A blob id the user typed."""
+    try:
+        return BlobId(uuid.UUID(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a blob id (a UUID)") from None
+
+
+def _targets(text: str, by_id: bool) -> list[str | BlobId]:
+    """A key first; then, if it reads as a UUID, the blob with that id."""
+    if by_id:
+        return [_parse_target(text)]
+    try:
+        return [text, BlobId(uuid.UUID(text))]
+    except ValueError:
+        return [text]
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+@click.command()
+@_socket_option
+@click.option(
+    "--memory-limit",
+    callback=_size,
+    default=None,
+    metavar="SIZE",
+    help="Bytes all blobs together may use (e.g. 4GiB); default: no limit but the host's.",
+)
+@click.option("--require-token", is_flag=True, help="Serve only clients that present a token.")
+@click.option(
+    "--evict",
+    is_flag=True,
+    help="When memory is short, evict idle sealed blobs (least recently used) instead of refusing.",
+)
+@click.option(
+    "--key-file",
+    default=None,
+    metavar="PATH",
+    help="The secret key for tokens (default: the socket path + '.key'; made if missing).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="debug logs every request.",
+)
+@_one_line_errors
+def serve(
+    *,
+    socket_path: str | None,
+    memory_limit: int | None,
+    require_token: bool,
+    evict: bool,
+    key_file: str | None,
+    log_level: str,
+) -> None:
+    """Run the broker until SIGINT or SIGTERM.
+
+    Prints 'ready socket=PATH pid=PID' on stdout once it listens; logs go to
+    stderr, one key=value line per event.
+    """
+    from blobplane.broker import logs
+    from blobplane.broker.server import BrokerConfig
+    from blobplane.broker.server import serve as run_server
+
+    logs.configure(getattr(logging, log_level.upper()))
+    config = BrokerConfig(
+        socket_path=resolve_socket(socket_path),
+        memory_limit=memory_limit,
+        require_token=require_token,
+        evict=evict,
+        key_path=key_file,
+    )
+
+    def ready(path: str) -> None:
+        click.echo(f"ready socket={path} pid={os.getpid()}")
+        sys.stdout.flush()
+
+    run_server(config, ready)
+
+
+# -- put, get, ls, rm, stats -------------------------------------------------------------
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--key", default=None, help="Publish it under this key.")
+@click.option(
+    "--lease",
+    "lease_ms",
+    callback=_duration_ms,
+    default=None,
+    metavar="DURATION",
+    help="Free it after this long (e.g. 10m, 1h); default: keep it until deleted.",
+)
+@_client_options
+@_one_line_errors
+def put(
+    file: str,
+    *,
+    key: str | None,
+    lease_ms: int | None,
+    socket_path: str | None,
+    token: str | None,
+) -> None:
+    """Publish FILE (or - for stdin) as a sealed blob; prints its id."""
+    from blobplane.client import connect_broker
+
+    with connect_broker(socket_path, token, name="blobplane put") as broker:
+        if file == "-":
+            entry = broker.put_bytes(sys.stdin.buffer.read(), key=key, lease_ms=lease_ms)
+        else:
+            with open(file, "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+                with broker.create(size, key=key, lease_ms=lease_ms) as blob:
+                    with blob.buffer as view:
+                        _read_into(source, view, os.path.basename(file))
+                    blob.seal()
+                    entry = blob.entry
+    click.echo(str(entry.id))
+
+
+def _read_into(source: io.BufferedReader, view: memoryview, label: str) -> None:
+    with _progress(len(view), f"put {label}") as advance:
+        offset = 0
+        while offset < len(view):
+            count = source.readinto(view[offset : offset + _CHUNK])
+            if not count:
+                raise click.ClickException(
+                    f"{label} shrank while it was read ({offset} of {len(view)} bytes)"
+                )
+            offset += count
+            advance(count)
+
+
+@click.command()
+@click.argument("key")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, allow_dash=True, writable=True),
+    default="-",
+    show_default=True,
+    help="Where to write the blob (- for stdout).",
+)
+@click.option("--id", "by_id", is_flag=True, help="KEY is a blob id.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Seconds to wait for the blob to appear and be sealed.",
+)
+@_client_options
+@_one_line_errors
+def get(
+    *,
+    key: str,
+    output: str,
+    by_id: bool,
+    timeout: float | None,
+    socket_path: str | None,
+    token: str | None,
+) -> None:
+    """Write the blob published under KEY (or with that id) to a file."""
+    from blobplane.client import connect_broker
+
+    with connect_broker(socket_path, token, name="blobplane get") as broker:
+        mapped = _first_found(lambda target: broker.get(target, timeout=timeout), key, by_id)
+        with mapped, mapped.as_slice() as view:
+            if output == "-":
+                _write_from(sys.stdout.buffer, view, key)
+                sys.stdout.buffer.flush()
+            else:
+                with open(output, "wb") as sink:
+                    _write_from(sink, view, key)
+
+
+def _first_found(action: Callable[[str | BlobId], T], text: str, by_id: bool) -> T:
+    targets = _targets(text, by_id)
+    for target in targets[:-1]:
+        try:
+            return action(target)
+        except BlobNotFound:
+            continue
+    return action(targets[-1])
+
+
+def _write_from(sink: BinaryIO, view: memoryview, label: str) -> None:
+    with _progress(len(view), f"get {label}") as advance:
+        for start in range(0, len(view), _CHUNK):
+            part = view[start : start + _CHUNK]
+            sink.write(part)
+            advance(len(part))
+
+
+@click.command(name="ls")
+@click.option("--all", "include_deleted", is_flag=True, help="Also deleted blobs still read.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@_client_options
+@_one_line_errors
+def ls(include_deleted: bool, as_json: bool, socket_path: str | None, token: str | None) -> None:
+    """List the broker's blobs."""
+    from blobplane.client import connect_broker
+
+    with connect_broker(socket_path, token, name="blobplane ls") as broker:
+        entries = broker.list(include_deleted=include_deleted)
+    if as_json:
+        click.echo(msgspec.json.encode(entries))
+        return
+    table = Table(title=f"{len(entries)} blobs")
+    for column in ("key", "id", "size", "state", "refs", "lease left", "idle"):
+        table.add_column(column, justify="right" if column in ("size", "refs") else "left")
+    for entry in entries:
+        left = "-"
+        if entry.expires_in_ms is not None:
+            left = format_duration(max(0, entry.expires_in_ms) / 1000)
+        table.add_row(
+            entry.key or "",
+            str(entry.id),
+            format_size(entry.size),
+            entry.state + (" (pooled)" if entry.pooled else ""),
+            str(entry.references),
+            left,
+            format_duration(entry.idle_ms / 1000),
+        )
+    Console().print(table)
+
+
+@click.command()
+@click.argument("key")
+@click.option("--id", "by_id", is_flag=True, help="KEY is a blob id.")
+@_client_options
+@_one_line_errors
+def rm(key: str, by_id: bool, socket_path: str | None, token: str | None) -> None:
+    """Delete the blob under KEY (or with that id); readers that hold it keep reading."""
+    from blobplane.client import connect_broker
+
+    with connect_broker(socket_path, token, name="blobplane rm") as broker:
+        _first_found(broker.delete, key, by_id)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@_client_options
+@_one_line_errors
+def stats(as_json: bool, socket_path: str | None, token: str | None) -> None:
+    """The broker's totals: clients, blobs, bytes, references, evictions."""
+    from blobplane.client import connect_broker
+
+    with connect_broker(socket_path, token, name="blobplane stats") as broker:
+        totals = broker.stats()
+    if as_json:
+        click.echo(msgspec.json.encode(totals))
+        return
+    Console().print(stats_table(totals))
+
+
+def stats_table(totals: StatsEntry) -> Table:
+    """The broker's stats for people."""
+    limit = "none" if totals.memory_limit is None else format_size(totals.memory_limit)
+    table = Table(title=f"broker pid {totals.pid}, up {format_duration(totals.uptime_s)}")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [
+        ("clients connected", str(totals.clients)),
+        (
+            "blobs",
+            f"{totals.blobs} ({totals.sealed} sealed, {totals.allocated} being filled, "
+            f"{totals.deleted} deleted but still read, {totals.pooled} pooled)",
+        ),
+        ("bytes", f"{format_size(totals.bytes)} of {limit}"),
+        ("pooled bytes (producers' memory)", format_size(totals.pooled_bytes)),
+        ("references held", str(totals.references)),
+        ("gets waiting", str(totals.waiting_gets)),
+        ("evictions / expired leases", f"{totals.evictions} / {totals.expirations}"),
+        ("open fds in the broker", str(totals.open_fds)),
+        ("tokens required / evict", f"{totals.token_required} / {totals.evict}"),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    for account in totals.accounts:
+        quota = "" if account.max_bytes is None else f" of {format_size(account.max_bytes)}"
+        table.add_row(
+            f"account {account.name}",
+            f"{format_size(account.bytes)}{quota} in {account.blobs} blobs, "
+            f"{account.clients} clients",
+        )
+    return table
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+@click.group()
+def token() -> None:
+    """Capability tokens for a broker started with --require-token."""
+
+
+@token.command(name="create")
+@click.option(
+    "--rights",
+    default="get",
+    show_default=True,
+    help="Comma-separated: get, put, create, delete, renew, list, stats (or all).",
+)
+@click.option(
+    "--max-bytes",
+    callback=_size,
+    default=None,
+    metavar="SIZE",
+    help="Bytes the bearer's blobs may use together (e.g. 1GiB); default: no quota.",
+)
+@click.option(
+    "--ttl",
+    "ttl_ms",
+    callback=_duration_ms,
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the token is valid (e.g. 30m, 1h, 7d; 'never' for no expiry).",
+)
+@click.option("--blob", "blob", default=None, help="Only allow getting this one blob (id).")
+@_socket_option
+@click.option(
+    "--key-file",
+    default=None,
+    metavar="PATH",
+    help="The broker's secret key (default: the socket path + '.key').",
+)
+@_one_line_errors
+def create_token(
+    *,
+    rights: str,
+    max_bytes: int | None,
+    ttl_ms: int | None,
+    blob: str | None,
+    socket_path: str | None,
+    key_file: str | None,
+) -> None:
+    """Mint a token with exactly these rights and limits; prints it on stdout.
+
+    Needs read access to the broker's key file: run it as the broker's user.
+    """
+    from blobplane.broker.tokens import TokenAuthority, load_key
+
+    path = key_file or key_path_for(resolve_socket(socket_path))
+    authority = TokenAuthority(load_key(path))
+    seconds = None if ttl_ms is None else ttl_ms / 1000
+    if blob is not None:
+        minted = authority.mint_for_blob(_parse_target(blob), ttl=seconds)
+    else:
+        minted = authority.mint(rights, ttl=seconds, max_bytes=max_bytes)
+    click.echo(minted)
+    if seconds is not None:
+        click.echo(f"valid for {format_duration(seconds)}", err=True)
+
+
+# -- the demo ----------------------------------------------------------------------------
+
+
+@click.command(name="demo-broker")
+@_one_line_errors
+def demo_broker() -> None:
+    """Start a broker, publish frames from a producer, fetch them from two consumers."""
+    from blobplane import broker_demo
+
+    broker_demo.run(Console())
+
+
+COMMANDS: tuple[click.Command, ...] = (serve, put, get, ls, rm, stats, token, demo_broker)
