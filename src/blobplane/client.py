@@ -59,6 +59,7 @@ from blobplane.backends.mapping import byte_view, map_readonly, map_writable, un
 from blobplane.blobs import MappedRead, ProducerBlob, SharedMemoryBlobs
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import (
+    MAX_TOKEN_CHARS,
     BlobEntry,
     BlobReply,
     Create,
@@ -104,6 +105,7 @@ from blobplane.errors import (
     PeerRefused,
     RemoteProtocolError,
     Timeout,
+    TokenRefused,
 )
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobBackend, BlobId, BlobToken, UnixFd
@@ -441,6 +443,11 @@ class _Core:
     # -- operations ----------------------------------------------------------------------
 
     def hello(self, token: str | None, name: str) -> Op[Welcome]:
+        if token is not None and (not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS):
+            raise TokenRefused(
+                "this is not a token any broker minted (a string of at most "
+                f"{MAX_TOKEN_CHARS} characters); mint one with `blobplane token create`"
+            )
         reply, fds = yield _Call(Hello(rid=self.rid(), token=token, name=name))
         self.welcome = _expect(reply, fds, Welcome)
         return self.welcome
@@ -723,13 +730,14 @@ class BrokerClient:
             loan = pool.try_loan()
             if loan is not None:
                 return loan
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                message, fds = self._channel.recv(timeout=remaining)
+            except Timeout:
                 raise Timeout(
                     f"no slot of the pool came back within {timeout} s: the broker still "
                     "publishes them, or readers hold them (delete published slots to free them)"
-                )
-            message, fds = self._channel.recv(timeout=remaining)
+                ) from None
             self._core.unsolicited(self._core.decode(message, fds), fds)
 
     def close(self) -> None:

@@ -141,7 +141,7 @@ class Put(_Request, frozen=True, tag="put"):
 class Get(_Targeted, frozen=True, tag="get"):
     # None: wait for an unsealed blob without limit, but not for a key nobody has
     # used yet. A number: wait up to that long for both.
-    timeout_ms: NonNegative | None = None
+    timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | None = None
 
 
 class Release(_Request, frozen=True, tag="release"):

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blobplane.backends.mapping import physical_memory
+from blobplane.backends.private_dir import ensure_private_dir
 from blobplane.broker import memory
 from blobplane.broker.address import key_path_for
 from blobplane.broker.logs import LOGGER, event
@@ -108,6 +109,7 @@ from blobplane.errors import (
     InvalidSize,
     ProtocolError,
     RemoteProtocolError,
+    RightMissing,
     Timeout,
     TokenRefused,
 )
@@ -144,6 +146,8 @@ class BrokerServer:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.registry = BlobRegistry(memory_limit=config.memory_limit, evict=config.evict)
+        # The listener would make the socket's folder too; the key file beside it needs it first.
+        ensure_private_dir(os.path.dirname(os.path.abspath(config.socket_path)))
         self.key_path = config.key_path or key_path_for(config.socket_path)
         self.authority = TokenAuthority(load_or_create_key(self.key_path))
         self.fds = memory.FdTable()
@@ -301,6 +305,7 @@ class BrokerServer:
             await _flush_briefly(session)
             raise _EndSession(f"refused: {type(exc).__name__}") from None
         self.registry.connect(session.client, grant)
+        session.bound_to = grant.blob
         event(
             "client.connected",
             client=session.client,
@@ -405,6 +410,11 @@ class BrokerServer:
             case Stats():
                 session.post(StatsReply(rid=request.rid, stats=self._stats(client)))
             case MintToken(ttl_ms=ttl_ms):
+                if session.bound_to is not None:
+                    raise RightMissing(
+                        f"client {client}'s token grants a get of blob {session.bound_to} only; "
+                        "it cannot hand the blob on with tokens of its own"
+                    )
                 info = self.registry.check_get(client, target_of(request))
                 ttl = None if ttl_ms is None else ttl_ms / 1000
                 token = self.authority.mint_for_blob(info.id, ttl=ttl)

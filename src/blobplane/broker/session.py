@@ -44,6 +44,7 @@ class Session:
     client: ClientId
     channel: AsyncChannel
     name: str = ""
+    bound_to: BlobId | None = None  # a per-blob token's one blob
     # Set while the reader handles a request: it flushes afterwards itself.
     busy: bool = False
     waiters: dict[Waiter, None] = field(default_factory=dict)

@@ -1,0 +1,182 @@
+"""The broker's commands, run as a person would: `blobplane put/get/ls/rm/stats/token/serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from brokers import DEADLINE_S, Broker, broker_folder, read_line, running_broker
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def blobplane(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "blobplane.cli", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=DEADLINE_S,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> str:
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    """A failure for people: exit status 1, one line on stderr, no traceback."""
+    err = result.stderr.decode()
+    assert result.returncode == 1, (result.returncode, err)
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    with running_broker() as running:
+        yield running
+
+
+@pytest.fixture
+def at(broker: Broker) -> dict[str, str]:
+    return {"BLOBPLANE_BROKER": broker.socket_path}
+
+
+def test_put_get_ls_rm_round_trip(at: dict[str, str], tmp_path: Path) -> None:
+    source = tmp_path / "frame.bin"
+    source.write_bytes(os.urandom(20 << 20))  # large enough for a progress bar on a terminal
+    blob_id = ok(blobplane("put", str(source), "--key", "cli-frame", env=at)).strip()
+    copy = tmp_path / "copy.bin"
+    ok(blobplane("get", "cli-frame", "-o", str(copy), env=at))
+    assert copy.read_bytes() == source.read_bytes()
+    by_id = tmp_path / "by-id.bin"
+    ok(blobplane("get", blob_id, "-o", str(by_id), env=at))  # an id works where a key does
+    assert by_id.read_bytes() == source.read_bytes()
+
+    listed = json.loads(ok(blobplane("ls", "--json", env=at)))
+    (entry,) = [e for e in listed if e["key"] == "cli-frame"]
+    assert (entry["id"], entry["size"], entry["state"]) == (blob_id, 20 << 20, "sealed")
+    table = ok(blobplane("ls", env=at))
+    assert "cli-frame" in table
+    assert "20.0 MiB" in table
+
+    ok(blobplane("rm", "cli-frame", env=at))
+    assert all(e["key"] != "cli-frame" for e in json.loads(ok(blobplane("ls", "--json", env=at))))
+
+
+def test_put_from_stdin_and_get_to_stdout(at: dict[str, str]) -> None:
+    ok(blobplane("put", "-", "--key", "cli-stdin", "--lease", "10m", env=at, stdin=b"piped"))
+    result = blobplane("get", "cli-stdin", env=at)
+    assert ok(result) == "piped"
+    (entry,) = [
+        e for e in json.loads(ok(blobplane("ls", "--json", env=at))) if e["key"] == "cli-stdin"
+    ]
+    assert entry["lease_ms"] == 600_000
+    ok(blobplane("rm", "cli-stdin", env=at))
+
+
+def test_stats_for_people_and_scripts(at: dict[str, str], broker: Broker) -> None:
+    stats = json.loads(ok(blobplane("stats", "--json", env=at)))
+    assert stats["pid"] == broker.pid
+    assert stats["references"] == 0
+    assert "references held" in ok(blobplane("stats", env=at))
+
+
+def test_errors_are_one_line(at: dict[str, str], tmp_path: Path) -> None:
+    err = one_line_error(blobplane("get", "no-such-key", "-o", str(tmp_path / "x"), env=at))
+    assert "no live blob has the key 'no-such-key'" in err
+    one_line_error(blobplane("rm", "no-such-key", env=at))
+    one_line_error(blobplane("get", "never", "--timeout", "0.1", env=at))
+    with broker_folder() as folder:
+        nobody = {"BLOBPLANE_BROKER": os.path.join(folder, "nobody.sock")}
+        assert "blobplane serve" in one_line_error(blobplane("stats", env=nobody))
+        bad = blobplane("serve", "--socket", os.path.join(folder, "x"), "--memory-limit", "lots")
+        assert bad.returncode == 2
+        assert b"is not a size" in bad.stderr
+
+
+def test_serve_on_the_default_socket(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("BLOBPLANE_BROKER", None)
+    socket_path = runtime / "blobplane" / "broker.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "blobplane.cli", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert read_line(server) == f"ready socket={socket_path} pid={server.pid}"
+        assert (socket_path.parent.stat().st_mode & 0o777) == 0o700
+        assert (runtime / "blobplane" / "broker.sock.key").stat().st_mode & 0o777 == 0o600
+        assert json.loads(ok(blobplane("stats", "--json", env=env)))["pid"] == server.pid
+        second = blobplane("serve", env=env)  # the socket is taken
+        assert "another process is listening" in one_line_error(second)
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=DEADLINE_S)
+    assert server.returncode == 0, err
+    assert not socket_path.exists()
+
+
+def test_tokens_from_the_command_line() -> None:
+    with running_broker("--require-token") as broker:
+        at = {"BLOBPLANE_BROKER": broker.socket_path}
+        assert "requires a token" in one_line_error(blobplane("ls", env=at))
+        minted = blobplane(
+            "token",
+            "create",
+            "--rights",
+            "get,put,delete",
+            "--max-bytes",
+            "1GiB",
+            "--ttl",
+            "1h",
+            env=at,
+        )
+        token = ok(minted).strip()
+        assert token.startswith("bp1.")
+        assert b"valid for 1h" in minted.stderr
+        with_token = {**at, "BLOBPLANE_TOKEN": token}
+        ok(blobplane("put", "-", "--key", "tok", env=with_token, stdin=b"t"))
+        assert ok(blobplane("get", "tok", env=with_token)) == "t"
+        assert "'list'" in one_line_error(blobplane("ls", env=with_token))
+        ok(blobplane("rm", "tok", env=with_token))
+        assert "signature does not match" in one_line_error(
+            blobplane("ls", "--token", token[:-3] + "AAA", env=at)
+        )
+        never = ok(blobplane("token", "create", "--rights", "all", "--ttl", "never", env=at))
+        ok(blobplane("ls", "--token", never.strip(), env=at))
+        bad = blobplane("token", "create", "--rights", "fly", env=at)
+        assert "'fly' is not a right" in one_line_error(bad)
+
+
+def test_the_broker_demo() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blobplane.cli", "demo-broker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout
+    assert "consumer B" in result.stdout
+    assert "broker stopped" in result.stdout
+    assert "socket file removed" in result.stdout

@@ -1,0 +1,275 @@
+"""The broker clients: handles, lifetimes, errors, and the asyncio flavour's concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from blobplane import BlobPool
+from blobplane.broker.protocol import BlobEntry, BlobReply, Create, Get, Refused, Request, SlotFree
+from blobplane.client import (
+    BrokerClient,
+    _Call,
+    _Core,
+    connect_broker,
+    connect_broker_async,
+    raise_refusal,
+)
+from blobplane.errors import (
+    BlobBusy,
+    BlobClosed,
+    BlobError,
+    BlobNotFound,
+    BlobSealed,
+    ConnectionRefused,
+    InvalidKey,
+    InvalidSize,
+    KeyInUse,
+    OutOfBounds,
+    PeerRefused,
+    Timeout,
+)
+from brokers import Broker, broker_folder, running_broker, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    with running_broker() as running:
+        yield running
+
+
+@pytest.fixture
+def client(broker: Broker, no_leaks: None) -> Iterator[BrokerClient]:
+    with connect_broker(broker.socket_path) as connected:
+        yield connected
+        wait_until(lambda: connected.stats().references == 0, "the test's references to go")
+        assert connected.stats().allocated == 0
+
+
+def key() -> str:
+    return f"c-{uuid.uuid4().hex[:12]}"
+
+
+def test_no_broker_says_how_to_start_one() -> None:
+    with broker_folder() as folder, pytest.raises(ConnectionRefused, match="blobplane serve"):
+        connect_broker(os.path.join(folder, "nobody.sock"))
+
+
+def test_the_environment_names_the_socket(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLOBPLANE_BROKER", broker.socket_path)
+    with connect_broker() as client:
+        assert client.welcome.client > 0
+        assert not client.welcome.token_required
+
+
+def test_a_created_blob_that_is_never_sealed_is_deleted(client: BrokerClient) -> None:
+    name = key()
+    with client.create(4096, key=name) as blob:
+        blob.write_all(b"draft")
+    assert blob.closed
+    with pytest.raises(BlobNotFound):
+        client.get(name)
+    with pytest.raises(RuntimeError), client.create(4096, key=name):
+        raise RuntimeError("the producer failed half way")
+    wait_until(lambda: client.stats().allocated == 0, "the abandoned blob to go")
+
+
+def test_a_writable_handle(client: BrokerClient) -> None:
+    blob = client.create(16, key=key())
+    view = blob.buffer
+    view[:3] = b"abc"
+    with pytest.raises(BlobBusy, match="views"):
+        blob.seal()
+    view.release()
+    with pytest.raises(OutOfBounds):
+        blob.write_all(b"x" * 17)
+    with pytest.raises(OutOfBounds):
+        blob.write_all(b"x", offset=-1)
+    blob.seal()
+    blob.seal()  # twice is fine
+    assert blob.sealed
+    with pytest.raises(BlobSealed):
+        blob.write_all(b"late")
+    with pytest.raises(BlobSealed):
+        _ = blob.buffer
+    blob.close()
+    blob.close()
+    with pytest.raises(BlobClosed):
+        _ = blob.buffer
+    with client.get(blob.id) as mapped:  # a sealed blob stays published after close
+        assert bytes(mapped.as_slice()[:3]) == b"abc"
+    client.delete(blob.id)
+
+
+def test_views_outlive_the_read_and_its_reference(client: BrokerClient) -> None:
+    entry = client.put_bytes(b"kept alive", key=key())
+    mapped = client.get(entry.blob_id)
+    view = mapped.as_slice()
+    mapped.close()
+    mapped.close()
+    client.delete(entry.blob_id)
+    wait_until(lambda: client.stats().blobs == 0, "the blob to be freed at the broker")
+    assert bytes(view) == b"kept alive"  # the mapping keeps the memory
+    with pytest.raises(BlobClosed):
+        mapped.as_slice()
+    view.release()
+
+
+def test_argument_errors_are_raised_here_not_by_the_broker(client: BrokerClient) -> None:
+    with pytest.raises(InvalidSize):
+        client.create(-1)
+    with pytest.raises(InvalidSize):
+        client.put_bytes(b"x", lease_ms=-5)
+    with pytest.raises(InvalidKey):
+        client.put_bytes(b"x", key="")
+    with pytest.raises(InvalidKey):
+        client.get("k" * 2000)
+    with pytest.raises(InvalidKey):
+        client.get("\ud800")
+    with pytest.raises(InvalidSize):
+        client.get(key(), timeout=-1)
+    with pytest.raises(BlobError, match="name a blob"):
+        client.get(42)  # type: ignore[arg-type]
+    assert client.stats().clients >= 1  # and the connection is still fine
+
+
+def test_the_brokers_errors_arrive_as_themselves(client: BrokerClient) -> None:
+    name = key()
+    client.put_bytes(b"1", key=name)
+    with pytest.raises(KeyInUse) as caught:
+        client.put_bytes(b"2", key=name)
+    assert "already names" in str(caught.value)
+    client.delete(name)
+    with pytest.raises(PeerRefused, match="NoSuchError") as unknown:
+        raise_refusal(Refused(rid=3, error="NoSuchError", message="from a newer broker"))
+    assert unknown.value.code == "NoSuchError"
+
+
+def test_a_closed_client(broker: Broker) -> None:
+    client = connect_broker(broker.socket_path)
+    client.close()
+    client.close()
+    with pytest.raises(BlobClosed):
+        client.stats()
+
+
+def test_loan_times_out_when_no_slot_comes_back(client: BrokerClient) -> None:
+    with BlobPool(4096, 1) as pool:
+        loan = pool.loan()
+        entry = client.put_pooled(loan, key=key())
+        loan.close()
+        with pytest.raises(Timeout, match="no slot"):
+            client.loan(pool, timeout=0.05)
+        client.delete(entry.blob_id)
+        client.loan(pool, timeout=10).close()
+
+
+def test_late_replies_are_undone() -> None:
+    """A reply that comes after its caller gave up must not leak a reference or a blob."""
+    posted: list[Request] = []
+    core = _Core(posted.append)
+    entry = BlobEntry(
+        id=uuid.uuid4(),
+        key=None,
+        size=1,
+        state="sealed",
+        pooled=False,
+        lease_ms=None,
+        expires_in_ms=None,
+        references=1,
+        age_ms=0,
+        idle_ms=0,
+        account="a",
+        owner=None,
+    )
+    read_fd, write_fd = os.pipe()
+    core.abandon(_Call(Get(rid=7, key="k")))
+    core.unsolicited(BlobReply(rid=7, blob=entry), (read_fd,))
+    core.abandon(_Call(Create(rid=8, size=1)))
+    core.unsolicited(BlobReply(rid=8, blob=entry), (write_fd,))
+    assert [type(request).__name__ for request in posted] == ["Release", "Delete"]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(read_fd)  # the late fds were closed
+    core.unsolicited(SlotFree(id=uuid.uuid4()), ())  # a slot nobody waits for: ignored
+    assert core.abandoned == {}
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+def test_many_tasks_share_one_async_connection(broker: Broker, no_leaks: None) -> None:
+    async def scenario() -> None:
+        async with await connect_broker_async(broker.socket_path) as client:
+            entries = await asyncio.gather(
+                *(client.put_bytes(f"blob {index}".encode(), key=key()) for index in range(50))
+            )
+            reads = await asyncio.gather(*(client.get(entry.blob_id) for entry in entries))
+            for index, mapped in enumerate(reads):
+                assert bytes(mapped.as_slice()) == f"blob {index}".encode()
+            assert (await client.stats()).references == 50
+            for mapped in reads:
+                mapped.close()
+            listed = {e.id for e in await client.list()}
+            assert {e.id for e in entries} <= listed
+            await asyncio.gather(*(client.delete(entry.blob_id) for entry in entries))
+            assert (await client.stats()).references == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_async_writable_handle(broker: Broker, no_leaks: None) -> None:
+    async def scenario() -> None:
+        async with await connect_broker_async(broker.socket_path) as client:
+            async with await client.create(8, key=key()) as blob:
+                blob.write_all(b"async!")
+                await blob.seal()
+            with await client.get(blob.id) as mapped:
+                assert bytes(mapped.as_slice()[:6]) == b"async!"
+            await client.delete(blob.id)
+            async with await client.create(8) as abandoned:
+                pass
+            with pytest.raises(BlobNotFound):
+                await client.get(abandoned.id)
+
+    asyncio.run(scenario())
+
+
+def test_closing_an_async_client_wakes_its_waiting_calls(broker: Broker) -> None:
+    async def scenario() -> None:
+        client = await connect_broker_async(broker.socket_path)
+        waiting = asyncio.create_task(client.get(key(), timeout=30))
+        while (await client.stats()).waiting_gets == 0:
+            await asyncio.sleep(0.005)
+        await client.aclose()
+        with pytest.raises(BlobClosed):
+            await waiting
+        with pytest.raises(BlobClosed):
+            await client.stats()
+
+    asyncio.run(scenario())
+
+
+def test_an_async_producer_waits_for_its_slots(broker: Broker) -> None:
+    async def scenario() -> None:
+        with BlobPool(4096, 1) as pool:
+            async with (
+                await connect_broker_async(broker.socket_path) as producer,
+                await connect_broker_async(broker.socket_path) as consumer,
+            ):
+                with pool.loan() as loan:
+                    loan.write_all(b"slot")
+                    entry = await producer.put_pooled(loan, key=key())
+                waiting = asyncio.create_task(producer.loan(pool, timeout=10))
+                mapped = await consumer.get(entry.blob_id)
+                await producer.delete(entry.blob_id)
+                assert not waiting.done()
+                mapped.close()
+                (await waiting).close()
+
+    asyncio.run(scenario())
