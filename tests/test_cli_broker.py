@@ -156,6 +156,8 @@ def test_tokens_from_the_command_line() -> None:
         with_token = {**at, "BLOBPLANE_TOKEN": token}
         ok(blobplane("put", "-", "--key", "tok", env=with_token, stdin=b"t"))
         assert ok(blobplane("get", "tok", env=with_token)) == "t"
+        ok(blobplane("put", __file__, "--key", "a file", env=with_token))
+        ok(blobplane("rm", "a file", env=with_token))
         assert "'list'" in one_line_error(blobplane("ls", env=with_token))
         ok(blobplane("rm", "tok", env=with_token))
         assert "signature does not match" in one_line_error(

@@ -231,19 +231,25 @@ def put(
     token: str | None,
 ) -> None:
     """Publish FILE (or - for stdin) as a sealed blob; prints its id."""
+    from blobplane.blobs import SharedMemoryBlobs
     from blobplane.client import connect_broker
+    from blobplane.types import BlobBackend
 
     with connect_broker(socket_path, token, name="blobplane put") as broker:
         if file == "-":
             entry = broker.put_bytes(sys.stdin.buffer.read(), key=key, lease_ms=lease_ms)
         else:
-            with open(file, "rb") as source:
-                size = os.fstat(source.fileno()).st_size
-                with broker.create(size, key=key, lease_ms=lease_ms) as blob:
-                    with blob.buffer as view:
-                        _read_into(source, view, os.path.basename(file))
-                    blob.seal()
-                    entry = blob.entry
+            # Filled here and put, rather than created by the broker: a token with the
+            # 'put' right is enough, and a file that cannot be read costs the broker nothing.
+            with (
+                open(file, "rb") as source,
+                SharedMemoryBlobs(BlobBackend.MEMFD) as blobs,
+                blobs.create(os.fstat(source.fileno()).st_size) as blob,
+            ):
+                with blob.buffer as view:
+                    _read_into(source, view, os.path.basename(file))
+                blob.seal()
+                entry = broker.put(blob, key=key, lease_ms=lease_ms)
     click.echo(str(entry.id))
 
 
