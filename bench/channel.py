@@ -766,7 +766,8 @@ def throughput_table(results: list[Result]) -> Table:
         "(another process) reads every byte",
         caption=(
             "one whole handoff per run: create + fill + seal + send, the consumer maps, reads "
-            "and unmaps, its reply reaches the producer, which releases its side; median of "
+            "and unmaps, its reply reaches the producer, which releases its side (blobplane's "
+            "consumer replies twice: the library's Ack when mapped, then the sum); median of "
             "the runs, variants interleaved in a new random order each round; IQR = "
             "25th-75th percentile; GB/s = size / median (10^9 B/s); x raw = median / the "
             "reference's median"
