@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -119,6 +120,14 @@ def test_views_outlive_the_read_and_its_reference(client: BrokerClient) -> None:
     with pytest.raises(BlobClosed):
         mapped.as_slice()
     view.release()
+
+
+def test_a_read_dropped_without_close_gives_its_reference_back(client: BrokerClient) -> None:
+    entry = client.put_bytes(b"forgotten", key=key())
+    client.get(entry.blob_id)  # dropped at once
+    gc.collect()
+    wait_until(lambda: client.renew(entry.blob_id, None).references == 0, "the release")
+    client.delete(entry.blob_id)
 
 
 def test_argument_errors_are_raised_here_not_by_the_broker(client: BrokerClient) -> None:

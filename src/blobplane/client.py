@@ -48,6 +48,7 @@ import mmap
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -402,6 +403,21 @@ def raise_refusal(refused: Refused) -> NoReturn:
     raise kind(refused.message)
 
 
+class _ReleaseOnce:
+    """Post a reference's release the first time it is called: at close, or at collection."""
+
+    __slots__ = ("_post", "_request")
+
+    def __init__(self, post: Callable[[Request], None], request: Release) -> None:
+        self._post: Callable[[Request], None] | None = post
+        self._request = request
+
+    def __call__(self) -> None:
+        post, self._post = self._post, None
+        if post is not None:
+            post(self._request)
+
+
 @dataclass(frozen=True, slots=True)
 class _Call:
     """One step of an operation: send *request* (unless *send* is False) and await its reply.
@@ -519,16 +535,19 @@ class _Core:
         wait = None if timeout is None else timeout + (grace or DEFAULT_TIMEOUT)
         reply, fds = yield _Call(request, wait=wait)
         entry = _expect(reply, fds, BlobReply, 1).blob
-        release = Release(rid=self.rid(), id=entry.id, ack=False)
+        release = _ReleaseOnce(self._post, Release(rid=self.rid(), id=entry.id, ack=False))
         try:
             check_received_fd(fds[0], entry.size)
             mapped = map_readonly(fds[0], entry.size)
         except BaseException:
-            self._post(release)
+            release()
             raise
         finally:
             os.close(fds[0])
-        return BrokerRead(mapped, entry, lambda: self._post(release))
+        read = BrokerRead(mapped, entry, release)
+        # A read dropped without close() still gives its reference back.
+        weakref.finalize(read, release)
+        return read
 
     def release(self, blob: BlobId | uuid.UUID) -> Op[None]:
         reply, fds = yield _Call(Release(rid=self.rid(), id=_blob_id(blob)))

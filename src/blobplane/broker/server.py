@@ -342,15 +342,22 @@ class BrokerServer:
     async def _end(self, session: Session, reason: str) -> None:
         for waiter in list(session.waiters):
             self._unpark(waiter)
-        if self._stopping:
-            session.post(_refusal(0, BrokerShutdown(_SHUTDOWN)))
-            await _flush_briefly(session)
-        session.close()
-        self._sessions.pop(session.client, None)
-        if self.registry.connected(session.client):
-            self._carry_out(self.registry.disconnect(session.client))
-            self._schedule_expiry()
-        event("client.disconnected", client=session.client, reason=reason)
+        try:
+            if self._stopping:
+                session.post(_refusal(0, BrokerShutdown(_SHUTDOWN)))
+                await _flush_briefly(session)
+        finally:
+            # Even when cancelled in the farewell: the client's references and unsealed
+            # blobs must not outlive its connection.
+            session.close()
+            self._sessions.pop(session.client, None)
+            try:
+                if self.registry.connected(session.client):
+                    self._carry_out(self.registry.disconnect(session.client))
+                    self._schedule_expiry()
+            except Exception as exc:
+                _log_bug(session.client, exc)
+            event("client.disconnected", client=session.client, reason=reason)
 
     # -- requests --------------------------------------------------------------------------
 
