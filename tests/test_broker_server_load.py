@@ -11,7 +11,7 @@ from brokers import DEADLINE_S, running_broker, spawn, wait_until
 
 PROCESSES = 4
 CLIENTS_PER_PROCESS = 16
-CYCLES = 150
+CYCLES = 100
 
 WORKER = """
 import asyncio, sys

@@ -230,7 +230,7 @@ def put(
     socket_path: str | None,
     token: str | None,
 ) -> None:
-    """Publish FILE (or - for stdin) as a sealed blob; prints its id."""
+    """Publish FILE (- for stdin) as a sealed blob; print its id."""
     from blobplane.blobs import SharedMemoryBlobs
     from blobplane.client import connect_broker
     from blobplane.types import BlobBackend
@@ -294,7 +294,7 @@ def get(
     socket_path: str | None,
     token: str | None,
 ) -> None:
-    """Write the blob published under KEY (or with that id) to a file."""
+    """Write the blob under KEY (or with that id) to a file."""
     from blobplane.client import connect_broker
 
     with connect_broker(socket_path, token, name="blobplane get") as broker:
@@ -365,7 +365,10 @@ def ls(include_deleted: bool, as_json: bool, socket_path: str | None, token: str
 @_client_options
 @_one_line_errors
 def rm(key: str, by_id: bool, socket_path: str | None, token: str | None) -> None:
-    """Delete the blob under KEY (or with that id); readers that hold it keep reading."""
+    """Delete the blob under KEY (or with that id).
+
+    Readers that hold it keep reading; its memory goes with the last of them.
+    """
     from blobplane.client import connect_broker
 
     with connect_broker(socket_path, token, name="blobplane rm") as broker:
@@ -377,7 +380,7 @@ def rm(key: str, by_id: bool, socket_path: str | None, token: str | None) -> Non
 @_client_options
 @_one_line_errors
 def stats(as_json: bool, socket_path: str | None, token: str | None) -> None:
-    """The broker's totals: clients, blobs, bytes, references, evictions."""
+    """The broker's totals: blobs, bytes, references."""
     from blobplane.client import connect_broker
 
     with connect_broker(socket_path, token, name="blobplane stats") as broker:
@@ -391,9 +394,12 @@ def stats(as_json: bool, socket_path: str | None, token: str | None) -> None:
 def stats_table(totals: StatsEntry) -> Table:
     """The broker's stats for people."""
     limit = "none" if totals.memory_limit is None else format_size(totals.memory_limit)
-    table = Table(title=f"broker pid {totals.pid}, up {format_duration(totals.uptime_s)}")
-    table.add_column("")
-    table.add_column("", justify="right")
+    table = Table(
+        title=f"broker pid {totals.pid}, up {format_duration(totals.uptime_s)}",
+        show_header=False,
+    )
+    table.add_column("what")
+    table.add_column("value", justify="right")
     rows = [
         ("clients connected", str(totals.clients)),
         (
@@ -494,7 +500,7 @@ def create_token(
 @click.command(name="demo-broker")
 @_one_line_errors
 def demo_broker() -> None:
-    """Start a broker, publish frames from a producer, fetch them from two consumers."""
+    """A broker, a producer and two consumers of frames."""
     from blobplane import broker_demo
 
     broker_demo.run(Console())

@@ -1,7 +1,11 @@
-"""The broker's pure core: a registry of blobs, references, leases and quotas, and its tokens.
+"""The broker: a pure core (registry, rights, tokens, protocol) and the daemon around it.
 
-Nothing here does I/O beyond reading and writing the secret key file; the
-server drives `BlobRegistry` and carries out the actions it returns.
+`registry`, `rights`, `tokens` and `protocol` do no I/O beyond reading and
+writing the secret key file; they are what this package exports. `server`
+(`blobplane serve`) drives `BlobRegistry` and carries out the actions it
+returns, with `session` (one connection), `memory` (the broker's memfds),
+`logs` and `address` (where the socket and the key live). Import those
+modules directly; clients are in `blobplane.client`.
 """
 
 from blobplane.broker.registry import (
