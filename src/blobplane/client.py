@@ -52,7 +52,7 @@ import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import NoReturn, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeAlias, TypeVar
 
 from blobplane import errors
 from blobplane.backends.checks import check_received_fd, check_regular_and_size
@@ -111,6 +111,9 @@ from blobplane.errors import (
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobBackend, BlobId, BlobToken, UnixFd
 from blobplane.wire import ErrorReply, Message, UserPayload
+
+if TYPE_CHECKING:
+    from blobplane.objects.allowlist import AllowList
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -726,6 +729,28 @@ class BrokerClient:
     def stats(self) -> StatsEntry:
         return self._run(self._core.stats())
 
+    def put_object(
+        self,
+        key: str,
+        obj: object,
+        *,
+        pool: BlobPool | None = None,
+        lease_ms: int | None = None,
+    ) -> BlobEntry:
+        """Publish any picklable object under *key*, its large buffers in shared memory."""
+        # blobplane.objects sits above the client layer: imported when used.
+        from blobplane.objects.transfer import put_object
+
+        return put_object(self, key, obj, pool=pool, lease_ms=lease_ms)
+
+    def get_object(
+        self, key: str, *, timeout: float | None = None, restricted: bool | AllowList = False
+    ) -> Any:
+        """The object under *key*; the reference goes back when its last buffer is collected."""
+        from blobplane.objects.transfer import get_object
+
+        return get_object(self, key, timeout=timeout, restricted=restricted)
+
     def mint_read_token(self, target: Target, *, ttl: float | None = None) -> str:
         """A token that lets its bearer get this one blob and do nothing else."""
         return self._run(self._core.mint_read_token(target, ttl))
@@ -953,6 +978,28 @@ class AsyncBrokerClient:
 
     async def stats(self) -> StatsEntry:
         return await self._run(self._core.stats())
+
+    async def put_object(
+        self,
+        key: str,
+        obj: object,
+        *,
+        pool: BlobPool | None = None,
+        lease_ms: int | None = None,
+    ) -> BlobEntry:
+        """Publish any picklable object under *key*, its large buffers in shared memory."""
+        # blobplane.objects sits above the client layer: imported when used.
+        from blobplane.objects.transfer import put_object_async
+
+        return await put_object_async(self, key, obj, pool=pool, lease_ms=lease_ms)
+
+    async def get_object(
+        self, key: str, *, timeout: float | None = None, restricted: bool | AllowList = False
+    ) -> Any:
+        """The object under *key*; the reference goes back when its last buffer is collected."""
+        from blobplane.objects.transfer import get_object_async
+
+        return await get_object_async(self, key, timeout=timeout, restricted=restricted)
 
     async def mint_read_token(self, target: Target, *, ttl: float | None = None) -> str:
         return await self._run(self._core.mint_read_token(target, ttl))

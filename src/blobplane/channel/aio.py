@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Callable, Container, Sequence
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel import ops
@@ -31,6 +31,9 @@ from blobplane.channel.transport import Transport, adopt_fd, default_transport, 
 from blobplane.errors import BlobClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message
+
+if TYPE_CHECKING:
+    from blobplane.objects.allowlist import AllowList
 
 __all__ = [
     "AsyncChannel",
@@ -198,6 +201,26 @@ class AsyncChannel(ChannelBase):
     async def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""
         return (await self.recv_handoff(timeout=timeout)).blob
+
+    async def send_obj(
+        self, obj: object, *, pool: BlobPool | None = None, timeout: TimeoutArg = DEFAULT
+    ) -> None:
+        """Send any picklable object, its large buffers through shared memory.
+
+        See `blobplane.objects`: a fresh blob, or a slot of *pool*.
+        """
+        # blobplane.objects sits above the channel layer: imported when used.
+        from blobplane.objects.transfer import send_obj_async
+
+        await send_obj_async(self, obj, pool=pool, timeout=self._timeout(timeout))
+
+    async def recv_obj(
+        self, *, restricted: bool | AllowList = False, timeout: TimeoutArg = DEFAULT
+    ) -> Any:
+        """The next object sent with `send_obj`; its arrays are read-only views of the blob."""
+        from blobplane.objects.transfer import recv_obj_async
+
+        return await recv_obj_async(self, restricted=restricted, timeout=self._timeout(timeout))
 
     async def aclose(self) -> None:
         self.close()

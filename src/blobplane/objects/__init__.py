@@ -28,7 +28,16 @@ from blobplane.objects.codec import (
     pack,
     unpack,
 )
-from blobplane.objects.transfer import recv_obj, recv_obj_async, send_obj, send_obj_async
+from blobplane.objects.transfer import (
+    get_object,
+    get_object_async,
+    put_object,
+    put_object_async,
+    recv_obj,
+    recv_obj_async,
+    send_obj,
+    send_obj_async,
+)
 
 __all__ = [
     "DEFAULT_ALLOW_LIST",
@@ -37,8 +46,12 @@ __all__ = [
     "ObjectHeader",
     "UnpicklingRefused",
     "dumps",
+    "get_object",
+    "get_object_async",
     "loads",
     "pack",
+    "put_object",
+    "put_object_async",
     "recv_obj",
     "recv_obj_async",
     "send_obj",
