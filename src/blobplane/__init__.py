@@ -8,6 +8,7 @@ from blobplane.blobs import (
     map_descriptor,
     read_blob_contents,
 )
+from blobplane.client import connect_broker, connect_broker_async
 from blobplane.errors import BlobError
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import (
@@ -38,6 +39,8 @@ __all__ = [
     "UnixFd",
     "WindowsHandle",
     "channel",
+    "connect_broker",
+    "connect_broker_async",
     "decode_descriptor",
     "map_descriptor",
     "read_blob_contents",
