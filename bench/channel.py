@@ -256,7 +256,7 @@ def consume_zmq(address: str, mode: Mode) -> None:
     try:
         while True:
             frame = sock.recv(copy=False)
-            if frame.bytes == STOP:
+            if len(frame) == len(STOP) and frame.bytes == STOP:  # .bytes copies: small only
                 sock.send(ledger.report())
                 return
             if mode == "latency":
