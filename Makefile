@@ -12,8 +12,11 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(INSTALLED)
 
+# The channel demo, then frames through a pool to subscribers, then the broker.
 demo: $(INSTALLED)
 	$(BIN)/blobplane demo
+	$(BIN)/blobplane demo --stream --seconds 5
+	$(BIN)/blobplane demo-broker
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check src tests bench

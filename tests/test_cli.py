@@ -70,3 +70,25 @@ def test_demo_refuses_bad_options(args: list[str], message: str) -> None:
     result = run_demo(*args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_stream_demo_checks_every_frame_in_subscriber_processes() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blobplane.cli",
+            "demo",
+            "--stream",
+            "--seconds",
+            "1",
+            "--subscribers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "frames checked in place by 2 processes, 0" in result.stdout.replace("\n", " ")

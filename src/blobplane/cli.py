@@ -7,6 +7,7 @@ from rich.console import Console
 
 from blobplane.cli_broker import COMMANDS as BROKER_COMMANDS
 from blobplane.sizes import parse_size
+from blobplane.streams.protocol import Backpressure
 from blobplane.types import BlobBackend
 
 
@@ -48,8 +49,45 @@ def main() -> None:
     show_default=True,
     help="Only memfd blobs travel over a channel: the receiver checks their seals.",
 )
-def demo(total: int, blob_size: int, backend: str) -> None:
-    """Stream blobs to a second process over a Unix socket; it verifies each one in place."""
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Instead: publish 1080p frames from a pool to subscriber processes, shown live.",
+)
+@click.option("--seconds", default=5.0, show_default=True, help="With --stream: how long.")
+@click.option("--subscribers", default=3, show_default=True, help="With --stream: how many.")
+@click.option(
+    "--policy",
+    type=click.Choice([policy.value for policy in Backpressure]),
+    default=Backpressure.DROP_OLDEST.value,
+    show_default=True,
+    help="With --stream: what the publisher does when every slot is taken.",
+)
+def demo(
+    *,
+    total: int,
+    blob_size: int,
+    backend: str,
+    stream: bool,
+    seconds: float,
+    subscribers: int,
+    policy: str,
+) -> None:
+    """Stream blobs to a second process over a Unix socket; it verifies each one in place.
+
+    With --stream, a publisher pushes 1080p frames through a pool to several
+    subscriber processes (the last one slow) and shows frames per second,
+    latency percentiles and missed frames live.
+    """
+    if stream:
+        from blobplane import stream_demo
+
+        if seconds <= 0 or subscribers <= 0:
+            raise click.BadParameter("--seconds and --subscribers must be positive")
+        stream_demo.run(
+            Console(), seconds=seconds, subscribers=subscribers, policy=Backpressure(policy)
+        )
+        return
     from blobplane import demo as demo_module
 
     if total <= 0 or blob_size <= 0:
