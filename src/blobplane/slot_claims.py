@@ -8,7 +8,7 @@ a dead process's locks with its fds, so a killed reader never pins a slot.
 
 OFD locks belong to an open file description, and an fd passed with
 SCM_RIGHTS shares its sender's description: a reader must lock through a
-description of its own, which `reopen_readonly` makes from /proc/self/fd.
+description of its own, which `backends.memfd.reopen_readonly` makes.
 """
 
 from __future__ import annotations
@@ -26,12 +26,6 @@ _FLOCK = struct.Struct("hhqqi4x")
 
 def _flock(lock_type: int, slot: int) -> bytes:
     return _FLOCK.pack(lock_type, os.SEEK_SET, slot, 1, 0)
-
-
-def reopen_readonly(fd: int) -> int:
-    """A new, read-only open file description of the file behind *fd*."""
-    with os_errors("reopening a pool control block"):
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def claim_shared(fd: int, slot: int) -> None:

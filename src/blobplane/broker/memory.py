@@ -11,54 +11,25 @@ whose last fd and mapping are gone: nothing is ever left in /dev/shm.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 
 from blobplane.backends.checks import F_SEAL_FUTURE_WRITE, check_received_fd, get_seals
-from blobplane.backends.memfd import FULL_SEALS, create_sealable_memfd
-from blobplane.errors import BlobBusy, NotSealed, os_errors
+from blobplane.backends.memfd import allocate_memfd, reopen_readonly, seal_memfd
+from blobplane.errors import NotSealed, os_errors
 from blobplane.types import BlobId
 
 __all__ = ["FdTable", "allocate", "check_put", "reopen_readonly", "seal"]
 
 
 def allocate(size: int, blob_id: BlobId) -> int:
-    """A new sealable memfd of *size* bytes, its pages allocated now; the caller owns it.
-
-    posix_fallocate turns a full /dev/shm or memory cgroup into
-    `OutOfSharedMemory` here, instead of a SIGBUS in the client that fills it.
-    """
-    fd = create_sealable_memfd(f"blobplane-broker:{blob_id}")
-    try:
-        if size:
-            with os_errors(f"allocating {size} bytes for blob {blob_id}"):
-                os.posix_fallocate(fd, 0, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    """A new sealable memfd of *size* bytes for a client to fill; the caller owns it."""
+    return allocate_memfd(size, f"blobplane-broker:{blob_id}")
 
 
 def seal(fd: int, blob_id: BlobId) -> None:
-    """Apply F_SEAL_SHRINK | GROW | WRITE | SEAL; `BlobBusy` while anyone maps it writable."""
-    with os_errors(f"sealing blob {blob_id}"):
-        try:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FULL_SEALS)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-            raise BlobBusy(
-                f"cannot seal blob {blob_id}: a writable mapping of it still exists. Drop "
-                "yours first (release every view of blob.buffer, then seal); the blob stays "
-                "unsealed, so you may try again"
-            ) from exc
-
-
-def reopen_readonly(fd: int) -> int:
-    """A new read-only open file description of the memfd behind *fd*."""
-    with os_errors("reopening a blob read-only"):
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    """Apply every seal; `BlobBusy` while anyone (the client) still maps it writable."""
+    seal_memfd(fd, f"blob {blob_id}")
 
 
 def check_put(fd: int, size: int, *, pooled: bool) -> None:

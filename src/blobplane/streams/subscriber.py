@@ -18,6 +18,7 @@ from collections.abc import Container
 from types import TracebackType
 from typing import Self
 
+from blobplane.backends.memfd import reopen_readonly
 from blobplane.blobs import MappedRead, map_descriptor
 from blobplane.channel import aio
 from blobplane.channel import sync as sync_channel
@@ -28,7 +29,7 @@ from blobplane.errors import (
     SlotRewritten,
     StreamEnded,
 )
-from blobplane.slot_claims import claim_shared, reopen_readonly, unclaim
+from blobplane.slot_claims import claim_shared, unclaim
 from blobplane.streams.protocol import Backpressure, End, Frame, Hello, Release, decode, encode
 from blobplane.types import UnixFd
 from blobplane.wire import Message, UserPayload
