@@ -37,6 +37,10 @@ bench: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-iceoryx]' \
 		|| echo "note: iceoryx2 could not be installed; bench/streams.py skips its rows"
 	$(BIN)/python bench/streams.py
+	@# Ray is optional too: without it bench/objects.py leaves out its rows.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-ray]' \
+		|| echo "note: ray could not be installed; bench/objects.py skips its rows"
+	$(BIN)/python bench/objects.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
