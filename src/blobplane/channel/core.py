@@ -60,10 +60,12 @@ from blobplane.pool import BlobPool
 from blobplane.wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
+    NEED_DATA,
     Ack,
     Connection,
     ErrorCode,
     ErrorReply,
+    Event,
     Message,
     PeerClosed,
     Received,
@@ -86,6 +88,7 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_REPLIES = (Ack, ErrorReply)
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
 
 
@@ -284,29 +287,40 @@ class ChannelCore:
         With *queued* False, skip the messages put aside by `defer()` (a
         reply being awaited is always newer than them).
         """
-        self.check_usable()
+        if self._closed or self._failure is not None:
+            self.check_usable()
         if queued and self._unread:
             return self._unread.popleft()
+        wire = self.wire
         while True:
-            try:
-                event = self.wire.next_event()
-            except RemoteProtocolError as exc:
-                if self._eof_fed:
-                    raise self.fail(
-                        ConnectionClosed(f"the peer went away in the middle of a message: {exc}")
-                    ) from exc
-                self._farewell(exc)
-                raise self.fail(exc) from None
-            if isinstance(event, Received):
-                if isinstance(event.message, Ack | ErrorReply) and self.pooled_out:
-                    lent = self.pooled_out.pop(event.message.reply_to, None)
+            event: Event = NEED_DATA
+            if wire.has_buffered:
+                try:
+                    event = wire.next_event()
+                except RemoteProtocolError as exc:
+                    raise self._protocol_failure(exc) from None
+            if event is NEED_DATA:
+                # Nothing buffered (then the wire is not even asked): read.
+                pumped = self._pump()
+                if pumped is None:
+                    return None
+                event = pumped
+            if type(event) is Received:
+                if self.pooled_out and type(event.message) in _REPLIES:
+                    lent = self.pooled_out.pop(event.message.reply_to, None)  # type: ignore[union-attr]
                     if lent is not None:
                         _give_back(*lent)
                 return event
-            if isinstance(event, PeerClosed):
+            if type(event) is PeerClosed:
                 raise self.fail(ConnectionClosed("the peer closed the channel"))
-            if not self._pump():
-                return None
+
+    def _protocol_failure(self, exc: RemoteProtocolError) -> BlobError:
+        if self._eof_fed:
+            return self.fail(
+                ConnectionClosed(f"the peer went away in the middle of a message: {exc}")
+            )
+        self._farewell(exc)
+        return self.fail(exc)
 
     def defer(self, received: Received) -> None:
         """Keep *received* for a later `recv()` (it arrived while a reply was awaited)."""
@@ -324,14 +338,18 @@ class ChannelCore:
         """Put *received* back in front: the next receive returns it again."""
         self._unread.appendleft(received)
 
-    def _pump(self) -> bool:
-        """One non-blocking recvmsg into the wire; False if there was nothing to read."""
+    def _pump(self) -> Event | None:
+        """One non-blocking recvmsg into the wire: what it made of it, None if nothing came.
+
+        A datagram goes through the wire's fast lane and comes back as its
+        event; stream bytes are fed, and NEED_DATA says to ask the wire.
+        """
         try:
             size, ancillary, flags, _ = self.sock.recvmsg_into(
                 [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
-            return False
+            return None
         except OSError as exc:
             raise self._os_failure(exc, "receiving") from exc
         fds = _fds_from(ancillary) if ancillary else []
@@ -341,9 +359,15 @@ class ChannelCore:
         if size == 0 and not fds:
             # A zero-length datagram reads like end of stream; ours never sends one.
             self._eof_fed = True
-        truncated = bool(flags & _MSG_TRUNC) and self.framing == "datagram"
-        self.wire.receive_data(self._view[:size], fds, truncated=truncated)
-        return True
+        if self.framing == "datagram":
+            try:
+                return self.wire.receive_datagram(
+                    self._view[:size], fds, truncated=bool(flags & _MSG_TRUNC)
+                )
+            except RemoteProtocolError as exc:
+                raise self._protocol_failure(exc) from None
+        self.wire.receive_data(self._view[:size], fds)
+        return NEED_DATA
 
     # -- sending -----------------------------------------------------------------
 
@@ -386,6 +410,25 @@ class ChannelCore:
             self._owed_rest = self._owed_rest[sent:]
         return True
 
+    def frame_now(
+        self, message: Message, fds: Sequence[int], *, validate: bool
+    ) -> tuple[Message, bytearray] | None:
+        """`encode()`'s fast lane (the caller holds `sending`), or None for the general path.
+
+        Datagram framing with no owed reply in the way only: a stream frame
+        may go out in parts, and owed replies go first (`send_owed`). Then
+        the wire's `frame_trusted` either frames the message, recorded as
+        sent, or declines with nothing recorded. Raises what `encode()` does
+        for a closed or failed channel.
+        """
+        if self.framing != "datagram" or self._owed or self._owed_rest:
+            return None
+        self.check_can_send()
+        if message.id == 0:
+            message = msgspec.structs.replace(message, id=self.wire.next_id())
+        frame = self.wire.frame_trusted(message, len(fds), validate=validate)
+        return None if frame is None else (message, frame)
+
     def encode(
         self, message: Message, fds: Sequence[int], *, validate: bool
     ) -> tuple[Message, bytes]:
@@ -396,7 +439,7 @@ class ChannelCore:
         data, _ = self.wire.send(message, fds, validate=validate)
         return message, data
 
-    def send_some(self, data: memoryview, fds: Sequence[int]) -> int | None:
+    def send_some(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> int | None:
         """Send what the socket takes now (fds with the first byte); None if it takes nothing."""
         self.check_can_send()
         try:

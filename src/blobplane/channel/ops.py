@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from blobplane.blobs import MappedRead, ProducerBlob, map_descriptor
+from blobplane.backends.checks import check_received_fd
+from blobplane.backends.mapping import map_readonly
+from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel.core import ChannelCore, Op, Wait
 from blobplane.channel.transport import Transport, check_path, default_transport, new_socket
 from blobplane.errors import (
@@ -88,23 +90,49 @@ def transmit(
     *validate* False skips re-checking a message this module built itself.
     """
     with core.sending:
+        return (yield from transmit_locked(core, message, fds, validate=validate))
+
+
+def transmit_locked(
+    core: ChannelCore, message: Message, fds: Sequence[int], *, validate: bool
+) -> Op[int]:
+    """`transmit` for a caller that holds `core.sending` already."""
+    framed: tuple[Message, bytes | bytearray] | None
+    framed = core.frame_now(message, fds, validate=validate)
+    if framed is None:
         while not core.send_owed():
             yield Wait.WRITABLE
-        message, data = core.encode(message, fds, validate=validate)
-        view = memoryview(data)
-        riding = fds
-        try:
-            while view:
-                sent = core.send_some(view, riding)
-                if sent is None:
-                    yield Wait.WRITABLE
-                    continue
-                # SCM_RIGHTS travel with the first byte; the rest of a stream frame goes bare.
-                view, riding = view[sent:], ()
-        finally:
-            if view:
-                core.interrupted_send(message, sent_any=len(view) < len(data))
+        framed = core.encode(message, fds, validate=validate)
+    message, data = framed
+    yield from send_frame(core, message, data, fds)
     return message.id
+
+
+def send_frame(
+    core: ChannelCore,
+    message: Message,
+    data: bytes | bytearray,
+    fds: Sequence[int],
+    start: int = 0,
+) -> Op[None]:
+    """Send an encoded frame (recorded as sent by the wire) from byte *start* on, waiting for room.
+
+    The caller holds `core.sending`. A send cut short undoes or breaks what
+    it must (`ChannelCore.interrupted_send`).
+    """
+    view = memoryview(data)[start:]
+    riding = fds if start == 0 else ()  # they went with the first byte
+    try:
+        while view:
+            sent = core.send_some(view, riding)
+            if sent is None:
+                yield Wait.WRITABLE
+                continue
+            # SCM_RIGHTS travel with the first byte; the rest of a stream frame goes bare.
+            view, riding = view[sent:], ()
+    finally:
+        if view:
+            core.interrupted_send(message, sent_any=len(view) < len(data))
 
 
 def sendable_fd(blob: ProducerBlob | PoolLoan) -> int:
@@ -125,6 +153,14 @@ def sendable_fd(blob: ProducerBlob | PoolLoan) -> int:
     return fd
 
 
+def handoff_fd(blob: ProducerBlob | PoolLoan, meta: bytes) -> int:
+    """The checks before a handoff goes out: the fd to send (`sendable_fd`), *meta*'s size."""
+    fd = sendable_fd(blob)
+    if len(meta) > MAX_META:
+        raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
+    return fd
+
+
 def send_blob(core: ChannelCore, blob: ProducerBlob | PoolLoan, meta: bytes, wait: bool) -> Op[int]:
     """Hand *blob* over; with *wait*, return once the peer replied (or raise `PeerRefused`).
 
@@ -132,9 +168,7 @@ def send_blob(core: ChannelCore, blob: ProducerBlob | PoolLoan, meta: bytes, wai
     once the peer released it: the slot is held for the peer until then, so
     closing the loan right after a ``wait=False`` send is safe.
     """
-    fd = sendable_fd(blob)
-    if len(meta) > MAX_META:
-        raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
+    fd = handoff_fd(blob, meta)
     slot = None
     if isinstance(blob, PoolLoan):
         slot = SlotRef(blob.pool.id.uuid, blob.slot, blob.generation)
@@ -150,21 +184,33 @@ def send_blob(core: ChannelCore, blob: ProducerBlob | PoolLoan, meta: bytes, wai
             while received is None:
                 yield Wait.READABLE
                 received = core.poll_received(queued=False)
-            match received.message:
-                case Ack(reply_to=reply_to) if reply_to == request_id:
-                    return request_id
-                case ErrorReply(reply_to=reply_to, code=code, message=text) if reply_to in (
-                    0,
-                    request_id,
-                ):
-                    what = "the handoff" if reply_to else "the connection"
-                    raise PeerRefused(
-                        f"the peer refused {what} of blob {blob.id}: {text} ({code})",
-                        code=code,
-                        reply_to=reply_to,
-                    )
-                case _:
-                    core.defer(received)
+            if is_reply(core, received, request_id, blob):
+                return request_id
+
+
+def is_reply(
+    core: ChannelCore, received: Received, request_id: int, blob: ProducerBlob | PoolLoan
+) -> bool:
+    """Whether *received* is the Ack of handoff *request_id*; raise `PeerRefused` for a refusal.
+
+    Anything else is kept for `recv()` (`ChannelCore.defer`). The caller holds `core.receiving`.
+    """
+    match received.message:
+        case Ack(reply_to=reply_to) if reply_to == request_id:
+            return True
+        case ErrorReply(reply_to=reply_to, code=code, message=text) if reply_to in (
+            0,
+            request_id,
+        ):
+            what = "the handoff" if reply_to else "the connection"
+            raise PeerRefused(
+                f"the peer refused {what} of blob {blob.id}: {text} ({code})",
+                code=code,
+                reply_to=reply_to,
+            )
+        case _:
+            core.defer(received)
+            return False
 
 
 def _transmit_handoff(
@@ -235,12 +281,14 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
     owes the sender its reply when it is closed.
     """
     try:
+        size = handoff.token.size
         if handoff.slot is not None:
             owed = Ack(reply_to=handoff.id)
-            return core.slot_cache.view(
-                handoff.slot, fds[0], handoff.token.size, lambda: core.owe_reply(owed)
-            )
-        return map_descriptor(UnixFd(fds[0]), handoff.token.size)
+            return core.slot_cache.view(handoff.slot, fds[0], size, lambda: core.owe_reply(owed))
+        # What map_descriptor(UnixFd(fd), size) does, minus its layers: the
+        # token's size was checked when it was decoded.
+        check_received_fd(fds[0], size)
+        return MappedRead(map_readonly(fds[0], size), size)
     except BlobError as exc:
         return exc
     except (ValueError, OverflowError) as exc:
@@ -251,11 +299,29 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
             os.close(fd)
 
 
-def _refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:
+def refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:
+    """The ErrorReply that refuses *handoff* for *error*."""
     code = next(
         (code for kind, code in _REFUSAL_CODES if isinstance(error, kind)), ErrorCode.CANNOT_MAP
     )
     return ErrorReply(reply_to=handoff.id, code=code, message=str(error)[:MAX_ERROR_TEXT])
+
+
+def take_handoff(
+    core: ChannelCore, received: Received
+) -> tuple[BlobHandoff, MappedRead | BlobError]:
+    """The handoff in *received*, mapped (or the check's error); the caller holds `receiving`.
+
+    Anything but a handoff is put back for `recv()` and `UnexpectedMessage` raised.
+    """
+    handoff = received.message
+    if type(handoff) is not BlobHandoff:
+        core.unread(received)
+        raise UnexpectedMessage(
+            f"expected a blob handoff, received {type(handoff).__name__} {handoff.id}; "
+            "it is left for recv()"
+        )
+    return handoff, _map(core, handoff, received.fds)
 
 
 def receive_handoff(core: ChannelCore) -> Op[Handoff]:
@@ -272,20 +338,13 @@ def receive_handoff(core: ChannelCore) -> Op[Handoff]:
         while received is None:
             yield Wait.READABLE
             received = core.poll_received()
-        handoff = received.message
-        if not isinstance(handoff, BlobHandoff):
-            core.unread(received)
-            raise UnexpectedMessage(
-                f"expected a blob handoff, received {type(handoff).__name__} {handoff.id}; "
-                "it is left for recv()"
-            )
-        result = _map(core, handoff, received.fds)
+        handoff, result = take_handoff(core, received)
         reply: Message | None
         if isinstance(result, MappedRead):
             # A pool slot is answered when it is released (see `_map`).
             reply = None if handoff.slot is not None else Ack(reply_to=handoff.id)
         else:
-            reply = _refusal(handoff, result)
+            reply = refusal(handoff, result)
         try:
             if reply is not None:
                 yield from transmit(core, reply, validate=False)

@@ -24,9 +24,17 @@ from blobplane.channel.base import (
 from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
-from blobplane.errors import BlobClosed, Timeout
+from blobplane.errors import BlobClosed, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.wire import Message
+from blobplane.types import BlobToken
+from blobplane.wire import (
+    MAX_FDS_PER_MESSAGE,
+    MAX_FRAME_SIZE,
+    Ack,
+    BlobHandoff,
+    Message,
+    Received,
+)
 
 if TYPE_CHECKING:
     from blobplane.objects.allowlist import AllowList
@@ -42,6 +50,19 @@ _EVENTS = {Wait.READABLE: select.POLLIN, Wait.WRITABLE: select.POLLOUT}
 def run(op: Op[T], fileno: Callable[[], int] | None, timeout: float | None, what: str) -> T:
     """Drive *op* to its result, blocking in poll() on *fileno* while it waits."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    return run_until(op, fileno, deadline, timeout, what)
+
+
+def run_until(
+    op: Op[T],
+    fileno: Callable[[], int] | None,
+    deadline: float | None,
+    timeout: float | None,
+    what: str,
+    *,
+    poller: select.poll | None = None,
+) -> T:
+    """`run` with the deadline of a call that began earlier (its fast lane went first)."""
     try:
         while True:
             try:
@@ -49,7 +70,7 @@ def run(op: Op[T], fileno: Callable[[], int] | None, timeout: float | None, what
             except StopIteration as stop:
                 result: T = stop.value
                 return result
-            _block(wait, fileno, deadline, timeout, what)
+            _block(wait, fileno, deadline, timeout, what, readable=poller)
     finally:
         op.close()
 
@@ -60,7 +81,10 @@ def _block(
     deadline: float | None,
     timeout: float | None,
     what: str,
+    *,
+    readable: select.poll | None = None,
 ) -> None:
+    """Wait for *wait*; *readable*, if given, is a poll object registered for POLLIN on *fileno*."""
     remaining = None if deadline is None else deadline - time.monotonic()
     if remaining is not None and remaining <= 0:
         raise Timeout(f"{what} did not complete within {timeout} s")
@@ -70,16 +94,51 @@ def _block(
     fd = -1 if fileno is None else fileno()
     if fd < 0:
         return  # closed meanwhile: the operation's next step reports it
-    poller = select.poll()
-    poller.register(fd, _EVENTS[wait])
+    poller = readable if readable is not None and wait is Wait.READABLE else None
+    if poller is None:
+        poller = select.poll()
+        poller.register(fd, _EVENTS[wait])
     ready = poller.poll(None if remaining is None else math.ceil(remaining * 1000))
     if not ready and deadline is not None and time.monotonic() >= deadline:
         raise Timeout(f"{what} did not complete within {timeout} s")
 
 
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
 class Channel(ChannelBase):
     """A blocking channel. Every call takes ``timeout=`` (seconds, None: forever);
     by default the channel's `timeout` attribute (30 s unless set)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        allowed_uids: Container[int] | None = None,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_fds: int = MAX_FDS_PER_MESSAGE,
+    ) -> None:
+        super().__init__(
+            sock,
+            timeout=timeout,
+            allowed_uids=allowed_uids,
+            max_frame_size=max_frame_size,
+            max_fds=max_fds,
+        )
+        # Every receive waits for readability: one poll object for the
+        # channel's life instead of one per wait. Used only by the holder of
+        # `receiving` (a poll object must not be polled from two threads),
+        # and only while the socket is open (`_block` checks `fileno()`).
+        self._readable = select.poll()
+        self._readable.register(self._core.fileno(), select.POLLIN)
+
+    # The operations below run `ops` through a fast lane first: the same steps
+    # as the generators, called directly, for the common case (a datagram
+    # socket, a message that goes out whole or is already there). Whenever a
+    # step would wait, or anything is unusual, the rest runs as the generator
+    # (`ops`), on the same deadline, so the rules stay written once.
 
     def send(
         self,
@@ -92,12 +151,67 @@ class Channel(ChannelBase):
 
         The fds are only borrowed: the caller still owns and closes them.
         """
-        op = ops.transmit(self._core, as_message(message), tuple(fds))
-        return run(op, self._core.fileno, self._timeout(timeout), "send")
+        # A payload made here from bytes is valid by construction.
+        validate = not isinstance(message, bytes | bytearray | memoryview)
+        built = as_message(message)
+        borrowed = tuple(fds)
+        limit = self._timeout(timeout)
+        with self._core.sending:
+            return self._transmit(
+                built,
+                borrowed,
+                validate=validate,
+                deadline=_deadline(limit),
+                timeout=limit,
+                what="send",
+            )
+
+    def _transmit(
+        self,
+        message: Message,
+        fds: Sequence[int],
+        *,
+        validate: bool,
+        deadline: float | None,
+        timeout: float | None,
+        what: str,
+    ) -> int:
+        """`ops.transmit_locked`, its first sendmsg tried at once (the caller holds `sending`)."""
+        core = self._core
+        framed = core.frame_now(message, fds, validate=validate)
+        if framed is None:
+            op = ops.transmit_locked(core, message, fds, validate=validate)
+            return run_until(op, core.fileno, deadline, timeout, what)
+        message, data = framed
+        try:
+            sent = core.send_some(data, fds)
+        except BaseException:
+            core.interrupted_send(message, sent_any=False)
+            raise
+        if sent != len(data):  # the socket is full: wait for room
+            rest = ops.send_frame(core, message, data, fds, sent or 0)
+            run_until(rest, core.fileno, deadline, timeout, what)
+        return message.id
+
+    def _next(
+        self, queued: bool, deadline: float | None, timeout: float | None, what: str
+    ) -> Received:
+        """The next message, waiting for it (the caller holds `receiving`)."""
+        core = self._core
+        received = core.poll_received(queued=queued)
+        while received is None:
+            _block(Wait.READABLE, core.fileno, deadline, timeout, what, readable=self._readable)
+            received = core.poll_received(queued=queued)
+        return received
 
     def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
         """The next message of any kind and its fds; the caller owns (and closes) the fds."""
-        return run(ops.receive(self._core), self._core.fileno, self._timeout(timeout), "recv")
+        core = self._core
+        limit = self._timeout(timeout)
+        core.check_usable()
+        with core.receiving:
+            received = self._next(True, _deadline(limit), limit, "recv")
+        return received.message, received.fds
 
     def send_blob(
         self,
@@ -115,8 +229,49 @@ class Channel(ChannelBase):
         releases it (closes its `MappedRead`), and stays held for the peer
         until then: close the loan whenever you like.
         """
-        op = ops.send_blob(self._core, blob, meta, wait)
-        return run(op, self._core.fileno, self._timeout(timeout), "send_blob")
+        core = self._core
+        limit = self._timeout(timeout)
+        if isinstance(blob, PoolLoan):
+            # The slot's bookkeeping (retain, pooled_out) lives in the generator.
+            op = ops.send_blob(core, blob, meta, wait)
+            return run(op, core.fileno, limit, "send_blob")
+        deadline = _deadline(limit)
+        fd = ops.handoff_fd(blob, meta)
+        token = blob.token
+        meta = bytes(meta)
+        if not wait:
+            with core.sending:
+                return self._send_handoff(token, meta, fd, deadline, limit)
+        core.check_usable()
+        with core.receiving:
+            with core.sending:
+                request_id = self._send_handoff(token, meta, fd, deadline, limit)
+            while True:
+                # Wait first: the reply cannot have come yet, and a read that
+                # finds nothing costs more (BlockingIOError) than this poll.
+                _block(
+                    Wait.READABLE,
+                    core.fileno,
+                    deadline,
+                    limit,
+                    "send_blob",
+                    readable=self._readable,
+                )
+                received = core.poll_received(queued=False)
+                while received is not None:
+                    if ops.is_reply(core, received, request_id, blob):
+                        return request_id
+                    received = core.poll_received(queued=False)
+
+    def _send_handoff(
+        self, token: BlobToken, meta: bytes, fd: int, deadline: float | None, limit: float | None
+    ) -> int:
+        # The id is taken under `sending`, so that no other send slips in between.
+        # Built from a live token and checked meta: valid already.
+        handoff = BlobHandoff(id=self._core.wire.next_id(), token=token, meta=meta)
+        return self._transmit(
+            handoff, (fd,), validate=False, deadline=deadline, timeout=limit, what="send_blob"
+        )
 
     def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
@@ -128,8 +283,43 @@ class Channel(ChannelBase):
 
     def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
         """The next blob with its token and metadata, mapped read-only and acknowledged."""
-        op = ops.receive_handoff(self._core)
-        return run(op, self._core.fileno, self._timeout(timeout), "recv_handoff")
+        core = self._core
+        limit = self._timeout(timeout)
+        deadline = _deadline(limit)
+        core.check_usable()
+        with core.receiving:
+            received = self._next(True, deadline, limit, "recv_handoff")
+            handoff, result = ops.take_handoff(core, received)
+            # What `ops.receive_handoff` does from here on, with the Ack's fast lane.
+            mapped = isinstance(result, MappedRead)
+            try:
+                if mapped:
+                    if handoff.slot is None:  # a pool slot is answered when released
+                        with core.sending:
+                            ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
+                            self._transmit(
+                                ack,
+                                (),
+                                validate=False,
+                                deadline=deadline,
+                                timeout=limit,
+                                what="recv_handoff",
+                            )
+                else:
+                    reply = ops.refusal(handoff, result)  # type: ignore[arg-type]
+                    op = ops.transmit(core, reply, validate=False)
+                    run_until(op, core.fileno, deadline, limit, "recv_handoff")
+            except ConnectionClosed:
+                # The sender is gone; a mapped blob stays valid (see ops.receive_handoff).
+                if not mapped:
+                    raise result from None  # type: ignore[misc]
+            except BaseException:
+                if mapped:
+                    result.close()  # type: ignore[union-attr]
+                raise
+        if not isinstance(result, MappedRead):
+            raise result
+        return Handoff(handoff.token, handoff.meta, result, handoff.id)
 
     def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""

@@ -25,9 +25,12 @@ import msgspec
 from blobplane.errors import LocalProtocolError, RemoteProtocolError
 from blobplane.wire.events import NEED_DATA, Event, PeerClosed, Received
 from blobplane.wire.frames import (
+    HEADER,
     HEADER_SIZE,
+    MAGIC,
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
+    VERSION,
     DatagramFramer,
     Frame,
     Limits,
@@ -35,8 +38,12 @@ from blobplane.wire.frames import (
     pack_header,
 )
 from blobplane.wire.messages import (
+    FDS_PER_KIND,
+    Ack,
+    BlobHandoff,
     ErrorReply,
     Message,
+    UserPayload,
     decode_message,
     encode_message_into,
 )
@@ -113,6 +120,89 @@ class Connection:
                 raise LocalProtocolError("receive_data() after the end of stream was fed")
             return
         self._framer.feed(data, owned, truncated)
+
+    @property
+    def has_buffered(self) -> bool:
+        """Whether `next_event()` may report something without more data being fed.
+
+        False means it would say NEED_DATA: a driver can read from its socket first.
+        """
+        return self._theirs.state is not State.OPEN or self._framer.has_frames
+
+    def receive_datagram(
+        self, data: bytes | bytearray | memoryview, fds: list[int], *, truncated: bool = False
+    ) -> Event:
+        """`receive_data()` then `next_event()` for one whole datagram, in one step.
+
+        The fast lane of datagram framing: a well-formed frame carrying a
+        message that is legal now is decoded straight from *data* (which may
+        be a view of a buffer the driver reuses: nothing refers to it after
+        this returns), without the framer's queue and its copies. Anything
+        else (a violation, the end of stream, something already buffered)
+        replays through `receive_data()` and `next_event()`, so the checks,
+        errors and fd ownership are theirs, exactly.
+        """
+        theirs = self._theirs
+        framer = self._framer
+        nfds = len(fds)
+        size = len(data)
+        if (
+            truncated
+            or size < HEADER_SIZE
+            or theirs.state is not State.OPEN
+            or not isinstance(framer, DatagramFramer)
+            or framer.has_frames
+        ):
+            return self._replay(data, fds, truncated)
+        magic, version, fd_count, length = HEADER.unpack_from(data)
+        if (
+            magic != MAGIC
+            or version != VERSION
+            or fd_count != nfds
+            or nfds > self.limits.max_fds
+            or HEADER_SIZE + length != size
+            or size > self.limits.max_frame_size
+        ):
+            return self._replay(data, fds, truncated)
+        try:
+            message = decode_message(memoryview(data)[HEADER_SIZE:])
+        except RemoteProtocolError:
+            return self._replay(data, fds, truncated)
+        # Per message type, what `Direction.check` verifies; any doubt replays.
+        ours = self._ours
+        kind = type(message)
+        if message.id <= theirs.last_id:
+            return self._replay(data, fds, truncated)
+        if kind is BlobHandoff:
+            handoff: BlobHandoff = message  # type: ignore[assignment]
+            if (
+                nfds != handoff.fds
+                or FDS_PER_KIND.get(handoff.kind) != nfds
+                or len(theirs.open_handoffs) >= theirs.max_open_handoffs
+            ):
+                return self._replay(data, fds, truncated)
+            theirs.open_handoffs.add(message.id)
+        elif kind is Ack:
+            reply_to = message.reply_to  # type: ignore[union-attr]
+            if nfds or reply_to not in ours.open_handoffs:
+                return self._replay(data, fds, truncated)
+            ours.open_handoffs.discard(reply_to)
+        elif kind is ErrorReply:
+            reply_to = message.reply_to  # type: ignore[union-attr]
+            if nfds or reply_to > ours.last_id:
+                return self._replay(data, fds, truncated)
+            ours.open_handoffs.discard(reply_to)
+        elif kind is not UserPayload:
+            return self._replay(data, fds, truncated)
+        theirs.last_id = message.id
+        return Received(message, tuple(fds))
+
+    def _replay(
+        self, data: bytes | bytearray | memoryview, fds: list[int], truncated: bool
+    ) -> Event:
+        # bytes(): the general path queues the datagram, and *data* may be reused.
+        self.receive_data(bytes(data), fds, truncated=truncated)
+        return self.next_event()
 
     def next_event(self) -> Event:
         """The next complete event: `Received`, `PeerClosed`, or `NEED_DATA`.
@@ -196,6 +286,61 @@ class Connection:
         if self._theirs.state is State.ERROR and isinstance(message, ErrorReply):
             self._ours.state = State.CLOSED  # the farewell: nothing may follow it
         return bytes(buffer), tuple(fds)
+
+    def frame_trusted(
+        self, message: Message, fd_count: int, *, validate: bool = False
+    ) -> bytearray | None:
+        """`send()`'s fast lane: the frame for *message*, or None to go through `send()`.
+
+        *message* carries its id already (`next_id()`). When both directions
+        are open and the message is legal now (the checks of
+        `Direction.check`, per message type), it is encoded with its header
+        in place and recorded as sent, as `send()` would; the caller transmits
+        the bytearray as it is. Anything unusual (a closed or failed
+        direction, an illegal message, an oversized frame, an ErrorReply)
+        returns None with nothing recorded, and `send()` then applies the
+        rules and raises their errors. *validate* as in `send()`.
+        """
+        ours = self._ours
+        theirs = self._theirs
+        if (
+            ours.state is not State.OPEN
+            or theirs.state is not State.OPEN
+            or message.id <= ours.last_id
+            or fd_count > self.limits.max_fds
+        ):
+            return None
+        kind = type(message)
+        if kind is BlobHandoff:
+            handoff: BlobHandoff = message  # type: ignore[assignment]
+            if (
+                fd_count != handoff.fds
+                or FDS_PER_KIND.get(handoff.kind) != fd_count
+                or len(ours.open_handoffs) >= ours.max_open_handoffs
+            ):
+                return None
+        elif kind is Ack:
+            if fd_count or message.reply_to not in theirs.open_handoffs:  # type: ignore[union-attr]
+                return None
+        elif kind is not UserPayload:
+            return None
+        buffer = bytearray(HEADER_SIZE)
+        encode_message_into(message, buffer, HEADER_SIZE)
+        if len(buffer) > self.limits.max_frame_size:
+            return None
+        if validate:
+            try:
+                decode_message(memoryview(buffer)[HEADER_SIZE:])
+            except RemoteProtocolError:
+                return None
+        pack_header(buffer, fd_count)
+        # What Direction.commit records, per type.
+        ours.last_id = message.id
+        if kind is BlobHandoff:
+            ours.open_handoffs.add(message.id)
+        elif kind is Ack:
+            theirs.open_handoffs.discard(message.reply_to)  # type: ignore[union-attr]
+        return buffer
 
     def abandon(self, message: Message) -> None:
         """The driver could not transmit *message* at all: stop waiting for its answer."""

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from blobplane.errors import RemoteProtocolError
 
 __all__ = [
+    "HEADER",
     "HEADER_SIZE",
+    "MAGIC",
     "MAX_FDS_PER_MESSAGE",
     "MAX_FRAME_SIZE",
     "SCM_MAX_FD",
@@ -39,8 +41,9 @@ __all__ = [
 
 MAGIC = b"BP"
 VERSION = 1
-_HEADER = struct.Struct(">2sBBI")
-HEADER_SIZE = _HEADER.size
+# Public for the connection's fast lane, which checks a header in one unpack.
+HEADER = struct.Struct(">2sBBI")
+HEADER_SIZE = HEADER.size
 # Control messages are small: the largest is a handoff with its metadata.
 MAX_FRAME_SIZE = 64 * 1024
 MAX_FDS_PER_MESSAGE = 16
@@ -68,12 +71,12 @@ class Limits:
 
 def pack_header(buffer: bytearray, fd_count: int) -> None:
     """Fill the first HEADER_SIZE bytes of *buffer*; the payload is everything after them."""
-    _HEADER.pack_into(buffer, 0, MAGIC, VERSION, fd_count, len(buffer) - HEADER_SIZE)
+    HEADER.pack_into(buffer, 0, MAGIC, VERSION, fd_count, len(buffer) - HEADER_SIZE)
 
 
 def parse_header(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, int]:
     """The fd count and payload length of the frame at the start of *data*, validated."""
-    magic, version, fd_count, length = _HEADER.unpack_from(data)
+    magic, version, fd_count, length = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise RemoteProtocolError(
             f"not a blobplane frame: it starts with {bytes(data[:HEADER_SIZE])!r}, "
@@ -136,6 +139,11 @@ class DatagramFramer:
             self._eof = True
             return
         self._queue.append((bytes(data), fds, truncated))
+
+    @property
+    def has_frames(self) -> bool:
+        """Whether `next_frame()` has a datagram (or the end of stream) to report."""
+        return bool(self._queue) or self._eof
 
     def next_frame(self) -> Frame | None:
         if not self._queue:
@@ -209,6 +217,11 @@ class StreamFramer:
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
+
+    @property
+    def has_frames(self) -> bool:
+        """Conservatively True: a chunk may hold several frames, and checks run per frame."""
+        return True
 
     @property
     def owned_fds(self) -> int:
