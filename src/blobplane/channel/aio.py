@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import weakref
 from collections.abc import Callable, Container, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -49,75 +50,156 @@ T = TypeVar("T")
 _BACKOFF_S = 0.002
 
 
+class _Expired(Exception):
+    """A wait reached the operation's deadline (turned into `Timeout` by `run`)."""
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
 
-class _Waiter:
-    __slots__ = ("fd", "future", "remove")
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
-    def __init__(self, fd: int, future: asyncio.Future[None], remove: Callable[[int], bool]):
+
+class _Waiter:
+    __slots__ = ("fd", "future", "loop")
+
+    def __init__(self, fd: int, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop):
         self.fd = fd
         self.future = future
-        self.remove = remove
+        self.loop = loop
 
 
 class _Waits:
-    """The readiness waits in progress on one socket, so that closing can end them all."""
+    """The readiness waits on one socket, so that closing can end them all.
+
+    Readability is what a channel waits for all the time (a server's reader
+    task waits for the next request as soon as it answered one), so its
+    reader callback stays registered with the event loop from the first wait
+    until the socket closes, instead of an add_reader/remove_reader pair (two
+    epoll_ctl calls and a handle) per wait. Two rules keep that correct with
+    the loop's level-triggered polling:
+
+    - readiness that arrives while nobody waits pauses the callback (removed
+      until the next wait), or the loop would report it on every iteration;
+    - the report that follows a wake-up is most likely stale: the loop polled
+      before the woken task read. It is ignored once; if the data is still
+      there, the next poll reports it again, so nothing is lost.
+
+    Writability is rarely waited for (only while the peer does not read): a
+    writer is registered per wait.
+    """
+
+    __slots__ = ("_loop", "_readers", "_reading", "_skip", "_writers")
 
     def __init__(self) -> None:
-        self._pending: set[_Waiter] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = -1  # the fd our reader callback is registered for, or -1
+        self._readers: list[asyncio.Future[None]] = []
+        self._skip = False
+        self._writers: set[_Waiter] = set()
 
-    async def wait(self, wait: Wait, fileno: Callable[[], int] | None) -> None:
+    async def wait(
+        self, wait: Wait, fileno: Callable[[], int] | None, deadline: float | None
+    ) -> None:
+        """Wait for *wait* on the socket; raise `_Expired` at *deadline* (loop time)."""
+        loop = asyncio.get_running_loop()
+        if deadline is not None and loop.time() >= deadline:
+            raise _Expired
         if wait is Wait.BACKOFF:
-            await asyncio.sleep(_BACKOFF_S)
+            pause = _BACKOFF_S if deadline is None else min(_BACKOFF_S, deadline - loop.time())
+            await asyncio.sleep(max(0.0, pause))
             return
         fd = -1 if fileno is None else fileno()
         if fd < 0:
             return  # closed meanwhile: the operation's next step reports it
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _expire, future)
         if wait is Wait.READABLE:
-            loop.add_reader(fd, _wake, future)
-            waiter = _Waiter(fd, future, loop.remove_reader)
-        else:
-            loop.add_writer(fd, _wake, future)
-            waiter = _Waiter(fd, future, loop.remove_writer)
-        self._pending.add(waiter)
+            if self._reading != fd or self._loop is not loop:
+                self._unwatch()
+                loop.add_reader(fd, self._on_readable)
+                self._loop, self._reading = loop, fd
+            self._readers.append(future)
+            try:
+                await future
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                # Woken by readiness, the future has left the list already.
+                if self._readers and future in self._readers:
+                    self._readers.remove(future)
+            return
+        loop.add_writer(fd, _wake, future)
+        waiter = _Waiter(fd, future, loop)
+        self._writers.add(waiter)
         try:
             await future
         finally:
+            if timer is not None:
+                timer.cancel()
             # Unregister only if close() has not: the fd number may be reused by now.
-            if waiter in self._pending:
-                self._pending.discard(waiter)
-                waiter.remove(fd)
+            if waiter in self._writers:
+                self._writers.discard(waiter)
+                loop.remove_writer(fd)
+
+    def _on_readable(self) -> None:
+        if self._skip:
+            self._skip = False  # most likely polled before the woken task read (see above)
+            return
+        readers = self._readers
+        if readers:
+            self._readers = []
+            woke = False
+            for future in readers:
+                if not future.done():
+                    future.set_result(None)
+                    woke = True
+            if woke:
+                self._skip = True
+                return
+        self._unwatch()  # nobody waits: pause until somebody does
+
+    def _unwatch(self) -> None:
+        fd, loop = self._reading, self._loop
+        self._reading, self._skip = -1, False
+        if fd >= 0 and loop is not None and not loop.is_closed():
+            loop.remove_reader(fd)
 
     def end_all(self) -> None:
-        """Unregister every wait before the socket closes, and wake its task."""
-        pending, self._pending = self._pending, set()
-        for waiter in pending:
-            waiter.remove(waiter.fd)
+        """Unregister everything before the socket closes, and wake the waiting tasks."""
+        self._unwatch()
+        readers, self._readers = self._readers, []
+        for future in readers:
+            _wake(future)
+        writers, self._writers = self._writers, set()
+        for waiter in writers:
+            if not waiter.loop.is_closed():
+                waiter.loop.remove_writer(waiter.fd)
             _wake(waiter.future)
 
 
 async def run(
     op: Op[T], fileno: Callable[[], int] | None, timeout: float | None, what: str, waits: _Waits
 ) -> T:
-    """Drive *op* to its result, awaiting readiness of *fileno* while it waits."""
-    scope = asyncio.timeout(timeout)
+    """Drive *op* to its result, awaiting readiness of *fileno* while it waits.
+
+    No timer is armed unless the operation has to wait: most steps complete
+    at once (a send the socket takes, a message already queued).
+    """
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
-        async with scope:
-            while True:
-                try:
-                    wait = op.send(None)
-                except StopIteration as stop:
-                    result: T = stop.value
-                    return result
-                await waits.wait(wait, fileno)
-    except TimeoutError:
-        if not scope.expired():
-            raise
+        while True:
+            try:
+                wait = op.send(None)
+            except StopIteration as stop:
+                result: T = stop.value
+                return result
+            await waits.wait(wait, fileno, deadline)
+    except _Expired:
         raise Timeout(f"{what} did not complete within {timeout} s") from None
     finally:
         op.close()
@@ -145,6 +227,10 @@ class AsyncChannel(ChannelBase):
         )
         self._waits = _Waits()
         self._core.add_release_hook(self._waits.end_all)
+        # The reader stays registered between calls: a channel dropped without
+        # close() must unregister it before its socket closes and the fd number
+        # is reused.
+        weakref.finalize(self, self._waits.end_all).atexit = False
 
     async def send(
         self,
@@ -159,6 +245,18 @@ class AsyncChannel(ChannelBase):
         """
         op = ops.transmit(self._core, as_message(message), tuple(fds))
         return await run(op, self._core.fileno, self._timeout(timeout), "send", self._waits)
+
+    async def _send_built(
+        self, message: Message, fds: Sequence[int] = (), *, timeout: float | None
+    ) -> int:
+        """`send` for a message the library built from values known to be valid (internal).
+
+        It skips decoding the encoded message once more to refuse what the peer
+        would refuse (see `Connection.send`): for a server's replies, whose
+        checks happened where they were built.
+        """
+        op = ops.transmit(self._core, message, fds, validate=False)
+        return await run(op, self._core.fileno, timeout, "send", self._waits)
 
     async def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
         """The next message of any kind and its fds; the caller owns (and closes) the fds."""
@@ -253,6 +351,7 @@ class AsyncListener(ListenerBase):
             path, transport=transport, backlog=backlog, timeout=timeout, allowed_uids=allowed_uids
         )
         self._waits = _Waits()
+        weakref.finalize(self, self._waits.end_all).atexit = False
 
     async def accept(self, *, timeout: TimeoutArg = DEFAULT) -> AsyncChannel:
         """The next connection as a channel (with this listener's timeout and allowed uids).
