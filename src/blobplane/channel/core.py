@@ -31,6 +31,7 @@ import errno
 import os
 import resource
 import socket
+import struct
 import threading
 import weakref
 from collections import deque
@@ -89,6 +90,7 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _REPLIES = (Ack, ErrorReply)
+_FD = struct.Struct("i")
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
 
 
@@ -104,6 +106,11 @@ Op = Generator[Wait, None, T]
 
 
 def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    if len(ancillary) == 1:
+        # The usual case, one SCM_RIGHTS entry with one fd (a handoff).
+        level, kind, data = ancillary[0]
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _FD.size:
+            return [_FD.unpack(data)[0]]
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
@@ -149,22 +156,24 @@ class Busy:
     Trio's rule: concurrent misuse is an error, never a silent queue.
     """
 
-    __slots__ = ("_lock", "_message")
+    __slots__ = ("lock", "message")
 
     def __init__(self, message: str) -> None:
-        self._lock = threading.Lock()
-        self._message = message
+        # Public for the sync driver's fast lane, which acquires it inline
+        # (`lock.acquire(False)`, else `BlobBusy(message)`): cheaper than `with`.
+        self.lock = threading.Lock()
+        self.message = message
 
     def __enter__(self) -> None:
-        if not self._lock.acquire(blocking=False):
-            raise BlobBusy(self._message)
+        if not self.lock.acquire(blocking=False):
+            raise BlobBusy(self.message)
 
     def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        self.lock.release()
 
     def try_enter(self) -> bool:
         """Enter if nobody is inside; never waits and never raises."""
-        return self._lock.acquire(blocking=False)
+        return self.lock.acquire(blocking=False)
 
 
 class ChannelCore:
@@ -442,9 +451,14 @@ class ChannelCore:
     def send_some(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> int | None:
         """Send what the socket takes now (fds with the first byte); None if it takes nothing."""
         self.check_can_send()
+        return self.send_checked(data, fds)
+
+    def send_checked(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> int | None:
+        """`send_some` right after a call that checked the channel (`frame_now`)."""
         try:
             if fds:
-                rights = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
+                packed = _FD.pack(fds[0]) if len(fds) == 1 else array.array("i", fds)
+                rights = [(_SOL_SOCKET, _SCM_RIGHTS, packed)]
                 return self.sock.sendmsg([data], rights, _MSG_NOSIGNAL)
             return self.sock.send(data, _MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):

@@ -11,14 +11,17 @@ drift apart.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from stat import S_ISREG
 from types import TracebackType
 from typing import Self
 
-from blobplane.backends.checks import check_received_fd
+from blobplane.backends.checks import SIZE_SEALS, check_received_fd
 from blobplane.backends.mapping import map_readonly
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel.core import ChannelCore, Op, Wait
@@ -285,10 +288,26 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
         if handoff.slot is not None:
             owed = Ack(reply_to=handoff.id)
             return core.slot_cache.view(handoff.slot, fds[0], size, lambda: core.owe_reply(owed))
+        fd = fds[0]
+        if size:
+            # The checks of `check_received_fd` as one predicate, then the map:
+            # a regular file of at least *size* bytes, sealed against resizing.
+            # Anything else (or any OSError) takes the full path below, which
+            # checks again and raises the precise error.
+            try:
+                info = os.fstat(fd)
+                if (
+                    S_ISREG(info.st_mode)
+                    and info.st_size >= size
+                    and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
+                ):
+                    return MappedRead(mmap.mmap(fd, size, access=mmap.ACCESS_READ), size)
+            except OSError:
+                pass
         # What map_descriptor(UnixFd(fd), size) does, minus its layers: the
         # token's size was checked when it was decoded.
-        check_received_fd(fds[0], size)
-        return MappedRead(map_readonly(fds[0], size), size)
+        check_received_fd(fd, size)
+        return MappedRead(map_readonly(fd, size), size)
     except BlobError as exc:
         return exc
     except (ValueError, OverflowError) as exc:

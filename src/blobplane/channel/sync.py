@@ -24,7 +24,7 @@ from blobplane.channel.base import (
 from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
-from blobplane.errors import BlobClosed, ConnectionClosed, Timeout
+from blobplane.errors import BlobBusy, BlobClosed, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobToken
 from blobplane.wire import (
@@ -34,6 +34,7 @@ from blobplane.wire import (
     BlobHandoff,
     Message,
     Received,
+    UserPayload,
 )
 
 if TYPE_CHECKING:
@@ -156,7 +157,13 @@ class Channel(ChannelBase):
         built = as_message(message)
         borrowed = tuple(fds)
         limit = self._timeout(timeout)
-        with self._core.sending:
+        core = self._core
+        busy = core.sending
+        if not busy.lock.acquire(False):  # `with core.sending`, inline
+            raise BlobBusy(busy.message)
+        try:
+            if not validate:  # its id now, under `sending` (cheaper than a replace later)
+                built = UserPayload(id=core.wire.next_id(), data=built.data)  # type: ignore[union-attr]
             return self._transmit(
                 built,
                 borrowed,
@@ -165,6 +172,8 @@ class Channel(ChannelBase):
                 timeout=limit,
                 what="send",
             )
+        finally:
+            busy.lock.release()
 
     def _transmit(
         self,
@@ -184,7 +193,7 @@ class Channel(ChannelBase):
             return run_until(op, core.fileno, deadline, timeout, what)
         message, data = framed
         try:
-            sent = core.send_some(data, fds)
+            sent = core.send_checked(data, fds)  # frame_now checked the channel
         except BaseException:
             core.interrupted_send(message, sent_any=False)
             raise
@@ -209,8 +218,13 @@ class Channel(ChannelBase):
         core = self._core
         limit = self._timeout(timeout)
         core.check_usable()
-        with core.receiving:
+        busy = core.receiving
+        if not busy.lock.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(busy.message)
+        try:
             received = self._next(True, _deadline(limit), limit, "recv")
+        finally:
+            busy.lock.release()
         return received.message, received.fds
 
     def send_blob(
@@ -240,12 +254,13 @@ class Channel(ChannelBase):
         token = blob.token
         meta = bytes(meta)
         if not wait:
-            with core.sending:
-                return self._send_handoff(token, meta, fd, deadline, limit)
+            return self._send_handoff(token, meta, fd, deadline, limit)
         core.check_usable()
-        with core.receiving:
-            with core.sending:
-                request_id = self._send_handoff(token, meta, fd, deadline, limit)
+        busy = core.receiving
+        if not busy.lock.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(busy.message)
+        try:
+            request_id = self._send_handoff(token, meta, fd, deadline, limit)
             while True:
                 # Wait first: the reply cannot have come yet, and a read that
                 # finds nothing costs more (BlockingIOError) than this poll.
@@ -262,16 +277,25 @@ class Channel(ChannelBase):
                     if ops.is_reply(core, received, request_id, blob):
                         return request_id
                     received = core.poll_received(queued=False)
+        finally:
+            busy.lock.release()
 
     def _send_handoff(
         self, token: BlobToken, meta: bytes, fd: int, deadline: float | None, limit: float | None
     ) -> int:
-        # The id is taken under `sending`, so that no other send slips in between.
-        # Built from a live token and checked meta: valid already.
-        handoff = BlobHandoff(id=self._core.wire.next_id(), token=token, meta=meta)
-        return self._transmit(
-            handoff, (fd,), validate=False, deadline=deadline, timeout=limit, what="send_blob"
-        )
+        core = self._core
+        busy = core.sending
+        if not busy.lock.acquire(False):  # `with core.sending`, inline
+            raise BlobBusy(busy.message)
+        try:
+            # The id is taken under `sending`, so that no other send slips in between.
+            # Built from a live token and checked meta: valid already.
+            handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
+            return self._transmit(
+                handoff, (fd,), validate=False, deadline=deadline, timeout=limit, what="send_blob"
+            )
+        finally:
+            busy.lock.release()
 
     def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
@@ -287,7 +311,10 @@ class Channel(ChannelBase):
         limit = self._timeout(timeout)
         deadline = _deadline(limit)
         core.check_usable()
-        with core.receiving:
+        busy = core.receiving
+        if not busy.lock.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(busy.message)
+        try:
             received = self._next(True, deadline, limit, "recv_handoff")
             handoff, result = ops.take_handoff(core, received)
             # What `ops.receive_handoff` does from here on, with the Ack's fast lane.
@@ -295,7 +322,10 @@ class Channel(ChannelBase):
             try:
                 if mapped:
                     if handoff.slot is None:  # a pool slot is answered when released
-                        with core.sending:
+                        sending = core.sending
+                        if not sending.lock.acquire(False):  # `with core.sending`, inline
+                            raise BlobBusy(sending.message)
+                        try:
                             ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
                             self._transmit(
                                 ack,
@@ -305,6 +335,8 @@ class Channel(ChannelBase):
                                 timeout=limit,
                                 what="recv_handoff",
                             )
+                        finally:
+                            sending.lock.release()
                 else:
                     reply = ops.refusal(handoff, result)  # type: ignore[arg-type]
                     op = ops.transmit(core, reply, validate=False)
@@ -317,6 +349,8 @@ class Channel(ChannelBase):
                 if mapped:
                     result.close()  # type: ignore[union-attr]
                 raise
+        finally:
+            busy.lock.release()
         if not isinstance(result, MappedRead):
             raise result
         return Handoff(handoff.token, handoff.meta, result, handoff.id)

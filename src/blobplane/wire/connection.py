@@ -38,6 +38,8 @@ from blobplane.wire.frames import (
     pack_header,
 )
 from blobplane.wire.messages import (
+    _DECODER,
+    _ENCODER,
     FDS_PER_KIND,
     Ack,
     BlobHandoff,
@@ -165,8 +167,8 @@ class Connection:
         ):
             return self._replay(data, fds, truncated)
         try:
-            message = decode_message(memoryview(data)[HEADER_SIZE:])
-        except RemoteProtocolError:
+            message: Message = _DECODER.decode(data[HEADER_SIZE:])
+        except Exception:  # whatever msgspec refuses: decode_message says why, in the replay
             return self._replay(data, fds, truncated)
         # Per message type, what `Direction.check` verifies; any doubt replays.
         ours = self._ours
@@ -325,15 +327,16 @@ class Connection:
         elif kind is not UserPayload:
             return None
         buffer = bytearray(HEADER_SIZE)
-        encode_message_into(message, buffer, HEADER_SIZE)
-        if len(buffer) > self.limits.max_frame_size:
+        _ENCODER.encode_into(message, buffer, HEADER_SIZE)
+        length = len(buffer)
+        if length > self.limits.max_frame_size:
             return None
         if validate:
             try:
                 decode_message(memoryview(buffer)[HEADER_SIZE:])
             except RemoteProtocolError:
                 return None
-        pack_header(buffer, fd_count)
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, fd_count, length - HEADER_SIZE)
         # What Direction.commit records, per type.
         ours.last_id = message.id
         if kind is BlobHandoff:
