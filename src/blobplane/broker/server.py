@@ -248,8 +248,11 @@ class BrokerServer:
                 message, fds = await session.channel.recv(timeout=None)
                 session.busy = True
                 try:
-                    await self._handle(session, message, fds)
-                    await session.flush()
+                    create = self._handle(session, message, fds)
+                    if create is not None:
+                        await self._handle_create(session, create)
+                    if session.pending:
+                        await session.flush()
                 finally:
                     session.busy = False
             reason = "broker shutting down"
@@ -361,35 +364,47 @@ class BrokerServer:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def _handle(self, session: Session, message: Message, fds: tuple[int, ...]) -> None:
+    def _handle(self, session: Session, message: Message, fds: tuple[int, ...]) -> Create | None:
+        """Carry out a request, or return a `Create` for `_handle_create` (it awaits)."""
         request = _decode(message, fds)
         if isinstance(request, Hello):
             _close(fds)
             raise RemoteProtocolError("the client said hello twice")
+        if isinstance(request, Create):
+            return request  # no fds ride with it: `_decode` saw to that
         try:
-            match request:
-                case Put():
-                    fd, fds = fds[0], ()
-                    self._put(session, request, fd)
-                case Create():
-                    await self._create(session, request)
-                case _:
-                    self._dispatch(session, request)
+            if isinstance(request, Put):
+                fd, fds = fds[0], ()
+                self._put(session, request, fd)
+            else:
+                self._dispatch(session, request)
         except BlobError as exc:
-            quiet = isinstance(request, Release | Delete) and not request.ack
-            event(
-                "request.refused",
-                logging.DEBUG,
-                client=session.client,
-                op=type(request).__name__.lower(),
-                error=type(exc).__name__,
-                reason=exc,
-            )
-            if not quiet:
-                session.post(_refusal(request.rid, exc))
+            self._refuse(session, request, exc)
         finally:
             _close(fds)
             self._schedule_expiry()
+        return None
+
+    async def _handle_create(self, session: Session, request: Create) -> None:
+        try:
+            await self._create(session, request)
+        except BlobError as exc:
+            self._refuse(session, request, exc)
+        finally:
+            self._schedule_expiry()
+
+    def _refuse(self, session: Session, request: Request, exc: BlobError) -> None:
+        quiet = isinstance(request, Release | Delete) and not request.ack
+        event(
+            "request.refused",
+            logging.DEBUG,
+            client=session.client,
+            op=type(request).__name__.lower(),
+            error=type(exc).__name__,
+            reason=exc,
+        )
+        if not quiet:
+            session.post(_refusal(request.rid, exc))
 
     def _dispatch(self, session: Session, request: Request) -> None:
         client = session.client
@@ -531,7 +546,7 @@ class BrokerServer:
             return
         blob_id = result.info.id
         try:
-            sent = self.fds.dup(blob_id)
+            sent = _dup(self.fds, blob_id)
         except BlobError:
             self._carry_out(self.registry.release(session.client, blob_id))
             raise
@@ -734,6 +749,14 @@ def _decode(message: Message, fds: tuple[int, ...]) -> Request:
         _close(fds)
         raise
     return request
+
+
+def _dup(fds: memory.FdTable, blob_id: BlobId) -> int:
+    """`fds.dup(blob_id)`, without building its error message unless the dup fails."""
+    try:
+        return os.dup(fds.get(blob_id))
+    except OSError:
+        return fds.dup(blob_id)  # fails again, now with the message
 
 
 def _close(fds: tuple[int, ...]) -> None:

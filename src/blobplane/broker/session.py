@@ -69,11 +69,14 @@ class Session:
 
     async def flush(self) -> None:
         """Send everything queued, in order; waits while the client does not read."""
+        if not self._outbox:
+            return  # a drain that took the last reply still sends it before anything newer
         async with self._lock:
             while self._outbox:
                 data, fds = self._outbox.popleft()
                 try:
-                    await self.channel.send(UserPayload(data=data), fds, timeout=None)
+                    # Encoded from a reply the broker built: no need to check it once more.
+                    await self.channel._send_built(UserPayload(data=data), fds, timeout=None)
                 finally:
                     _close_all(fds)
 
