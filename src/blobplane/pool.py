@@ -278,15 +278,21 @@ class PoolLoan:
     views of `buffer` must be gone by then.
     """
 
-    __slots__ = ("_closed", "_pool", "generation", "length", "slot", "token")
+    __slots__ = ("_closed", "_pool", "_token", "generation", "length", "slot")
 
     def __init__(self, pool: BlobPool, slot: int, generation: int) -> None:
         self._pool = pool
         self.slot = slot
         self.generation = generation
         self.length = pool.slot_size
-        self.token = BlobToken(BlobId.new(), pool.slot_size)
+        self._token: BlobToken | None = None  # made on first use: streams never need one
         self._closed = False
+
+    @property
+    def token(self) -> BlobToken:
+        if self._token is None:
+            self._token = BlobToken(BlobId.new(), self.length)
+        return self._token
 
     @property
     def pool(self) -> BlobPool:
@@ -336,7 +342,7 @@ class PoolLoan:
         if not 0 <= length <= self._pool.slot_size:
             raise OutOfBounds(f"length {length} outside this {self._pool.slot_size}-byte slot")
         self.length = length
-        self.token = BlobToken(self.token.id, length)
+        self._token = BlobToken(self.token.id, length)
 
     def close(self) -> None:
         """Give the slot back to the pool (it is reused once every reader released it)."""

@@ -33,6 +33,7 @@ MAX_STREAM_SLOTS = 1024
 @dataclass(eq=False)
 class _Subscriber:
     channel: channel.Channel
+    fd: int  # its socket's fd, registered in the publisher's poller
     known_slots: set[int] = field(default_factory=set)
     # seq -> (slot, generation) of every frame handed to it and not yet released.
     outstanding: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -70,6 +71,12 @@ class Publisher:
             self._pool.close()
             raise
         self._subscribers: list[_Subscriber] = []
+        self._by_fd: dict[int, _Subscriber] = {}
+        # One poller for the publisher's life: pump() asks it which sockets have
+        # something (a connection, releases, a hang-up) and touches only those.
+        self._poller = select.poll()
+        self._listener_fd = self._listener.fileno()
+        self._poller.register(self._listener_fd, select.POLLIN)
         self._seq = 0
         self._closed = False
 
@@ -146,16 +153,21 @@ class Publisher:
     def pump(self) -> None:
         """Accept new subscribers and take in every release that arrived; never blocks."""
         self._check_open()
-        while True:
-            try:
-                accepted = self._listener.accept(timeout=0)
-            except Timeout:
-                break
-            except BlobError:
-                continue  # a refused peer (another uid): the listener carries on
-            self._welcome(accepted)
-        for subscriber in list(self._subscribers):
-            self._read_releases(subscriber)
+        for fd, _ in self._poller.poll(0):
+            if fd == self._listener_fd:
+                self._accept_one()
+                continue
+            subscriber = self._by_fd.get(fd)
+            if subscriber is not None:
+                self._read_releases(subscriber)
+
+    def _accept_one(self) -> None:
+        # The listener is readable: a connection is waiting (more show up at the next poll).
+        try:
+            accepted = self._listener.accept(timeout=0)
+        except BlobError:
+            return  # gone meanwhile (Timeout), or a refused peer: the listener carries on
+        self._welcome(accepted)
 
     def close(self, reason: str = "the publisher closed the stream") -> None:
         """Tell every subscriber the stream ended, then free the pool; closing twice is fine."""
@@ -169,6 +181,7 @@ class Publisher:
                 pass
             subscriber.channel.close()
         self._subscribers.clear()
+        self._by_fd.clear()
         self._listener.close()
         self._pool.close()
 
@@ -192,7 +205,10 @@ class Publisher:
         except BlobError:
             accepted.close()
             return
-        self._subscribers.append(_Subscriber(accepted))
+        subscriber = _Subscriber(accepted, accepted.fileno())
+        self._subscribers.append(subscriber)
+        self._by_fd[subscriber.fd] = subscriber
+        self._poller.register(subscriber.fd, select.POLLIN)
 
     def _read_releases(self, subscriber: _Subscriber) -> None:
         while True:
@@ -223,6 +239,8 @@ class Publisher:
 
     def _drop(self, subscriber: _Subscriber) -> None:
         self._subscribers.remove(subscriber)
+        del self._by_fd[subscriber.fd]
+        self._poller.unregister(subscriber.fd)
         subscriber.channel.close()
         for held in subscriber.outstanding.values():
             self._give_back(held)
@@ -259,11 +277,7 @@ class Publisher:
                     else ""
                 )
             )
-        poller = select.poll()
-        poller.register(self._listener.fileno(), select.POLLIN)
-        for subscriber in self._subscribers:
-            poller.register(subscriber.channel.fileno(), select.POLLIN)
-        poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
+        self._poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
 
     def _check_open(self) -> None:
         if self._closed:
