@@ -202,6 +202,7 @@ class ChannelCore:
             raise
         self.sock = sock
         self.framing = framing
+        self._datagram = framing == "datagram"
         self._fd = sock.fileno()
         self._buffer = bytearray(max_frame_size if framing == "datagram" else _STREAM_CHUNK)
         self._view = memoryview(self._buffer)
@@ -368,7 +369,7 @@ class ChannelCore:
         if size == 0 and not fds:
             # A zero-length datagram reads like end of stream; ours never sends one.
             self._eof_fed = True
-        if self.framing == "datagram":
+        if self._datagram:
             try:
                 return self.wire.receive_datagram(
                     self._view[:size], fds, truncated=bool(flags & _MSG_TRUNC)
@@ -430,9 +431,10 @@ class ChannelCore:
         sent, or declines with nothing recorded. Raises what `encode()` does
         for a closed or failed channel.
         """
-        if self.framing != "datagram" or self._owed or self._owed_rest:
+        if not self._datagram or self._owed or self._owed_rest:
             return None
-        self.check_can_send()
+        if self._closed or self._failure is not None or self._send_failure is not None:
+            self.check_can_send()  # raises
         if message.id == 0:
             message = msgspec.structs.replace(message, id=self.wire.next_id())
         frame = self.wire.frame_trusted(message, len(fds), validate=validate)

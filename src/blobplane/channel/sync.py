@@ -168,7 +168,7 @@ class Channel(ChannelBase):
                 built,
                 borrowed,
                 validate=validate,
-                deadline=_deadline(limit),
+                deadline=None,
                 timeout=limit,
                 what="send",
             )
@@ -185,11 +185,17 @@ class Channel(ChannelBase):
         timeout: float | None,
         what: str,
     ) -> int:
-        """`ops.transmit_locked`, its first sendmsg tried at once (the caller holds `sending`)."""
+        """`ops.transmit_locked`, its first sendmsg tried at once (the caller holds `sending`).
+
+        A *deadline* of None starts the clock only when the send has to wait
+        (nothing else of the call has waited before).
+        """
         core = self._core
         framed = core.frame_now(message, fds, validate=validate)
         if framed is None:
             op = ops.transmit_locked(core, message, fds, validate=validate)
+            if deadline is None:
+                deadline = _deadline(timeout)
             return run_until(op, core.fileno, deadline, timeout, what)
         message, data = framed
         try:
@@ -199,6 +205,8 @@ class Channel(ChannelBase):
             raise
         if sent != len(data):  # the socket is full: wait for room
             rest = ops.send_frame(core, message, data, fds, sent or 0)
+            if deadline is None:
+                deadline = _deadline(timeout)
             run_until(rest, core.fileno, deadline, timeout, what)
         return message.id
 
@@ -249,18 +257,20 @@ class Channel(ChannelBase):
             # The slot's bookkeeping (retain, pooled_out) lives in the generator.
             op = ops.send_blob(core, blob, meta, wait)
             return run(op, core.fileno, limit, "send_blob")
-        deadline = _deadline(limit)
         fd = ops.handoff_fd(blob, meta)
         token = blob.token
         meta = bytes(meta)
         if not wait:
-            return self._send_handoff(token, meta, fd, deadline, limit)
+            return self._send_handoff(token, meta, fd, limit)
         core.check_usable()
         busy = core.receiving
         if not busy.lock.acquire(False):  # `with core.receiving`, inline
             raise BlobBusy(busy.message)
         try:
-            request_id = self._send_handoff(token, meta, fd, deadline, limit)
+            request_id = self._send_handoff(token, meta, fd, limit)
+            # The clock starts after the send: a send that had to wait for room
+            # took from the same timeout, and one that did not took microseconds.
+            deadline = _deadline(limit)
             while True:
                 # Wait first: the reply cannot have come yet, and a read that
                 # finds nothing costs more (BlockingIOError) than this poll.
@@ -280,9 +290,7 @@ class Channel(ChannelBase):
         finally:
             busy.lock.release()
 
-    def _send_handoff(
-        self, token: BlobToken, meta: bytes, fd: int, deadline: float | None, limit: float | None
-    ) -> int:
+    def _send_handoff(self, token: BlobToken, meta: bytes, fd: int, limit: float | None) -> int:
         core = self._core
         busy = core.sending
         if not busy.lock.acquire(False):  # `with core.sending`, inline
@@ -292,7 +300,7 @@ class Channel(ChannelBase):
             # Built from a live token and checked meta: valid already.
             handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
             return self._transmit(
-                handoff, (fd,), validate=False, deadline=deadline, timeout=limit, what="send_blob"
+                handoff, (fd,), validate=False, deadline=None, timeout=limit, what="send_blob"
             )
         finally:
             busy.lock.release()
