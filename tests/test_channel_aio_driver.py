@@ -156,3 +156,30 @@ def test_a_channel_moves_to_another_event_loop() -> None:
     finally:
         tested.close()
         peer.close()
+
+
+def test_an_immediate_send_that_would_wait_sends_nothing() -> None:
+    async def scenario() -> None:
+        tested, peer = aio.socketpair(timeout=WAIT)
+        async with tested, peer:
+            sent: list[int] = []
+            for index in range(100_000):
+                request = tested._try_send_built(UserPayload(data=index.to_bytes(4, "little")))
+                if request is None:
+                    break
+                sent.append(index)
+            else:
+                pytest.fail("the socket never filled up")
+            assert sent == list(range(len(sent)))
+            # Refused without sending: the channel goes on, in order, with later ids.
+            after = asyncio.ensure_future(tested.send(b"after"))  # waits for room
+            for index in sent:
+                message, _ = await peer.recv()
+                assert isinstance(message, UserPayload)
+                assert int.from_bytes(message.data, "little") == index
+            message, _ = await peer.recv()
+            assert isinstance(message, UserPayload)
+            assert message.data == b"after"
+            await after
+
+    asyncio.run(scenario())

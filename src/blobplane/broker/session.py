@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from blobplane.broker.protocol import Get, Reply, encode
 from blobplane.broker.registry import ClientId
 from blobplane.channel.aio import AsyncChannel
-from blobplane.errors import BlobError
+from blobplane.errors import BlobBusy, BlobError
 from blobplane.types import BlobId
 from blobplane.wire import UserPayload
 
@@ -55,16 +55,33 @@ class Session:
     _closed: bool = False
 
     def post(self, reply: Reply, fds: tuple[int, ...] = ()) -> None:
-        """Queue *reply* with *fds* (now the session's); sent at the next flush."""
+        """Send *reply* with *fds* (now the session's), or queue it for the next flush.
+
+        While the reader handles a request it flushes afterwards; otherwise a
+        reply with nothing queued before it goes out at once if the socket
+        takes it, and else a drain task sends it.
+        """
         if self._closed:
             _close_all(fds)
             return
         try:
-            self._outbox.append((encode(reply), fds))
+            data = encode(reply)
         except BaseException:
             _close_all(fds)
             raise
-        if not self.busy and not self._lock.locked() and self._drain is None:
+        idle = not self.busy and not self._lock.locked()
+        if idle and not self._outbox:
+            try:
+                sent = self.channel._try_send_built(UserPayload(data=data), fds)
+            except BlobBusy:
+                sent = None
+            except BlobError:
+                sent = -1  # the peer is gone or broke: the reader finds out and ends the session
+            if sent is not None:
+                _close_all(fds)
+                return
+        self._outbox.append((data, fds))
+        if idle and self._drain is None:
             self._drain = asyncio.get_running_loop().create_task(self._drain_now())
 
     async def flush(self) -> None:

@@ -26,12 +26,12 @@ from blobplane.channel.base import (
     as_message,
     check_timeout,
 )
-from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
+from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
-from blobplane.errors import BlobClosed, Timeout
+from blobplane.errors import BlobBusy, BlobClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message
+from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message, Received
 
 if TYPE_CHECKING:
     from blobplane.objects.allowlist import AllowList
@@ -205,6 +205,15 @@ async def run(
         op.close()
 
 
+def _arrival(core: ChannelCore) -> Op[Received]:
+    """The next message, once it arrives (nothing was there; the caller holds `receiving`)."""
+    while True:
+        yield Wait.READABLE
+        received = core.poll_received()
+        if received is not None:
+            return received
+
+
 class AsyncChannel(ChannelBase):
     """An asyncio channel. Every call takes ``timeout=`` (seconds, None: forever);
     by default the channel's `timeout` attribute (30 s unless set)."""
@@ -243,8 +252,10 @@ class AsyncChannel(ChannelBase):
 
         The fds are only borrowed: the caller still owns and closes them.
         """
-        op = ops.transmit(self._core, as_message(message), tuple(fds))
-        return await run(op, self._core.fileno, self._timeout(timeout), "send", self._waits)
+        # A payload made here from bytes is valid by construction.
+        validate = not isinstance(message, bytes | bytearray | memoryview)
+        limit = self._timeout(timeout)
+        return await self._transmit(as_message(message), tuple(fds), validate, limit)
 
     async def _send_built(
         self, message: Message, fds: Sequence[int] = (), *, timeout: float | None
@@ -255,13 +266,84 @@ class AsyncChannel(ChannelBase):
         would refuse (see `Connection.send`): for a server's replies, whose
         checks happened where they were built.
         """
-        op = ops.transmit(self._core, message, fds, validate=False)
-        return await run(op, self._core.fileno, timeout, "send", self._waits)
+        return await self._transmit(message, fds, False, timeout)
+
+    def _try_send_built(self, message: Message, fds: Sequence[int] = ()) -> int | None:
+        """`_send_built` if it completes at once, without awaiting (internal).
+
+        Returns the request id once the whole message went out with its fds
+        (borrowed, as by `send`), or None, with nothing sent, when it would
+        have to wait (or takes the general path): then `_send_built` it.
+        Raises what `send` raises for a closed or failed channel, and
+        `BlobBusy` while another task sends.
+        """
+        core = self._core
+        busy = core.sending
+        if not busy.lock.acquire(False):
+            raise BlobBusy(busy.message)
+        try:
+            framed = core.frame_now(message, fds, validate=False)
+            if framed is None:
+                return None
+            message, data = framed
+            sent = None
+            try:
+                sent = core.send_checked(data, fds)
+            finally:
+                if sent != len(data):
+                    # A datagram goes out whole or not at all: nothing of it was sent.
+                    core.interrupted_send(message, sent_any=False)
+            return message.id if sent == len(data) else None
+        finally:
+            busy.lock.release()
+
+    # `send` and `recv` run `ops` through a fast lane first, as the sync driver
+    # does: the same steps called directly for the common case (a datagram that
+    # goes out whole, a message already there). Whenever a step would wait, or
+    # anything is unusual, the rest runs as the generator, so the rules stay
+    # written once.
+
+    async def _transmit(
+        self, message: Message, fds: Sequence[int], validate: bool, timeout: float | None
+    ) -> int:
+        """`ops.transmit`, its first sendmsg tried at once."""
+        core = self._core
+        busy = core.sending
+        if not busy.lock.acquire(False):  # `with core.sending`, inline
+            raise BlobBusy(busy.message)
+        try:
+            framed = core.frame_now(message, fds, validate=validate)
+            if framed is None:
+                op = ops.transmit_locked(core, message, fds, validate=validate)
+                return await run(op, core.fileno, timeout, "send", self._waits)
+            message, data = framed
+            try:
+                sent = core.send_checked(data, fds)  # frame_now checked the channel
+            except BaseException:
+                core.interrupted_send(message, sent_any=False)
+                raise
+            if sent != len(data):  # the socket is full: wait for room
+                rest = ops.send_frame(core, message, data, fds, sent or 0)
+                await run(rest, core.fileno, timeout, "send", self._waits)
+            return message.id
+        finally:
+            busy.lock.release()
 
     async def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
         """The next message of any kind and its fds; the caller owns (and closes) the fds."""
-        op = ops.receive(self._core)
-        return await run(op, self._core.fileno, self._timeout(timeout), "recv", self._waits)
+        core = self._core
+        limit = self._timeout(timeout)
+        core.check_usable()
+        busy = core.receiving
+        if not busy.lock.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(busy.message)
+        try:
+            received = core.poll_received()
+            if received is None:
+                received = await run(_arrival(core), core.fileno, limit, "recv", self._waits)
+        finally:
+            busy.lock.release()
+        return received.message, received.fds
 
     async def send_blob(
         self,
