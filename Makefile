@@ -41,6 +41,10 @@ bench: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-ray]' \
 		|| echo "note: ray could not be installed; bench/objects.py skips its rows"
 	$(BIN)/python bench/objects.py
+	@# bench/broker.py: the broker against the channel and Ray (its Ray rows need bench-ray).
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-ray]' \
+		|| echo "note: ray could not be installed; bench/broker.py skips its rows"
+	$(BIN)/python bench/broker.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
