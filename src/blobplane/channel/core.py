@@ -87,6 +87,7 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_CUT = _MSG_TRUNC | _MSG_CTRUNC  # (recvmsg also reports MSG_CMSG_CLOEXEC back in its flags)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _REPLIES = (Ack, ErrorReply)
@@ -309,6 +310,26 @@ class ChannelCore:
                     event = wire.next_event()
                 except RemoteProtocolError as exc:
                     raise self._protocol_failure(exc) from None
+            elif self._datagram:
+                # `_pump` inline for the usual datagram (neither cut short nor
+                # empty): a cold path pays for every frame it enters.
+                try:
+                    size, ancillary, flags, _ = self.sock.recvmsg_into(
+                        [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
+                    )
+                except (BlockingIOError, InterruptedError):
+                    return None
+                except OSError as exc:
+                    raise self._os_failure(exc, "receiving") from exc
+                if size and not flags & _CUT:
+                    try:
+                        event = wire.receive_datagram(
+                            self._view[:size], _fds_from(ancillary) if ancillary else []
+                        )
+                    except RemoteProtocolError as exc:
+                        raise self._protocol_failure(exc) from None
+                else:
+                    event = self._received_event(size, ancillary, flags)
             if event is NEED_DATA:
                 # Nothing buffered (then the wire is not even asked): read.
                 pumped = self._pump()
@@ -362,6 +383,12 @@ class ChannelCore:
             return None
         except OSError as exc:
             raise self._os_failure(exc, "receiving") from exc
+        return self._received_event(size, ancillary, flags)
+
+    def _received_event(
+        self, size: int, ancillary: list[tuple[int, int, bytes]], flags: int
+    ) -> Event:
+        """What the wire makes of what one recvmsg returned (in `_view`)."""
         fds = _fds_from(ancillary) if ancillary else []
         if flags & _MSG_CTRUNC and len(fds) < self._fd_capacity:
             _close_all(fds)

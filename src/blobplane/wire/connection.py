@@ -59,6 +59,9 @@ from blobplane.wire.state import (
 
 __all__ = ["Connection", "Framing"]
 
+_new_event = object.__new__
+_set_field = object.__setattr__  # what a frozen dataclass's __init__ calls
+
 Framing: TypeAlias = Literal["datagram", "stream"]
 
 
@@ -84,6 +87,10 @@ class Connection:
         else:
             raise ValueError(f"framing must be 'datagram' or 'stream', not {framing!r}")
         self._ours, self._theirs = new_directions(max_open_handoffs)
+        # For the fast lanes: plain attributes, read on every message.
+        self._datagrams = self._framer if isinstance(self._framer, DatagramFramer) else None
+        self._max_fds = self.limits.max_fds
+        self._max_frame_size = self.limits.max_frame_size
         self._remote_error = ""
         self._local_error = ""
 
@@ -145,14 +152,14 @@ class Connection:
         errors and fd ownership are theirs, exactly.
         """
         theirs = self._theirs
-        framer = self._framer
+        framer = self._datagrams
         nfds = len(fds)
         size = len(data)
         if (
             truncated
             or size < HEADER_SIZE
             or theirs.state is not State.OPEN
-            or not isinstance(framer, DatagramFramer)
+            or framer is None
             or framer.has_frames
         ):
             return self._replay(data, fds, truncated)
@@ -161,9 +168,9 @@ class Connection:
             magic != MAGIC
             or version != VERSION
             or fd_count != nfds
-            or nfds > self.limits.max_fds
+            or nfds > self._max_fds
             or HEADER_SIZE + length != size
-            or size > self.limits.max_frame_size
+            or size > self._max_frame_size
         ):
             return self._replay(data, fds, truncated)
         try:
@@ -197,7 +204,12 @@ class Connection:
         elif kind is not UserPayload:
             return self._replay(data, fds, truncated)
         theirs.last_id = message.id
-        return Received(message, tuple(fds))
+        # Received(message, fds) without the dataclass's generated __init__, a
+        # Python frame that shows on a cold path (the fields are set as it would).
+        received = _new_event(Received)
+        _set_field(received, "message", message)
+        _set_field(received, "fds", tuple(fds) if fds else ())
+        return received
 
     def _replay(
         self, data: bytes | bytearray | memoryview, fds: list[int], truncated: bool
@@ -309,7 +321,7 @@ class Connection:
             ours.state is not State.OPEN
             or theirs.state is not State.OPEN
             or message.id <= ours.last_id
-            or fd_count > self.limits.max_fds
+            or fd_count > self._max_fds
         ):
             return None
         kind = type(message)
@@ -329,7 +341,7 @@ class Connection:
         buffer = bytearray(HEADER_SIZE)
         _ENCODER.encode_into(message, buffer, HEADER_SIZE)
         length = len(buffer)
-        if length > self.limits.max_frame_size:
+        if length > self._max_frame_size:
             return None
         if validate:
             try:
