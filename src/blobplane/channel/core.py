@@ -305,37 +305,47 @@ class ChannelCore:
         wire = self.wire
         while True:
             event: Event = NEED_DATA
-            if wire.has_buffered:
-                try:
-                    event = wire.next_event()
-                except RemoteProtocolError as exc:
-                    raise self._protocol_failure(exc) from None
-            elif self._datagram:
-                # `_pump` inline for the usual datagram (neither cut short nor
-                # empty): a cold path pays for every frame it enters.
+            if self._datagram:
+                # Read first, without asking the wire whether it holds anything:
+                # with datagrams it holds nothing between calls (each one read
+                # is handed out at once), and a datagram read behind anything it
+                # did hold would be queued after it (`receive_datagram`). The
+                # usual datagram (neither cut short nor empty) goes straight
+                # through the wire's fast lane: `_pump` inline, since a cold
+                # path pays for every frame it enters.
                 try:
                     size, ancillary, flags, _ = self.sock.recvmsg_into(
                         [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
                     )
                 except (BlockingIOError, InterruptedError):
-                    return None
+                    if not wire.has_buffered:
+                        return None
                 except OSError as exc:
                     raise self._os_failure(exc, "receiving") from exc
-                if size and not flags & _CUT:
+                else:
+                    if size and not flags & _CUT:
+                        try:
+                            event = wire.receive_datagram(
+                                self._view[:size], _fds_from(ancillary) if ancillary else []
+                            )
+                        except RemoteProtocolError as exc:
+                            raise self._protocol_failure(exc) from None
+                    else:
+                        event = self._received_event(size, ancillary, flags)
+            if event is NEED_DATA:
+                if wire.has_buffered:
                     try:
-                        event = wire.receive_datagram(
-                            self._view[:size], _fds_from(ancillary) if ancillary else []
-                        )
+                        event = wire.next_event()
                     except RemoteProtocolError as exc:
                         raise self._protocol_failure(exc) from None
-                else:
-                    event = self._received_event(size, ancillary, flags)
-            if event is NEED_DATA:
-                # Nothing buffered (then the wire is not even asked): read.
-                pumped = self._pump()
-                if pumped is None:
-                    return None
-                event = pumped
+                if event is NEED_DATA:
+                    if self._datagram:
+                        return None
+                    # A stream: feed what the socket has, then ask the wire again.
+                    pumped = self._pump()
+                    if pumped is None:
+                        return None
+                    event = pumped
             if type(event) is Received:
                 if self.pooled_out and type(event.message) in _REPLIES:
                     lent = self.pooled_out.pop(event.message.reply_to, None)  # type: ignore[union-attr]

@@ -284,6 +284,9 @@ class Channel(ChannelBase):
                 )
                 received = core.poll_received(queued=False)
                 while received is not None:
+                    message = received.message
+                    if type(message) is Ack and message.reply_to == request_id:
+                        return request_id  # the usual answer, without is_reply's match
                     if ops.is_reply(core, received, request_id, blob):
                         return request_id
                     received = core.poll_received(queued=False)
