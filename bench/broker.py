@@ -17,7 +17,7 @@ process started from this file (``--consumer KIND``). Variants, producer side
   producer filled the slot before the clock started, as a producer that
   builds its data in the slot does: what is timed is the handoff alone.
 - ``channel, fresh blob``: ``create``, copy, ``seal``, ``send_blob`` over a
-  ``SOCK_SEQPACKET`` socketpair -> ``recv_handoff`` (no broker).
+  ``SOCK_SEQPACKET`` socketpair -> ``recv_blob`` (no broker).
 - ``channel, pool slot``: ``ch.loan(pool)``, copy, ``send_blob(loan)``.
 - ``Ray``: ``ray.put(array)`` in this process -> ``ray.get`` in an actor
   (optional: the ``bench-ray`` extra; its rows are skipped with a note when
@@ -28,7 +28,7 @@ the consumer holds the payload and has let it go (mapped, read, closed;
 for Ray, ``ray.get`` returned and the array was dropped), on the host's
 monotonic clock, which both processes share. Before the clock starts the
 consumer is already waiting: its ``get`` is parked at the broker (a key that
-is not there yet), ``recv_handoff`` blocks on the channel, the Ray actor is
+is not there yet), ``recv_blob`` blocks on the channel, the Ray actor is
 idle. The key is deleted after each handoff, untimed.
 
 - latency: 4 KiB; the consumer checks the first 8 bytes (a per-handoff tag)
@@ -187,7 +187,7 @@ def consume_broker(ctl: socket.socket, socket_path: str) -> None:
 
 
 def consume_channel(ctl: socket.socket, channel_fd: int) -> None:
-    """Block in recv_handoff for each handoff; map, read, close (a pool slot's release), report."""
+    """Block in recv_blob for each handoff; map, read, close (a pool slot's release), report."""
     with channel.from_socket(channel_fd, timeout=REPLY_TIMEOUT_S) as ch:
         while True:
             command = ctl.recv(64)
@@ -195,8 +195,8 @@ def consume_channel(ctl: socket.socket, channel_fd: int) -> None:
                 return
             mode, _ = _mode_of(command)
             ctl.send(READY)
-            with ch.recv_handoff() as handoff:
-                view = handoff.blob.as_slice()
+            with ch.recv_blob() as mapped:
+                view = mapped.as_slice()
                 tag = first_word(view)
                 checksum = sum_words(view) if mode == "throughput" else 0
                 view.release()
@@ -655,7 +655,7 @@ def latency_table(results: list[Result]) -> Table:
         "consumer, another process, has mapped and released it)",
         caption=(
             "the consumer waits before the clock starts (a get parked at the broker, "
-            "recv_handoff, an idle Ray actor); timed on the shared monotonic clock from the "
+            "recv_blob, an idle Ray actor); timed on the shared monotonic clock from the "
             "first call of the publish to the consumer's close; variants interleaved; "
             "x Ray = Ray's percentile / this variant's (> 1: faster than Ray)"
         ),
