@@ -9,7 +9,8 @@ connection (`Session`), the registry, the broker's fd of every blob
 A request is handled synchronously from decoding to the registry call and
 the replies it posts, so the registry is never seen half-changed; the only
 await inside a request is the allocation of a large memfd, which runs in a
-thread. After each request the reader flushes the session's replies. The
+thread. A reply goes out as soon as it is posted if the socket takes it;
+after each request the reader flushes whatever had to wait. The
 registry's actions are carried out at once, in order: `FreeBlob` closes the
 broker's fd, `WakeWaiters` re-runs the parked gets, `NotifyProducer` posts a
 `SlotFree` to the producer's session, `Evicted` is logged.
@@ -511,6 +512,8 @@ class BrokerServer:
             raise
         self.fds.add(placed.id, readonly)
         self._carry_out(placed.actions)
+        if request.key is not None:
+            self._wake(request.key)  # the readers waiting for it first: they are the hurry
         session.post(BlobReply(rid=request.rid, blob=_entry(placed.info)))
         event(
             "blob.put",
@@ -521,8 +524,6 @@ class BrokerServer:
             key=request.key,
             pooled=request.pooled,
         )
-        if request.key is not None:
-            self._wake(request.key)
 
     # -- gets that wait --------------------------------------------------------------------
 

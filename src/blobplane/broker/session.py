@@ -1,10 +1,12 @@
 """One client connection of the broker: its outgoing replies, their fds, and its waiting gets.
 
 Replies are posted from synchronous code (the registry's actions, a get woken
-by another client's seal, a lease timer) and sent in order by whoever flushes:
-the connection's own reader after each request, or a drain task for what is
-posted while the reader idles. Every fd posted with a reply belongs to the
-session from then on and is closed once sent, or when the session closes.
+by another client's seal, a lease timer). One with nothing queued before it
+goes out at once if the socket takes it; the rest are sent in order by whoever
+flushes: the connection's own reader after each request, or a drain task for
+what is posted while the reader idles. Every fd posted with a reply belongs
+to the session from then on and is closed once sent, or when the session
+closes.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Session:
     channel: AsyncChannel
     name: str = ""
     bound_to: BlobId | None = None  # a per-blob token's one blob
-    # Set while the reader handles a request: it flushes afterwards itself.
+    # Set while the reader handles a request: it flushes what is queued afterwards.
     busy: bool = False
     waiters: dict[Waiter, None] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
@@ -55,11 +57,11 @@ class Session:
     _closed: bool = False
 
     def post(self, reply: Reply, fds: tuple[int, ...] = ()) -> None:
-        """Send *reply* with *fds* (now the session's), or queue it for the next flush.
+        """Send *reply* with *fds* (now the session's) at once, or queue it.
 
-        While the reader handles a request it flushes afterwards; otherwise a
-        reply with nothing queued before it goes out at once if the socket
-        takes it, and else a drain task sends it.
+        A reply with nothing queued before it goes out at once if the socket
+        takes it. What has to wait is sent by the reader's flush after the
+        request it is handling, or else by a drain task, in order.
         """
         if self._closed:
             _close_all(fds)
@@ -69,8 +71,7 @@ class Session:
         except BaseException:
             _close_all(fds)
             raise
-        idle = not self.busy and not self._lock.locked()
-        if idle and not self._outbox:
+        if not self._outbox and not self._lock.locked():
             try:
                 sent = self.channel._try_send_built(UserPayload(data=data), fds)
             except BlobBusy:
@@ -81,7 +82,7 @@ class Session:
                 _close_all(fds)
                 return
         self._outbox.append((data, fds))
-        if idle and self._drain is None:
+        if not self.busy and not self._lock.locked() and self._drain is None:
             self._drain = asyncio.get_running_loop().create_task(self._drain_now())
 
     async def flush(self) -> None:
