@@ -37,13 +37,10 @@ bench: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-iceoryx]' \
 		|| echo "note: iceoryx2 could not be installed; bench/streams.py skips its rows"
 	$(BIN)/python bench/streams.py
-	@# Ray is optional too: without it bench/objects.py leaves out its rows.
+	@# Ray is optional too: without it bench/objects.py and bench/broker.py leave out its rows.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-ray]' \
-		|| echo "note: ray could not be installed; bench/objects.py skips its rows"
+		|| echo "note: ray could not be installed; the objects and broker benchmarks skip its rows"
 	$(BIN)/python bench/objects.py
-	@# bench/broker.py: the broker against the channel and Ray (its Ray rows need bench-ray).
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench-ray]' \
-		|| echo "note: ray could not be installed; bench/broker.py skips its rows"
 	$(BIN)/python bench/broker.py
 
 clean:
