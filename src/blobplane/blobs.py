@@ -26,11 +26,11 @@ from typing import Self
 
 from blobplane.backends import Allocation, Backend, get_backend, open_for_read
 from blobplane.backends.mapping import (
-    byte_view,
     map_readonly,
     map_writable,
     physical_memory,
     unmap_when_unused,
+    write_into,
 )
 from blobplane.errors import (
     BlobBusy,
@@ -40,7 +40,6 @@ from blobplane.errors import (
     DescriptorMismatch,
     InvalidSize,
     LeaseExpired,
-    OutOfBounds,
 )
 from blobplane.types import (
     BlobBackend,
@@ -227,18 +226,7 @@ class ProducerBlob:
     def write_all(self, data: Buffer | object, offset: int = 0) -> None:
         """Copy *data* (any buffer) into the blob at *offset*, bounds-checked."""
         self._check_writable()
-        view = byte_view(data)
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            raise OutOfBounds(f"offset must be an int, got {type(offset).__name__}")
-        end = offset + view.nbytes
-        if offset < 0 or end > self.size:
-            raise OutOfBounds(
-                f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
-                f"past the end of this {self.size}-byte blob"
-            )
-        mapped = self._state.mapped
-        if mapped is not None and view.nbytes:
-            mapped[offset:end] = view
+        write_into(self._state.mapped, self.size, data, offset, "blob")
 
     def seal(self) -> None:
         """Make the contents final. For memfd the kernel enforces it for every process.

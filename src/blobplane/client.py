@@ -56,7 +56,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeAlias, TypeVar
 
 from blobplane import errors
 from blobplane.backends.checks import check_received_fd, check_regular_and_size
-from blobplane.backends.mapping import byte_view, map_readonly, map_writable, unmap_when_unused
+from blobplane.backends.mapping import (
+    byte_view,
+    map_readonly,
+    map_writable,
+    unmap_when_unused,
+    write_into,
+)
 from blobplane.blobs import MappedRead, ProducerBlob, SharedMemoryBlobs
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import (
@@ -102,7 +108,6 @@ from blobplane.errors import (
     InvalidSize,
     LocalProtocolError,
     NotSendable,
-    OutOfBounds,
     PeerRefused,
     RemoteProtocolError,
     Timeout,
@@ -222,17 +227,7 @@ class _Writable:
     def write_all(self, data: object, offset: int = 0) -> None:
         """Copy *data* (any buffer) into the blob at *offset*, bounds-checked."""
         self._check_writable()
-        view = byte_view(data)
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            raise OutOfBounds(f"offset must be an int, got {type(offset).__name__}")
-        end = offset + view.nbytes
-        if offset < 0 or end > self.size:
-            raise OutOfBounds(
-                f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
-                f"past the end of this {self.size}-byte blob"
-            )
-        if self._mapped is not None and view.nbytes:
-            self._mapped[offset:end] = view
+        write_into(self._mapped, self.size, data, offset, "blob")
 
     def _drop_mapping(self) -> None:
         """Unmap before sealing: the kernel refuses F_SEAL_WRITE while a writable mapping exists."""

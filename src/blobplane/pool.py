@@ -31,10 +31,10 @@ from typing import Self
 
 from blobplane.backends.checks import F_SEAL_FUTURE_WRITE
 from blobplane.backends.mapping import (
-    byte_view,
     map_writable,
     physical_memory,
     unmap_when_unused,
+    write_into,
 )
 from blobplane.backends.memfd import create_sealable_memfd
 from blobplane.errors import (
@@ -328,14 +328,7 @@ class PoolLoan:
     def write_all(self, data: object, offset: int = 0) -> None:
         """Copy *data* into the slot at *offset*, bounds-checked."""
         self._check_open()
-        view = byte_view(data)
-        end = offset + view.nbytes
-        if offset < 0 or end > self._pool.slot_size:
-            raise OutOfBounds(
-                f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
-                f"past the end of this {self._pool.slot_size}-byte slot"
-            )
-        self._pool._slots[self.slot].mapped[offset:end] = view
+        write_into(self._pool._slots[self.slot].mapped, self._pool.slot_size, data, offset, "slot")
 
     def set_length(self, length: int) -> None:
         """Hand over only the first *length* bytes of the slot."""

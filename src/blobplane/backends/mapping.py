@@ -10,7 +10,7 @@ import errno
 import mmap
 import os
 
-from blobplane.errors import os_errors
+from blobplane.errors import OutOfBounds, os_errors
 
 # MADV_POPULATE_WRITE (Linux 5.14): fault every page in one syscall instead of
 # one fault per 4 KiB page during the fill; it also turns a full tmpfs into an
@@ -77,3 +77,21 @@ def physical_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - every Linux has both
         return 2**48
+
+
+def write_into(mapped: mmap.mmap | None, size: int, data: object, offset: int, what: str) -> None:
+    """Copy *data* (any buffer) into the first *size* bytes of *mapped* at *offset*, bounds-checked.
+
+    The one bounds check behind every `write_all` (blobs, pool loans, broker blobs).
+    """
+    view = byte_view(data)
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise OutOfBounds(f"offset must be an int, got {type(offset).__name__}")
+    end = offset + view.nbytes
+    if offset < 0 or end > size:
+        raise OutOfBounds(
+            f"writing {view.nbytes} bytes at offset {offset} reaches byte {end}, "
+            f"past the end of this {size}-byte {what}"
+        )
+    if mapped is not None and view.nbytes:
+        mapped[offset:end] = view
