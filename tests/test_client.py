@@ -16,6 +16,7 @@ from blobplane.client import (
     BrokerClient,
     _Call,
     _Core,
+    _SlotMappings,
     connect_broker,
     connect_broker_async,
     raise_refusal,
@@ -30,11 +31,13 @@ from blobplane.errors import (
     InvalidKey,
     InvalidSize,
     KeyInUse,
+    NotSealed,
     OutOfBounds,
     PeerRefused,
     Timeout,
 )
 from brokers import Broker, broker_folder, running_broker, wait_until
+from leaks import blob_mappings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -207,6 +210,67 @@ def test_late_replies_are_undone() -> None:
         os.fstat(read_fd)  # the late fds were closed
     core.unsolicited(SlotFree(id=uuid.uuid4()), ())  # a slot nobody waits for: ignored
     assert core.abandoned == {}
+
+
+def test_a_pooled_slot_is_mapped_once_per_client(broker: Broker, no_leaks: None) -> None:
+    """Gets of a slot already seen reuse its mapping: no new mmap, the new contents."""
+    with (
+        BlobPool(64 * 1024, 2) as pool,
+        connect_broker(broker.socket_path) as producer,
+        connect_broker(broker.socket_path) as consumer,
+    ):
+        mapped_before = blob_mappings()
+        for round_no in range(6):
+            with producer.loan(pool, timeout=10) as loan:
+                loan.write_all(round_no.to_bytes(8, "little"))
+                entry = producer.put_pooled(loan, key=key())
+            with consumer.get(entry.key or "") as read:
+                assert not read.owns_mapping
+                assert int.from_bytes(read.as_slice()[:8], "little") == round_no
+            producer.delete(entry.blob_id)
+            if round_no == 1:
+                mapped_after_both_slots = blob_mappings()
+        # One mapping per slot, made the first time each slot came: none since.
+        assert mapped_after_both_slots == mapped_before + 2
+        assert blob_mappings() == mapped_after_both_slots
+        assert len(consumer._core.slots) == 2
+        fresh_entry = producer.put_bytes(b"fresh")
+        with consumer.get(fresh_entry.blob_id) as fresh:
+            assert fresh.owns_mapping  # a fresh blob is mapped for this read only
+        producer.delete(fresh_entry.blob_id)
+        assert len(consumer._core.slots) == 2
+        consumer.close()
+        assert blob_mappings() == mapped_before  # closing the client unmapped its slots
+        producer.pump(0.2)
+
+
+def test_cached_slots_are_checked_bounded_and_never_unmapped_under_a_reader() -> None:
+    with BlobPool(4096, 3) as pool:
+        loans = [pool.loan() for _ in range(3)]
+        slots = _SlotMappings(max_slots=2)
+        first = slots.mapping(loans[0].fileno(), 4096)
+        assert slots.mapping(loans[0].fileno(), 4096) is first  # same memfd: reused
+        assert first is not None
+        view = memoryview(first)
+        slots.mapping(loans[1].fileno(), 4096)
+        slots.mapping(loans[2].fileno(), 4096)
+        assert len(slots) == 2  # the least recently used slot went
+        assert slots.mapping(loans[0].fileno(), 4096) is not first  # mapped anew
+        loans[0].write_all(b"still here")
+        assert bytes(view[:10]) == b"still here"  # the dropped mapping lives on for its view
+        view.release()
+        slots.close()
+        assert len(slots) == 0
+        assert slots.bytes == 0
+        for loan in loans:
+            loan.close()
+    unsealed = os.memfd_create("blobplane-test-unsealed", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(unsealed, 4096)
+        with pytest.raises(NotSealed):
+            _SlotMappings().mapping(unsealed, 4096)  # a slot is checked like recv_blob
+    finally:
+        os.close(unsealed)
 
 
 # -- asyncio ------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import os
 import time
 import uuid
 import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -60,6 +61,7 @@ from blobplane.backends.mapping import (
     byte_view,
     map_readonly,
     map_writable,
+    physical_memory,
     unmap_when_unused,
     write_into,
 )
@@ -134,6 +136,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+MAX_CACHED_SLOTS = 64  # pool slots a client keeps mapped (see `_SlotMappings`)
 
 Target: TypeAlias = BlobId | uuid.UUID | str
 R = TypeVar("R", bound=Reply)
@@ -159,9 +162,14 @@ class BrokerRead(MappedRead):
     __slots__ = ("entry",)
 
     def __init__(
-        self, mapped: mmap.mmap | None, entry: BlobEntry, on_close: Callable[[], None]
+        self,
+        mapped: mmap.mmap | None,
+        entry: BlobEntry,
+        on_close: Callable[[], None],
+        *,
+        owned: bool = True,
     ) -> None:
-        super().__init__(mapped, entry.size, on_close)
+        super().__init__(mapped, entry.size, on_close, owned=owned)
         self.entry = entry
 
     @property
@@ -401,6 +409,63 @@ def raise_refusal(refused: Refused) -> NoReturn:
     raise kind(refused.message)
 
 
+class _SlotMappings:
+    """The pool slots this client got, each mapped once and reused by later gets of it.
+
+    A pooled blob is a slot of its producer's pool, published again and again:
+    mapping it anew on every get costs an mmap and a page fault per page read.
+    The first time a slot's memfd arrives it passes the checks of `recv_blob`
+    and is mapped whole; later gets reuse that mapping once one fstat proves
+    the fd is the same memfd (the same inode: the mapping keeps it alive, so
+    no other file can take its number) and large enough, and its seals can
+    only have grown since. Bounded in slots and in bytes: the least recently
+    used slot is dropped first, and all of them when the client closes.
+    Dropping never unmaps under a reader: a read made from the mapping keeps
+    it until it goes.
+    """
+
+    def __init__(self, max_slots: int = MAX_CACHED_SLOTS, max_bytes: int | None = None) -> None:
+        self.max_slots = max_slots
+        self.max_bytes = physical_memory() // 4 if max_bytes is None else max_bytes
+        self.bytes = 0
+        self._maps: OrderedDict[tuple[int, int], tuple[mmap.mmap | None, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def mapping(self, fd: int, size: int) -> mmap.mmap | None:
+        """A read-only mapping of the slot behind *fd* (borrowed), at least *size* bytes long."""
+        with errors.os_errors("inspecting a pool slot"):
+            info = os.fstat(fd)
+        identity = (info.st_dev, info.st_ino)
+        known = self._maps.get(identity)
+        if known is not None and known[1] >= size:
+            self._maps.move_to_end(identity)
+            return known[0]
+        check_received_fd(fd, size)
+        if known is not None:
+            self._drop(identity)
+        length = info.st_size
+        mapped = map_readonly(fd, length)
+        if length > self.max_bytes:
+            return mapped  # larger than the whole cache: used once, not kept
+        self._maps[identity] = (mapped, length)
+        self.bytes += length
+        while len(self._maps) > self.max_slots or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._maps)))
+        return mapped
+
+    def close(self) -> None:
+        while self._maps:
+            self._drop(next(iter(self._maps)))
+
+    def _drop(self, identity: tuple[int, int]) -> None:
+        # No close(): reads that borrowed the mapping keep it until they go, and
+        # CPython unmaps it the moment the last reference does.
+        _, length = self._maps.pop(identity)
+        self.bytes -= length
+
+
 class _ReleaseOnce:
     """Post a reference's release the first time it is called: at close, or at collection."""
 
@@ -449,6 +514,7 @@ class _Core:
         self.pooled: dict[uuid.UUID, tuple[BlobPool, int]] = {}
         # Requests whose caller stopped waiting: their replies must be undone.
         self.abandoned: dict[int, type[Request]] = {}
+        self.slots = _SlotMappings()
         self._local: SharedMemoryBlobs | None = None
 
     def rid(self) -> int:
@@ -535,14 +601,17 @@ class _Core:
         entry = _expect(reply, fds, BlobReply, 1).blob
         release = _ReleaseOnce(self._post, Release(rid=self.rid(), id=entry.id, ack=False))
         try:
-            check_received_fd(fds[0], entry.size)
-            mapped = map_readonly(fds[0], entry.size)
+            if entry.pooled:
+                mapped = self.slots.mapping(fds[0], entry.size)
+            else:
+                check_received_fd(fds[0], entry.size)
+                mapped = map_readonly(fds[0], entry.size)
         except BaseException:
             release()
             raise
         finally:
             os.close(fds[0])
-        read = BrokerRead(mapped, entry, release)
+        read = BrokerRead(mapped, entry, release, owned=not entry.pooled)
         # A read dropped without close() still gives its reference back.
         weakref.finalize(read, release)
         return read
@@ -631,6 +700,7 @@ class _Core:
         return Timeout(f"the broker did not answer {type(call.request).__name__.lower()} in time")
 
     def close(self) -> None:
+        self.slots.close()
         if self._local is not None:
             self._local.close()
 
@@ -908,6 +978,21 @@ def connect_broker(
 _Delivery: TypeAlias = Answer | BlobError
 
 
+class _Expired(Exception):
+    """A request's wait for its reply reached the deadline (turned into `Timeout`)."""
+
+
+def _expire(future: asyncio.Future[_Delivery]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+def _delivered(delivery: _Delivery) -> Answer:
+    if isinstance(delivery, BlobError):
+        raise type(delivery)(*delivery.args) from delivery
+    return delivery
+
+
 class AsyncBrokerClient:
     """An asyncio connection to the broker; made by ``await connect_broker_async()``.
 
@@ -920,9 +1005,13 @@ class AsyncBrokerClient:
         self._core = _Core(self._post)
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self._pending: dict[int, asyncio.Queue[_Delivery]] = {}
+        # One future per request waiting for its reply (None between the parts of a
+        # listing); replies that come while nobody awaits them wait in `_early`.
+        self._pending: dict[int, asyncio.Future[_Delivery] | None] = {}
+        self._early: dict[int, deque[_Delivery]] = {}
         self._sending = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._posted: list[UserPayload] = []  # requests without a reply, sent on the next turn
         self._slot_freed = asyncio.Event()
         self._failure: BlobError | None = None
         self._closed = False
@@ -1074,28 +1163,44 @@ class AsyncBrokerClient:
 
     async def _exchange(self, call: _Call) -> Answer:
         rid = call.request.rid
-        queue = self._pending.get(rid)
-        if queue is None:
-            queue = self._pending[rid] = asyncio.Queue()
-        self._check_usable()  # after the queue exists: a failure from now on reaches it
+        early = self._early.get(rid)
+        if early:
+            return _delivered(early.popleft())
+        future: asyncio.Future[_Delivery] = self._loop.create_future()
+        self._pending[rid] = future
+        self._check_usable()  # after the future exists: a failure from now on reaches it
         if call.send:
-            async with self._sending:
-                await self._channel.send(_payload(call.request), call.fds, timeout=self.timeout)
+            await self._send(_payload(call.request), call.fds)
         limit = self.timeout if call.wait is DEFAULT else call.wait
+        # A timer only, not `asyncio.timeout()`: the reply usually beats it by far.
+        timer = None if limit is None else self._loop.call_later(limit, _expire, future)
         try:
-            async with asyncio.timeout(limit):
-                delivery = await queue.get()
-        except TimeoutError:
+            delivery = await future
+        except _Expired:
             raise self._core.abandon(call) from None
-        if isinstance(delivery, BlobError):
-            raise type(delivery)(*delivery.args) from delivery
-        return delivery
+        except BaseException:
+            # Cancelled: a reply that comes after all must still be undone.
+            self._core.abandon(call)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return _delivered(delivery)
+
+    async def _send(self, payload: UserPayload, fds: tuple[int, ...] = ()) -> None:
+        """Send a request: at once if the socket takes it, else in turn with other senders."""
+        if self._posted:
+            self._send_posted()  # releases and deletes go in the order they were made
+        # Encoded and checked by `_payload`: the channel need not decode it again.
+        if not self._sending.locked() and self._channel._try_send_built(payload, fds) is not None:
+            return
+        async with self._sending:
+            await self._channel._send_built(payload, fds, timeout=self.timeout)
 
     def _forget(self, rid: int) -> None:
-        """Stop listening for *rid*; replies already queued for it are undone."""
-        queue = self._pending.pop(rid, None)
-        while queue is not None and not queue.empty():
-            delivery = queue.get_nowait()
+        """Stop listening for *rid*; replies already here for it are undone."""
+        self._pending.pop(rid, None)
+        for delivery in self._early.pop(rid, ()):
             if not isinstance(delivery, BlobError):
                 self._core.unsolicited(*delivery)
 
@@ -1104,9 +1209,14 @@ class AsyncBrokerClient:
             while True:
                 message, fds = await self._channel.recv(timeout=None)
                 reply = self._core.decode(message, fds)
-                queue = self._pending.get(getattr(reply, "rid", 0))
-                if queue is not None:
-                    queue.put_nowait((reply, fds))
+                rid = getattr(reply, "rid", 0)
+                if rid in self._pending:
+                    future = self._pending[rid]
+                    if future is not None and not future.done():
+                        future.set_result((reply, fds))
+                        self._pending[rid] = None
+                    else:
+                        self._early.setdefault(rid, deque()).append((reply, fds))
                     continue
                 self._core.unsolicited(reply, fds)
                 if isinstance(reply, SlotFree):
@@ -1117,8 +1227,9 @@ class AsyncBrokerClient:
     def _fail(self, error: BlobError) -> None:
         if self._failure is None:
             self._failure = error
-        for queue in self._pending.values():
-            queue.put_nowait(error)
+        for future in self._pending.values():
+            if future is not None and not future.done():
+                future.set_result(error)
         self._slot_freed.set()
 
     def _post(self, request: Request) -> None:
@@ -1133,14 +1244,36 @@ class AsyncBrokerClient:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 self._loop.call_soon_threadsafe(self._post, request)
             return
-        task = self._loop.create_task(self._send_quietly(request))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        # Not sent from inside close(): the caller goes on at once, and the loop
+        # sends every release posted meanwhile on its next turn, without a task.
+        self._posted.append(_payload(request))
+        if len(self._posted) == 1:
+            self._loop.call_soon(self._send_posted)
 
-    async def _send_quietly(self, request: Request) -> None:
+    def _send_posted(self) -> None:
+        posted, self._posted = self._posted, []
+        for index, payload in enumerate(posted):
+            if self._closed:
+                return
+            try:
+                if (
+                    not self._sending.locked()
+                    and self._channel._try_send_built(payload) is not None
+                ):
+                    continue
+            except BlobError:
+                return  # the connection is gone, and with it every reference it held
+            # The socket is full or another task sends: the rest go in order, in a task.
+            task = self._loop.create_task(self._send_quietly(posted[index:]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+
+    async def _send_quietly(self, payloads: list[UserPayload]) -> None:
         try:
             async with self._sending:
-                await self._channel.send(_payload(request), timeout=self.timeout)
+                for payload in payloads:
+                    await self._channel._send_built(payload, timeout=self.timeout)
         except BlobError:
             pass  # the connection is gone, and with it every reference it held
 
