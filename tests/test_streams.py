@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import pytest
 
 from blobplane import channel
-from blobplane.errors import SlotRewritten, StreamEnded, Timeout
+from blobplane.errors import RemoteProtocolError, SlotRewritten, StreamEnded, Timeout
 from blobplane.streams import Backpressure, Publisher, Subscriber
-from blobplane.streams.protocol import Frame, Hello, decode
+from blobplane.streams.protocol import Hello, Slots, decode
+from blobplane.streams.ring import ENTRIES_AT, ENTRY, ENTRY_SIZE
 from blobplane.wire import UserPayload
 from children import CHILD_TIMEOUT_S
 from leaks import blob_mappings, open_fds
@@ -203,7 +204,7 @@ with Publisher(sys.argv[1], slot_size=4096, slots=2) as pub:
         publisher.stdout.close()
 
 
-def test_a_subscriber_cannot_write_a_slot(socket_path: str) -> None:
+def test_a_subscriber_cannot_write_a_slot_or_its_ring(socket_path: str) -> None:
     with Publisher(socket_path, slot_size=4096, slots=1) as pub:
         raw: list[channel.Channel] = []
         connecting = threading.Thread(target=lambda: raw.append(channel.connect(socket_path)))
@@ -211,28 +212,32 @@ def test_a_subscriber_cannot_write_a_slot(socket_path: str) -> None:
         pub.wait_for_subscribers(1, timeout=CHILD_TIMEOUT_S)
         connecting.join(CHILD_TIMEOUT_S)
         with raw[0] as peer:
-            hello, (control,) = peer.recv()
-            assert isinstance(hello, UserPayload)
-            assert isinstance(decode(hello.data), Hello)
-            with pub.loan() as loan:
-                loan.write_all(b"mine")
-                pub.publish(loan)
+            hello, hello_fds = peer.recv()
             message, (slot_fd,) = peer.recv()
-            assert isinstance(message, UserPayload)
-            assert isinstance(decode(message.data), Frame)
             try:
-                for fd in (slot_fd, control):
+                assert isinstance(hello, UserPayload)
+                assert isinstance(decode(hello.data), Hello)
+                assert isinstance(message, UserPayload)
+                assert decode(message.data) == Slots(0)
+                control, ring, release = hello_fds[:3]
+                with pub.loan() as loan:
+                    loan.write_all(b"mine")
+                    pub.publish(loan)
+                for fd in (slot_fd, control, ring):
                     with pytest.raises(PermissionError):
                         mmap.mmap(fd, 4096, access=mmap.ACCESS_WRITE)
                     with pytest.raises(PermissionError):
                         os.ftruncate(fd, 0)
                     with pytest.raises(PermissionError):
                         os.pwrite(fd, b"evil", 0)
+                # The release area is the subscriber's to write, but nobody may resize it.
+                with pytest.raises(PermissionError):
+                    os.ftruncate(release, 0)
                 with mmap.mmap(slot_fd, 4096, access=mmap.ACCESS_READ) as view:
                     assert view[:4] == b"mine"
             finally:
-                os.close(slot_fd)
-                os.close(control)
+                for fd in (slot_fd, *hello_fds):
+                    os.close(fd)
 
 
 def test_check_mode_catches_a_slot_rewritten_under_a_reader(socket_path: str) -> None:
@@ -262,3 +267,50 @@ def test_thousands_of_frames_leak_nothing(socket_path: str) -> None:
     assert summary["fd_growth"] == 0
     assert open_fds() == fds_before
     assert blob_mappings() == mappings_before
+
+
+# What a broken publisher could put in an entry: field -> value, and the error it must give.
+BAD_ENTRIES = {
+    "slot out of range": ({"slot": 7}, "names slot 7 of a pool of 2"),
+    "longer than its slot": ({"length": 4097}, "is 4097 bytes long, its slot 4096"),
+    "header too long": ({"header_len": 5000}, "5000-byte header"),
+    "wrong position": ({"position": 9}, "holds position 9"),
+    "frame number going back": ({"seq": 1}, "frame number 1 after 1"),
+    "head beyond the ring": ({"head": 1000}, "head to 1000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_a_broken_ring_entry_ends_the_stream_with_a_clear_error(
+    socket_path: str, case: str
+) -> None:
+    changes, message = BAD_ENTRIES[case]
+    with Publisher(socket_path, slot_size=4096, slots=2) as pub:
+        waiter = threading.Thread(target=pub.wait_for_subscribers, args=(1, CHILD_TIMEOUT_S))
+        waiter.start()
+        with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S) as sub:
+            waiter.join(CHILD_TIMEOUT_S)
+            for _ in range(2):
+                with pub.loan() as loan:
+                    pub.publish(loan, header=b"h")
+            with sub.receive() as receipt:
+                assert receipt.seq == 1
+            # What a broken publisher would do: rewrite the second entry in its ring.
+            ring = pub._subscribers[0].ring
+            at = ENTRIES_AT + 1 * ENTRY_SIZE
+            fields = dict(
+                zip(
+                    ("position", "seq", "slot", "generation", "length", "sent_ns", "unsent"),
+                    ENTRY.unpack_from(ring.ring, at),
+                    strict=False,
+                )
+            )
+            fields["header_len"] = 1
+            fields.update((k, v) for k, v in changes.items() if k != "head")
+            ENTRY.pack_into(ring.ring, at, *fields.values())
+            if "head" in changes:
+                ring.words[0] = changes["head"]
+            with pytest.raises(RemoteProtocolError, match=message):
+                sub.receive(timeout=CHILD_TIMEOUT_S)
+            with pytest.raises(StreamEnded, match="broke the stream"):
+                sub.receive(timeout=CHILD_TIMEOUT_S)

@@ -48,7 +48,7 @@ from blobplane.errors import (
 from blobplane.slot_claims import try_claim_exclusive, unclaim
 from blobplane.types import BlobId, BlobToken, UnixFd
 
-__all__ = ["POOL_SEALS", "BlobPool", "PoolLoan"]
+__all__ = ["POOL_SEALS", "BlobPool", "PoolLoan", "sealed_memfd"]
 
 POOL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
 _GENERATION = struct.Struct("<Q")
@@ -58,8 +58,12 @@ def _round_up(size: int, unit: int) -> int:
     return -(-size // unit) * unit
 
 
-def _sealed_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
-    """A pre-faulted writable mapping of a new memfd, then sealed against everyone else."""
+def sealed_memfd(name: str, size: int, seals: int = POOL_SEALS) -> tuple[int, mmap.mmap]:
+    """A pre-faulted writable mapping of a new memfd, then sealed with *seals*.
+
+    With the default (`POOL_SEALS`) nobody else can ever map it writable, and
+    nobody can shrink or grow it, while this mapping stays writable.
+    """
     fd = create_sealable_memfd(name)
     try:
         with os_errors(f"sizing pool memory to {size} bytes"):
@@ -68,7 +72,7 @@ def _sealed_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
         assert mapped is not None  # size > 0: pools round up to whole pages
         try:
             with os_errors("sealing pool memory"):
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, POOL_SEALS)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
         except BaseException:
             mapped.close()
             raise
@@ -110,11 +114,11 @@ class BlobPool:
         self._closed = False
         try:
             control_size = _round_up(_GENERATION.size * slots, mmap.PAGESIZE)
-            self._control_fd, self._control = _sealed_memfd(
+            self._control_fd, self._control = sealed_memfd(
                 f"blobplane-pool:{self.id}:control", control_size
             )
             for index in range(slots):
-                fd, mapped = _sealed_memfd(f"blobplane-pool:{self.id}:{index}", mapped_size)
+                fd, mapped = sealed_memfd(f"blobplane-pool:{self.id}:{index}", mapped_size)
                 self._slots.append(_Slot(fd, mapped))
                 self._free.append(index)
         except BaseException:
@@ -157,10 +161,16 @@ class BlobPool:
 
     def try_loan(self) -> PoolLoan | None:
         """A free slot now, or None."""
-        try:
-            return self.loan(timeout=0)
-        except Timeout:
-            return None
+        # Not loan(timeout=0): a stream asks this for every frame, and an empty
+        # pool is its usual way of finding out it must wait, not an error.
+        with self._lock:
+            self._check_open()
+            if not self._free:
+                return None
+            index = self._free.popleft()
+            self._slots[index].loaned = True
+            generation = self._bump_generation(index)
+        return PoolLoan(self, index, generation)
 
     def generation(self, slot: int) -> int:
         """The slot's current generation (bumped at every loan)."""

@@ -1,16 +1,20 @@
-"""The stream protocol: four messages carried inside the channel's `UserPayload`s.
+"""The stream protocol: a few messages over the channel, and a ring in shared memory per frame.
 
-The channel moves bytes and fds; a stream adds its own tagged union on top,
+The channel carries what happens once (and the fds), inside `UserPayload`s,
 as an application protocol rides a transport::
 
-    publisher -> subscriber   Hello   once, with the pool's control block fd
-    publisher -> subscriber   Frame   per frame; carries the slot's fd the
-                                      first time this subscriber sees the slot
-    subscriber -> publisher   Release when the subscriber is done with a frame
+    publisher -> subscriber   Hello   once, with the pool's control block, the
+                                      subscriber's ring and release area and
+                                      the two eventfds (see `streams.ring`)
+    publisher -> subscriber   Slots   right after Hello, up to 16 slot fds each,
+                                      until every slot of the pool was sent
     publisher -> subscriber   End     when the publisher closes the stream
 
-A frame names its slot and the slot's generation at publish time; the
-subscriber maps each slot once and keeps it.
+Frames never ride the channel: each goes into the subscriber's ring (an
+entry naming the slot, its generation, the length and the header) and the
+subscriber's release area takes the release back. The channel socket stays
+open for the stream's life, so a publisher or subscriber that dies is seen
+as a hang-up.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import msgspec
 from blobplane.errors import RemoteProtocolError
 
 MAX_HEADER = 1024
+# One fd per slot travels at Hello time: a bound keeps that (and the ring) small.
+MAX_STREAM_SLOTS = 1024
+HELLO_FDS = 5  # control block, ring, release area, frame-ready and released eventfds
 
 
 class Backpressure(enum.StrEnum):
@@ -40,30 +47,36 @@ class _StreamMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, ta
 class Hello(_StreamMessage, frozen=True, tag="hello"):
     pool: uuid.UUID
     slot_size: Annotated[int, msgspec.Meta(gt=0)]
-    slots: Annotated[int, msgspec.Meta(gt=0)]
+    slots: Annotated[int, msgspec.Meta(gt=0, le=MAX_STREAM_SLOTS)]
     policy: Backpressure
+    ring_entries: Annotated[int, msgspec.Meta(gt=0, le=4 * MAX_STREAM_SLOTS)]
 
 
-class Frame(_StreamMessage, frozen=True, tag="frame"):
-    seq: Annotated[int, msgspec.Meta(ge=1)]
-    slot: Annotated[int, msgspec.Meta(ge=0)]
-    generation: Annotated[int, msgspec.Meta(ge=1)]
-    length: Annotated[int, msgspec.Meta(ge=0)]
-    sent_ns: int
-    # Frames the publisher could not even queue for this subscriber since the last one.
-    unsent: Annotated[int, msgspec.Meta(ge=0)] = 0
-    header: Annotated[bytes, msgspec.Meta(max_length=MAX_HEADER)] = b""
+class Slots(_StreamMessage, frozen=True, tag="slots"):
+    """The fds of slots ``first`` .. ``first + len(fds) - 1``, in order."""
 
-
-class Release(_StreamMessage, frozen=True, tag="release"):
-    seq: Annotated[int, msgspec.Meta(ge=1)]
+    first: Annotated[int, msgspec.Meta(ge=0)]
 
 
 class End(_StreamMessage, frozen=True, tag="end"):
     reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
-StreamMessage: TypeAlias = Hello | Frame | Release | End
+StreamMessage: TypeAlias = Hello | Slots | End
+
+
+class Frame(msgspec.Struct, frozen=True):
+    """One frame as a subscriber took it from its ring (checked there, see `ring`)."""
+
+    seq: int
+    slot: int
+    generation: int
+    length: int
+    sent_ns: int
+    # Frames the publisher could not even queue for this subscriber since the last one.
+    unsent: int = 0
+    header: bytes = b""
+
 
 _ENCODER = msgspec.msgpack.Encoder(uuid_format="bytes")
 _DECODER = msgspec.msgpack.Decoder(StreamMessage)

@@ -1,8 +1,10 @@
 """Subscribers: frames received in order as read-only views into the publisher's slots.
 
 `SubscriberCore` holds everything both flavours share (the slot mappings,
-claims, generation checks, what to answer); `Subscriber` drives it over a
-blocking channel and `AsyncSubscriber` over an asyncio one.
+the ring, claims, generation checks); `Subscriber` waits for it in poll()
+and `AsyncSubscriber` in the event loop. Either waits on two things: the
+ring's frame-ready eventfd and the channel socket, so that a publisher that
+closes or dies ends the stream even while no frame comes.
 
 A receipt's view is valid until the receipt is closed: then the slot goes
 back to the publisher, who will write the next frame into it. Copy what you
@@ -11,7 +13,9 @@ need to keep (numpy arrays made from the view share its memory).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import select
 import struct
 import time
 from collections.abc import Container
@@ -24,13 +28,25 @@ from blobplane.channel import aio
 from blobplane.channel import sync as sync_channel
 from blobplane.errors import (
     BlobClosed,
+    BlobError,
     ConnectionClosed,
     RemoteProtocolError,
     SlotRewritten,
     StreamEnded,
+    Timeout,
 )
 from blobplane.slot_claims import claim_shared, unclaim
-from blobplane.streams.protocol import Backpressure, End, Frame, Hello, Release, decode, encode
+from blobplane.streams.protocol import (
+    HELLO_FDS,
+    Backpressure,
+    End,
+    Frame,
+    Hello,
+    Slots,
+    StreamMessage,
+    decode,
+)
+from blobplane.streams.ring import SubscriberRing, drain
 from blobplane.types import UnixFd
 from blobplane.wire import Message, UserPayload
 
@@ -45,59 +61,114 @@ def _close_fds(fds: tuple[int, ...]) -> None:
 
 
 class SubscriberCore:
-    """The I/O-free half of a subscriber: fed messages, it yields frames and releases."""
+    """The I/O-free half of a subscriber: fed the channel's messages, it reads the ring."""
 
     def __init__(self, *, check: bool) -> None:
         self.check = check
         self.policy: Backpressure | None = None
         self.slot_size = 0
+        self.slots = 0
         self._control: MappedRead | None = None
         self._claims_fd = -1
-        self._slots: dict[int, MappedRead] = {}
+        self._slots: list[MappedRead] = []
+        self._ring: SubscriberRing | None = None
         self._missed = 0
         self._ended: StreamEnded | None = None
+        self._broken = False
 
-    def on_hello(self, message: Message, fds: tuple[int, ...]) -> None:
-        """Take the stream's Hello and the control block fd that comes with it."""
-        try:
-            hello = self._decode(message)
-            if not isinstance(hello, Hello) or len(fds) != 1:
-                raise RemoteProtocolError(
-                    "a stream starts with a Hello carrying the pool's control block"
-                )
-            self.policy = hello.policy
-            self.slot_size = hello.slot_size
-            self._control = map_descriptor(UnixFd(fds[0]), hello.slots * _GENERATION.size)
-            if hello.policy is Backpressure.DROP_OLDEST:
-                self._claims_fd = reopen_readonly(fds[0])
-        finally:
-            _close_fds(fds)
+    @property
+    def ready(self) -> bool:
+        """Whether every slot is mapped (the stream's setup is over)."""
+        return self._ring is not None and len(self._slots) == self.slots
 
-    def on_message(self, message: Message, fds: tuple[int, ...]) -> Frame | None:
-        """A frame to hand to the user, or None (a frame taken back before we got to it)."""
+    @property
+    def ready_fd(self) -> int:
+        """The frame-ready eventfd to wait on."""
+        if self._ring is None:
+            raise BlobClosed("the subscriber has no stream")
+        return self._ring.ready
+
+    def on_setup(self, message: Message, fds: tuple[int, ...]) -> None:
+        """Take Hello (the ring, the control block) and then the Slots messages that follow."""
         try:
             decoded = self._decode(message)
-            if isinstance(decoded, End):
-                raise self.end(decoded.reason or "the publisher closed the stream")
-            if not isinstance(decoded, Frame):
-                raise RemoteProtocolError(f"unexpected {type(decoded).__name__} in a stream")
-            frame = decoded
-            if fds:
-                self._map_slot(frame, fds[0])
-            elif frame.slot not in self._slots:
-                raise RemoteProtocolError(f"frame {frame.seq} uses slot {frame.slot} unannounced")
+            if self._ring is None:
+                if not isinstance(decoded, Hello) or len(fds) != HELLO_FDS:
+                    raise RemoteProtocolError(
+                        f"a stream starts with a Hello carrying {HELLO_FDS} fds"
+                    )
+                self._on_hello(decoded, fds)
+            elif not isinstance(decoded, Slots) or decoded.first != len(self._slots):
+                raise RemoteProtocolError(
+                    f"expected the fds of slots from {len(self._slots)} on, "
+                    f"got {type(decoded).__name__}"
+                )
+            elif not fds or len(self._slots) + len(fds) > self.slots:
+                raise RemoteProtocolError(
+                    f"{len(fds)} more slot fds for a pool of {self.slots} with "
+                    f"{len(self._slots)} known"
+                )
+            else:
+                for fd in fds:
+                    self._slots.append(map_descriptor(UnixFd(fd), self.slot_size))
         finally:
             _close_fds(fds)
-        if frame.length > self.slot_size:
-            raise RemoteProtocolError(f"frame {frame.seq} is longer than its slot")
-        self._missed += frame.unsent
-        if self._claims_fd >= 0:
-            claim_shared(self._claims_fd, frame.slot)
-            if self.generation(frame.slot) != frame.generation:
-                unclaim(self._claims_fd, frame.slot)
-                self._missed += 1
+
+    def _on_hello(self, hello: Hello, fds: tuple[int, ...]) -> None:
+        self.policy = hello.policy
+        self.slot_size = hello.slot_size
+        self.slots = hello.slots
+        self._control = map_descriptor(UnixFd(fds[0]), hello.slots * _GENERATION.size)
+        if hello.policy is Backpressure.DROP_OLDEST:
+            self._claims_fd = reopen_readonly(fds[0])
+        self._ring = SubscriberRing(
+            fds[1:],
+            hello.ring_entries,
+            hello.slots,
+            hello.slot_size,
+            overwrites=hello.policy is Backpressure.DROP_OLDEST,
+        )
+
+    def on_message(self, message: Message, fds: tuple[int, ...]) -> None:
+        """A message on the channel once set up: only End may come."""
+        _close_fds(fds)
+        decoded = self._decode(message)
+        if isinstance(decoded, End):
+            self.end(decoded.reason or "the publisher closed the stream")
+            return
+        raise RemoteProtocolError(f"unexpected {type(decoded).__name__} in a stream")
+
+    def pending(self) -> bool:
+        return self._ring is not None and self._ring.pending()
+
+    def take(self) -> Frame | None:
+        """The next frame to hand to the user, or None when there is none now.
+
+        A bad ring entry ends the stream (`RemoteProtocolError`, then
+        `StreamEnded` on later calls): the publisher is broken.
+        """
+        ring = self._ring
+        if ring is None or self._broken:
+            return None
+        while True:
+            try:
+                frame, lost = ring.take()
+            except RemoteProtocolError as exc:
+                self._broken = True
+                self.end(f"the publisher broke the stream: {exc}", exc)
+                raise
+            self._missed += lost
+            if frame is None:
                 return None
-        return frame
+            self._missed += frame.unsent
+            if self._claims_fd >= 0:
+                claim_shared(self._claims_fd, frame.slot)
+                if self.generation(frame.slot) != frame.generation:
+                    # Taken back before we got to it (DROP_OLDEST): never released by us.
+                    unclaim(self._claims_fd, frame.slot)
+                    self._missed += 1
+                    continue
+            return frame
 
     def view(self, frame: Frame) -> memoryview:
         with self._slots[frame.slot].as_slice() as whole:
@@ -107,8 +178,8 @@ class SubscriberCore:
         missed, self._missed = self._missed, 0
         return missed
 
-    def finish(self, frame: Frame) -> bytes:
-        """Let go of *frame*'s slot; return the Release to send. Checks it in check mode."""
+    def finish(self, frame: Frame) -> None:
+        """Let go of *frame*'s slot: the publisher sees the release. Checks it in check mode."""
         rewritten = self.check and self.generation(frame.slot) != frame.generation
         if self._claims_fd >= 0:
             unclaim(self._claims_fd, frame.slot)
@@ -117,7 +188,8 @@ class SubscriberCore:
                 f"slot {frame.slot} was rewritten while frame {frame.seq} was being read: "
                 "the producer reused a slot a reader held (a bug in the producer)"
             )
-        return encode(Release(frame.seq))
+        if self._ring is not None:
+            self._ring.mark_released(frame.slot, frame.generation)
 
     def generation(self, slot: int) -> int:
         if self._control is None:
@@ -136,9 +208,12 @@ class SubscriberCore:
         return self._ended
 
     def close(self) -> None:
-        for mapped in self._slots.values():
+        for mapped in self._slots:
             mapped.close()
         self._slots.clear()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -146,15 +221,8 @@ class SubscriberCore:
             os.close(self._claims_fd)
             self._claims_fd = -1
 
-    def _map_slot(self, frame: Frame, fd: int) -> None:
-        if frame.slot in self._slots:
-            raise RemoteProtocolError(f"slot {frame.slot} announced twice")
-        if self._control is None or frame.slot * _GENERATION.size >= len(self._control):
-            raise RemoteProtocolError(f"frame {frame.seq} names slot {frame.slot}, out of range")
-        self._slots[frame.slot] = map_descriptor(UnixFd(fd), self.slot_size)
-
     @staticmethod
-    def _decode(message: Message) -> Hello | Frame | Release | End:
+    def _decode(message: Message) -> StreamMessage:
         if not isinstance(message, UserPayload):
             raise RemoteProtocolError(f"unexpected {type(message).__name__} in a stream")
         return decode(message.data)
@@ -184,15 +252,15 @@ class _ReceiptBase:
         """Seconds from `publish()` to `receive()` returning (both clocks are CLOCK_MONOTONIC)."""
         return (self.received_ns - self.frame.sent_ns) / 1e9
 
-    def _finish(self) -> bytes | None:
+    def _finish(self) -> None:
         if self._done:
-            return None
+            return
         self._done = True
         try:
             self.view.release()
         except BufferError:
             pass  # arrays made from it live on; the docs say they must not be trusted
-        return self._core.finish(self.frame)
+        self._core.finish(self.frame)
 
     def __repr__(self) -> str:
         return f"<Receipt frame {self.seq}, {len(self.view)} bytes, missed {self.missed}>"
@@ -205,16 +273,10 @@ class Receipt(_ReceiptBase):
     the slot back to the publisher.
     """
 
-    __slots__ = ("_subscriber",)
-
-    def __init__(self, subscriber: Subscriber, frame: Frame, missed: int) -> None:
-        super().__init__(subscriber._core, frame, missed)
-        self._subscriber = subscriber
+    __slots__ = ()
 
     def close(self) -> None:
-        release = self._finish()
-        if release is not None:
-            self._subscriber._send_release(release)
+        self._finish()
 
     def __enter__(self) -> Self:
         return self
@@ -229,7 +291,15 @@ class Receipt(_ReceiptBase):
 
 
 class Subscriber:
-    """Receives a publisher's frames, in order, over a blocking channel."""
+    """Receives a publisher's frames, in order, over a blocking channel.
+
+    ``spin_us``: before sleeping in poll() for the next frame, look at the
+    ring this many microseconds. Off by default: waking a process asleep on
+    another CPU costs ~30 µs on a VM, which a short spin saves when the
+    publisher and each subscriber have a CPU of their own; with fewer free
+    CPUs than spinning processes the spin only takes the CPU the publisher
+    needs to write the frame, and costs latency instead.
+    """
 
     def __init__(
         self,
@@ -238,11 +308,21 @@ class Subscriber:
         check: bool = False,
         timeout: float | None = 30.0,
         allowed_uids: Container[int] | None = None,
+        spin_us: float = 0.0,
     ) -> None:
+        if spin_us < 0:
+            raise ValueError(f"spin_us must be >= 0, not {spin_us}")
+        self.timeout = timeout
+        self.spin_ns = int(spin_us * 1000)
         self._core = SubscriberCore(check=check)
         self._channel = sync_channel.connect(path, timeout=timeout, allowed_uids=allowed_uids)
         try:
-            self._core.on_hello(*self._channel.recv())
+            while not self._core.ready:
+                self._core.on_setup(*self._channel.recv())
+            self._poller = select.poll()
+            self._ready_fd = self._core.ready_fd
+            self._poller.register(self._ready_fd, select.POLLIN)
+            self._poller.register(self._channel.fileno(), select.POLLIN)
         except BaseException:
             self.close()
             raise
@@ -252,23 +332,72 @@ class Subscriber:
         return self._core.policy
 
     def receive(self, timeout: float | None = None) -> Receipt:
-        """The next frame, waiting up to *timeout* seconds (None: the channel's timeout).
+        """The next frame, waiting up to *timeout* seconds (None: the subscriber's timeout).
 
-        Raises `StreamEnded` when the publisher closed the stream or went away.
+        Raises `StreamEnded` when the publisher closed the stream or went away
+        (after every frame it published before that).
         """
+        core = self._core
+        frame = core.take()
+        if frame is not None:
+            return Receipt(core, frame, core.take_missed())
+        if timeout is None:
+            timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._core.ended is not None:
-                raise self._core.ended
-            try:
-                if timeout is None:
-                    message, fds = self._channel.recv()
-                else:
-                    message, fds = self._channel.recv(timeout=timeout)
-            except ConnectionClosed as exc:
-                raise self._core.end("the publisher went away", exc) from exc
-            frame = self._core.on_message(message, fds)
+            if core.ended is not None:
+                raise core.ended
+            if self.spin_ns and self._spin():
+                frame = core.take()
+                if frame is not None:
+                    return Receipt(core, frame, core.take_missed())
+                continue
+            self._wait(deadline)
+            frame = core.take()
             if frame is not None:
-                return Receipt(self, frame, self._core.take_missed())
+                return Receipt(core, frame, core.take_missed())
+
+    def _spin(self) -> bool:
+        end = time.monotonic_ns() + self.spin_ns
+        pending = self._core.pending
+        while time.monotonic_ns() < end:
+            if pending():
+                return True
+        return False
+
+    def _wait(self, deadline: float | None) -> None:
+        """Sleep until the ready eventfd or the socket has something (or the deadline)."""
+        if deadline is None:
+            timeout_ms = None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout("receive: no frame within the timeout")
+            timeout_ms = max(1, int(remaining * 1000))
+        # The eventfd may still count frames already taken: then poll() returns
+        # at once, receive() finds nothing and comes back here to sleep.
+        for fd, _ in self._poller.poll(timeout_ms):
+            if fd == self._ready_fd:
+                drain(fd)
+            else:
+                self._read_channel()
+
+    def _read_channel(self) -> None:
+        try:
+            message, fds = self._channel.recv(timeout=0)
+        except Timeout:
+            return
+        except (ConnectionClosed, BlobClosed) as exc:
+            self._core.end("the publisher went away", exc)
+            return
+        except BlobError as exc:
+            self._core.end(f"the stream's channel failed: {exc}", exc)
+            raise
+        try:
+            self._core.on_message(message, fds)
+        except RemoteProtocolError as exc:
+            self._core.end(f"the publisher broke the stream: {exc}", exc)
+            raise
 
     def __iter__(self) -> Self:
         return self
@@ -278,12 +407,6 @@ class Subscriber:
             return self.receive()
         except StreamEnded:
             raise StopIteration from None
-
-    def _send_release(self, release: bytes) -> None:
-        try:
-            self._channel.send(UserPayload(data=release))
-        except (ConnectionClosed, BlobClosed):
-            pass  # the publisher is gone: nothing left to give back to
 
     def close(self) -> None:
         """Leave the stream; every frame still held is given back when the publisher notices."""
@@ -305,16 +428,10 @@ class Subscriber:
 class AsyncReceipt(_ReceiptBase):
     """A frame received by an `AsyncSubscriber`; ``await receipt.close()`` or ``async with``."""
 
-    __slots__ = ("_subscriber",)
-
-    def __init__(self, subscriber: AsyncSubscriber, frame: Frame, missed: int) -> None:
-        super().__init__(subscriber._core, frame, missed)
-        self._subscriber = subscriber
+    __slots__ = ()
 
     async def close(self) -> None:
-        release = self._finish()
-        if release is not None:
-            await self._subscriber._send_release(release)
+        self._finish()
 
     async def __aenter__(self) -> Self:
         return self
@@ -329,11 +446,26 @@ class AsyncReceipt(_ReceiptBase):
 
 
 class AsyncSubscriber:
-    """Receives frames over an asyncio channel; made by ``await AsyncSubscriber.connect()``."""
+    """Receives frames in an event loop; made by ``await AsyncSubscriber.connect()``.
 
-    def __init__(self, core: SubscriberCore, channel: aio.AsyncChannel) -> None:
+    The loop watches the frame-ready eventfd (a reader callback) and the
+    channel (one `recv` task for the stream's life, which only End or the
+    publisher's hang-up completes).
+    """
+
+    def __init__(
+        self, core: SubscriberCore, channel: aio.AsyncChannel, timeout: float | None = 30.0
+    ) -> None:
         self._core = core
         self._channel = channel
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ready_fd = core.ready_fd
+        self._loop.add_reader(self._ready_fd, self._on_ready)
+        self._watch: asyncio.Task[tuple[Message, tuple[int, ...]]] | None = None
+        self._watch = self._loop.create_task(self._channel.recv(timeout=None))
+        self._watch.add_done_callback(self._on_channel)
 
     @classmethod
     async def connect(
@@ -347,32 +479,70 @@ class AsyncSubscriber:
         channel = await aio.connect(path, timeout=timeout, allowed_uids=allowed_uids)
         core = SubscriberCore(check=check)
         try:
-            core.on_hello(*await channel.recv())
+            while not core.ready:
+                core.on_setup(*await channel.recv())
         except BaseException:
             channel.close()
             core.close()
             raise
-        return cls(core, channel)
+        return cls(core, channel, timeout)
 
     @property
     def policy(self) -> Backpressure | None:
         return self._core.policy
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_ready(self) -> None:
+        drain(self._ready_fd)
+        self._wake()
+
+    def _on_channel(self, task: asyncio.Task[tuple[Message, tuple[int, ...]]]) -> None:
+        core = self._core
+        if task.cancelled():
+            core.end("the subscriber closed")
+        elif (exc := task.exception()) is not None:
+            if isinstance(exc, ConnectionClosed | BlobClosed):
+                core.end("the publisher went away", exc)
+            else:
+                core.end(f"the stream's channel failed: {exc}", exc)
+        else:
+            try:
+                core.on_message(*task.result())
+            except RemoteProtocolError as protocol_error:
+                core.end(f"the publisher broke the stream: {protocol_error}", protocol_error)
+        self._wake()
+
     async def receive(self, timeout: float | None = None) -> AsyncReceipt:
         """The next frame; raises `StreamEnded` when the stream is over."""
+        core = self._core
+        if timeout is None:
+            timeout = self.timeout
+        deadline = None if timeout is None else self._loop.time() + timeout
         while True:
-            if self._core.ended is not None:
-                raise self._core.ended
-            try:
-                if timeout is None:
-                    message, fds = await self._channel.recv()
-                else:
-                    message, fds = await self._channel.recv(timeout=timeout)
-            except ConnectionClosed as exc:
-                raise self._core.end("the publisher went away", exc) from exc
-            frame = self._core.on_message(message, fds)
+            frame = core.take()
             if frame is not None:
-                return AsyncReceipt(self, frame, self._core.take_missed())
+                return AsyncReceipt(core, frame, core.take_missed())
+            if core.ended is not None:
+                raise core.ended
+            # No await between the look at the ring and here: a frame published
+            # since makes the eventfd readable, and _on_ready runs once we wait.
+            self._waiter = waiter = self._loop.create_future()
+            try:
+                if deadline is None:
+                    await waiter
+                else:
+                    remaining = deadline - self._loop.time()
+                    if remaining <= 0:
+                        raise Timeout("receive: no frame within the timeout")
+                    await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                raise Timeout("receive: no frame within the timeout") from None
+            finally:
+                self._waiter = None
 
     def __aiter__(self) -> Self:
         return self
@@ -383,13 +553,14 @@ class AsyncSubscriber:
         except StreamEnded:
             raise StopAsyncIteration from None
 
-    async def _send_release(self, release: bytes) -> None:
-        try:
-            await self._channel.send(UserPayload(data=release))
-        except (ConnectionClosed, BlobClosed):
-            pass
-
     def close(self) -> None:
+        if self._ready_fd >= 0:
+            self._loop.remove_reader(self._ready_fd)
+            self._ready_fd = -1
+        if self._watch is not None:
+            self._watch.remove_done_callback(self._on_channel)
+            self._watch.cancel()
+            self._watch = None
         self._channel.close()
         self._core.close()
 
