@@ -171,10 +171,10 @@ def consume_broker(ctl: socket.socket, socket_path: str) -> None:
                 if len(command) != GO.size:
                     return
                 mode, tag = _mode_of(command)
-                pending = asyncio.ensure_future(client.get(key_of(tag), timeout=REPLY_TIMEOUT_S))
-                await asyncio.sleep(0)  # the get's request goes out before we say we are ready
-                ctl.send(READY)
-                mapped = await pending
+                # Said on the loop's next turn: the get's first step has sent its request
+                # by then. Awaited directly, not as a task: no extra turn once it is answered.
+                loop.call_soon(ctl.send, READY)
+                mapped = await client.get(key_of(tag), timeout=REPLY_TIMEOUT_S)
                 view = mapped.as_slice()
                 tag = first_word(view)
                 checksum = sum_words(view) if mode == "throughput" else 0

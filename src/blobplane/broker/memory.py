@@ -14,7 +14,13 @@ from __future__ import annotations
 import fcntl
 import os
 
-from blobplane.backends.checks import F_SEAL_FUTURE_WRITE, check_received_fd, get_seals
+from blobplane.backends.checks import (
+    F_SEAL_FUTURE_WRITE,
+    SIZE_SEALS,
+    check_received_fd,
+    check_regular_and_size,
+    get_seals,
+)
 from blobplane.backends.memfd import allocate_memfd, reopen_readonly, seal_memfd
 from blobplane.errors import NotSealed, os_errors
 from blobplane.types import BlobId
@@ -42,9 +48,14 @@ def check_put(fd: int, size: int, *, pooled: bool) -> None:
     at least (only its producer, who keeps its mapping, writes to it, and
     only after the broker said the slot is free).
     """
-    check_received_fd(fd, size)
+    # The checks of `check_received_fd`, with one read of the seals for both.
+    check_regular_and_size(fd, size, f"fd {fd}")
     with os_errors("reading the seals of a blob"):
-        seals = get_seals(fd) or 0
+        seals = get_seals(fd)
+    if seals is None or seals & SIZE_SEALS != SIZE_SEALS:
+        check_received_fd(fd, size)  # refuses it, in the words recv_blob uses
+        with os_errors("reading the seals of a blob"):
+            seals = get_seals(fd) or 0  # sealed by its owner meanwhile
     if pooled:
         if not seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
             raise NotSealed(
