@@ -58,11 +58,13 @@ from blobplane.errors import (
     os_errors,
 )
 from blobplane.pool import BlobPool
+from blobplane.types import BlobToken
 from blobplane.wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
     NEED_DATA,
     Ack,
+    BlobHandoff,
     Connection,
     ErrorCode,
     ErrorReply,
@@ -221,6 +223,9 @@ class ChannelCore:
         )
         self._closed = False
         self._failure: BlobError | None = None
+        # Neither closed nor failed: one attribute for the fast lanes to read
+        # (`check_usable()` says why not).
+        self.intact = True
         # The peer stopped reading (EPIPE): what it sent before may still be read.
         self._send_failure: BlobError | None = None
         self._eof_fed = False
@@ -267,12 +272,14 @@ class ChannelCore:
 
     def close(self) -> None:
         self._closed = True
+        self.intact = False
         self._release_now()
 
     def fail(self, error: BlobError) -> BlobError:
         """Make *error* the sticky failure (the first one wins) and release everything."""
         if self._failure is None and not self._closed:
             self._failure = error
+        self.intact = False
         self._release_now()
         return error
 
@@ -476,6 +483,66 @@ class ChannelCore:
             message = msgspec.structs.replace(message, id=self.wire.next_id())
         frame = self.wire.frame_trusted(message, len(fds), validate=validate)
         return None if frame is None else (message, frame)
+
+    # The two sends of a plain handoff's round trip, each framed and sent in
+    # one step (the caller holds `sending`). They return None, with nothing
+    # sent or recorded, unless the channel is in its usual state (datagrams,
+    # no owed reply, neither closed nor failed) and the wire frames the
+    # message (`Connection.frame_handoff` / `frame_ack`): the general path
+    # (`ops.transmit_locked`) then applies every rule and raises its errors.
+    # Otherwise (message, frame, bytes sent): None bytes if the socket was
+    # full, and the caller sends the frame with `ops.send_frame`.
+
+    def handoff_now(
+        self, token: BlobToken, meta: bytes, fd: int
+    ) -> tuple[BlobHandoff, bytearray, int | None] | None:
+        """Hand *fd* over as the blob *token*: the fast lane of `ops.send_blob`'s send."""
+        if (
+            not self.intact
+            or not self._datagram
+            or self._owed
+            or self._owed_rest
+            or self._send_failure is not None
+        ):
+            return None
+        framed = self.wire.frame_handoff(token, meta)
+        if framed is None:
+            return None
+        handoff, frame = framed
+        try:
+            sent = self.sock.sendmsg(
+                [frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], _MSG_NOSIGNAL
+            )
+        except (BlockingIOError, InterruptedError):
+            return handoff, frame, None
+        except BaseException as exc:
+            self.wire.abandon(handoff)
+            if isinstance(exc, OSError):
+                raise self._os_failure(exc, "sending") from exc
+            raise
+        return handoff, frame, sent
+
+    def ack_now(self, reply_to: int) -> tuple[Ack, bytearray, int | None] | None:
+        """Acknowledge the peer's handoff *reply_to*: the fast lane of `ops.receive_handoff`'s."""
+        if (
+            not self.intact
+            or not self._datagram
+            or self._owed
+            or self._owed_rest
+            or self._send_failure is not None
+        ):
+            return None
+        framed = self.wire.frame_ack(reply_to)
+        if framed is None:
+            return None
+        ack, frame = framed
+        try:
+            sent = self.sock.send(frame, _MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return ack, frame, None
+        except OSError as exc:
+            raise self._os_failure(exc, "sending") from exc
+        return ack, frame, sent
 
     def encode(
         self, message: Message, fds: Sequence[int], *, validate: bool

@@ -289,21 +289,9 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
             owed = Ack(reply_to=handoff.id)
             return core.slot_cache.view(handoff.slot, fds[0], size, lambda: core.owe_reply(owed))
         fd = fds[0]
-        if size:
-            # The checks of `check_received_fd` as one predicate, then the map:
-            # a regular file of at least *size* bytes, sealed against resizing.
-            # Anything else (or any OSError) takes the full path below, which
-            # checks again and raises the precise error.
-            try:
-                info = os.fstat(fd)
-                if (
-                    S_ISREG(info.st_mode)
-                    and info.st_size >= size
-                    and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
-                ):
-                    return MappedRead(mmap.mmap(fd, size, access=mmap.ACCESS_READ), size)
-            except OSError:
-                pass
+        mapped = map_sealed(fd, size)
+        if mapped is not None:
+            return MappedRead(mapped, size)
         # What map_descriptor(UnixFd(fd), size) does, minus its layers: the
         # token's size was checked when it was decoded.
         check_received_fd(fd, size)
@@ -316,6 +304,28 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def map_sealed(fd: int, size: int) -> mmap.mmap | None:
+    """*size* bytes of *fd* mapped read-only if it passes the sealing checks; else None.
+
+    The checks of `check_received_fd` as one predicate: a regular file of at
+    least *size* (> 0) bytes, sealed against resizing. None for anything
+    else (or any OSError): the full path (`_map`) then checks again and
+    says precisely what is wrong. The caller still owns and closes *fd*.
+    """
+    if size:
+        try:
+            info = os.fstat(fd)
+            if (
+                S_ISREG(info.st_mode)
+                and info.st_size >= size
+                and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
+            ):
+                return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, OverflowError):
+            pass
+    return None
 
 
 def refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:

@@ -26,7 +26,7 @@ from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
 from blobplane.errors import BlobBusy, BlobClosed, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.types import BlobToken
+from blobplane.types import UnixFd
 from blobplane.wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
@@ -36,6 +36,7 @@ from blobplane.wire import (
     Received,
     UserPayload,
 )
+from blobplane.wire.messages import MAX_META
 
 if TYPE_CHECKING:
     from blobplane.objects.allowlist import AllowList
@@ -252,36 +253,52 @@ class Channel(ChannelBase):
         until then: close the loan whenever you like.
         """
         core = self._core
-        limit = self._timeout(timeout)
-        if isinstance(blob, PoolLoan):
-            # The slot's bookkeeping (retain, pooled_out) lives in the generator.
+        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
+        if type(blob) is not ProducerBlob:
+            # A pool slot's bookkeeping (retain, pooled_out) lives in the generator.
             op = ops.send_blob(core, blob, meta, wait)
             return run(op, core.fileno, limit, "send_blob")
-        fd = ops.handoff_fd(blob, meta)
+        # `ops.handoff_fd`'s checks, each a plain test first: the call raises their errors.
+        fd = blob.fileno()  # BlobClosed once cleaned up
+        if type(blob.descriptor) is not UnixFd or not blob.sealed or len(meta) > MAX_META:
+            fd = ops.handoff_fd(blob, meta)
         token = blob.token
         meta = bytes(meta)
-        if not wait:
-            return self._send_handoff(token, meta, fd, limit)
-        core.check_usable()
-        busy = core.receiving
-        if not busy.lock.acquire(False):  # `with core.receiving`, inline
-            raise BlobBusy(busy.message)
+        if wait:
+            if not core.intact:
+                core.check_usable()  # raises: closed or broken beats busy
+            receiving = core.receiving
+            if not receiving.lock.acquire(False):  # `with core.receiving`, inline
+                raise BlobBusy(receiving.message)
         try:
-            request_id = self._send_handoff(token, meta, fd, limit)
+            sending = core.sending
+            if not sending.lock.acquire(False):  # `with core.sending`, inline
+                raise BlobBusy(sending.message)
+            try:
+                # The id is taken under `sending`, so that no other send slips in between.
+                sent = core.handoff_now(token, meta, fd)
+                if sent is None:
+                    # Built from a live token and checked meta: valid already.
+                    handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
+                    op = ops.transmit_locked(core, handoff, (fd,), validate=False)
+                    request_id = run(op, core.fileno, limit, "send_blob")
+                else:
+                    handoff, frame, count = sent
+                    request_id = handoff.id
+                    if count != len(frame):  # the socket is full: wait for room
+                        rest = ops.send_frame(core, handoff, frame, (fd,), count or 0)
+                        run(rest, core.fileno, limit, "send_blob")
+            finally:
+                sending.lock.release()
+            if not wait:
+                return request_id
             # The clock starts after the send: a send that had to wait for room
             # took from the same timeout, and one that did not took microseconds.
             deadline = _deadline(limit)
             while True:
                 # Wait first: the reply cannot have come yet, and a read that
                 # finds nothing costs more (BlockingIOError) than this poll.
-                _block(
-                    Wait.READABLE,
-                    core.fileno,
-                    deadline,
-                    limit,
-                    "send_blob",
-                    readable=self._readable,
-                )
+                self._wait_readable(deadline, limit, "send_blob")
                 received = core.poll_received(queued=False)
                 while received is not None:
                     message = received.message
@@ -291,22 +308,23 @@ class Channel(ChannelBase):
                         return request_id
                     received = core.poll_received(queued=False)
         finally:
-            busy.lock.release()
+            if wait:
+                receiving.lock.release()
 
-    def _send_handoff(self, token: BlobToken, meta: bytes, fd: int, limit: float | None) -> int:
-        core = self._core
-        busy = core.sending
-        if not busy.lock.acquire(False):  # `with core.sending`, inline
-            raise BlobBusy(busy.message)
-        try:
-            # The id is taken under `sending`, so that no other send slips in between.
-            # Built from a live token and checked meta: valid already.
-            handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
-            return self._transmit(
-                handoff, (fd,), validate=False, deadline=None, timeout=limit, what="send_blob"
-            )
-        finally:
-            busy.lock.release()
+    def _wait_readable(self, deadline: float | None, timeout: float | None, what: str) -> None:
+        """`_block(Wait.READABLE, ...)` on the channel's own poll object (holding `receiving`).
+
+        A channel closed meanwhile leaves its fd number registered: poll()
+        then returns at once (POLLNVAL) and the receive that follows reports it.
+        """
+        if deadline is None:
+            self._readable.poll(None)
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"{what} did not complete within {timeout} s")
+        if not self._readable.poll(math.ceil(remaining * 1000)) and time.monotonic() >= deadline:
+            raise Timeout(f"{what} did not complete within {timeout} s")
 
     def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
@@ -319,49 +337,86 @@ class Channel(ChannelBase):
     def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
         """The next blob with its token and metadata, mapped read-only and acknowledged."""
         core = self._core
-        limit = self._timeout(timeout)
+        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
         deadline = _deadline(limit)
-        core.check_usable()
+        if not core.intact:
+            core.check_usable()  # raises: closed or broken beats busy
         busy = core.receiving
         if not busy.lock.acquire(False):  # `with core.receiving`, inline
             raise BlobBusy(busy.message)
         try:
-            received = self._next(True, deadline, limit, "recv_handoff")
-            handoff, result = ops.take_handoff(core, received)
-            # What `ops.receive_handoff` does from here on, with the Ack's fast lane.
-            mapped = isinstance(result, MappedRead)
+            received = core.poll_received()
+            while received is None:
+                self._wait_readable(deadline, limit, "recv_handoff")
+                received = core.poll_received()
+            handoff = received.message
+            if type(handoff) is not BlobHandoff or handoff.slot is not None:
+                return self._take_handoff(received, deadline, limit)
+            # A plain blob: map it if it passes the sealing checks as one
+            # predicate, acknowledge at once, and leave the rest (closing the
+            # fd, the handles) until the Ack is out. Anything else takes
+            # `_take_handoff`, whose full checks say precisely what is wrong.
+            fd = received.fds[0]  # the wire checked: a memfd handoff has exactly one
+            size = handoff.token.size
+            mapped = ops.map_sealed(fd, size)
+            if mapped is None:
+                return self._take_handoff(received, deadline, limit)
             try:
-                if mapped:
-                    if handoff.slot is None:  # a pool slot is answered when released
-                        sending = core.sending
-                        if not sending.lock.acquire(False):  # `with core.sending`, inline
-                            raise BlobBusy(sending.message)
-                        try:
-                            ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
-                            self._transmit(
-                                ack,
-                                (),
-                                validate=False,
-                                deadline=deadline,
-                                timeout=limit,
-                                what="recv_handoff",
-                            )
-                        finally:
-                            sending.lock.release()
-                else:
-                    reply = ops.refusal(handoff, result)  # type: ignore[arg-type]
-                    op = ops.transmit(core, reply, validate=False)
-                    run_until(op, core.fileno, deadline, limit, "recv_handoff")
+                sending = core.sending
+                if not sending.lock.acquire(False):  # `with core.sending`, inline
+                    raise BlobBusy(sending.message)
+                try:
+                    sent = core.ack_now(handoff.id)
+                    if sent is None:
+                        ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
+                        op = ops.transmit_locked(core, ack, (), validate=False)
+                        run_until(op, core.fileno, deadline, limit, "recv_handoff")
+                    elif sent[2] != len(sent[1]):  # the socket is full: wait for room
+                        ack, frame, count = sent
+                        rest = ops.send_frame(core, ack, frame, (), count or 0)
+                        run_until(rest, core.fileno, deadline, limit, "recv_handoff")
+                finally:
+                    sending.lock.release()
             except ConnectionClosed:
-                # The sender is gone; a mapped blob stays valid (see ops.receive_handoff).
-                if not mapped:
-                    raise result from None  # type: ignore[misc]
+                pass  # the sender is gone; a mapped blob stays valid (see ops.receive_handoff)
             except BaseException:
-                if mapped:
-                    result.close()  # type: ignore[union-attr]
+                mapped.close()
                 raise
+            finally:
+                os.close(fd)
         finally:
             busy.lock.release()
+        return Handoff(handoff.token, handoff.meta, MappedRead(mapped, size), handoff.id)
+
+    def _take_handoff(
+        self, received: Received, deadline: float | None, limit: float | None
+    ) -> Handoff:
+        """`recv_handoff` for anything but a plain blob that passed the fast checks.
+
+        What `ops.receive_handoff` does after its receive (the caller holds `receiving`).
+        """
+        core = self._core
+        handoff, result = ops.take_handoff(core, received)
+        mapped = isinstance(result, MappedRead)
+        try:
+            if mapped:
+                if handoff.slot is None:  # a pool slot is answered when released
+                    ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
+                    with core.sending:
+                        op = ops.transmit_locked(core, ack, (), validate=False)
+                        run_until(op, core.fileno, deadline, limit, "recv_handoff")
+            else:
+                reply = ops.refusal(handoff, result)  # type: ignore[arg-type]
+                op = ops.transmit(core, reply, validate=False)
+                run_until(op, core.fileno, deadline, limit, "recv_handoff")
+        except ConnectionClosed:
+            # The sender is gone; a mapped blob stays valid (see ops.receive_handoff).
+            if not mapped:
+                raise result from None  # type: ignore[misc]
+        except BaseException:
+            if mapped:
+                result.close()  # type: ignore[union-attr]
+            raise
         if not isinstance(result, MappedRead):
             raise result
         return Handoff(handoff.token, handoff.meta, result, handoff.id)

@@ -23,6 +23,7 @@ from typing import Literal, TypeAlias
 import msgspec
 
 from blobplane.errors import LocalProtocolError, RemoteProtocolError
+from blobplane.types import BlobToken
 from blobplane.wire.events import NEED_DATA, Event, PeerClosed, Received
 from blobplane.wire.frames import (
     HEADER,
@@ -160,7 +161,9 @@ class Connection:
             or size < HEADER_SIZE
             or theirs.state is not State.OPEN
             or framer is None
-            or framer.has_frames
+            # `framer.has_frames`, read inline: a property call shows on a cold path.
+            or framer._queue
+            or framer._eof
         ):
             return self._replay(data, fds, truncated)
         magic, version, fd_count, length = HEADER.unpack_from(data)
@@ -356,6 +359,54 @@ class Connection:
         elif kind is Ack:
             theirs.open_handoffs.discard(message.reply_to)  # type: ignore[union-attr]
         return buffer
+
+    def frame_handoff(self, token: BlobToken, meta: bytes) -> tuple[BlobHandoff, bytearray] | None:
+        """`frame_trusted()` for a plain-blob handoff with one fd, built here with `next_id()`.
+
+        *token* comes from a live blob and *meta* is checked against
+        `MAX_META` by the caller: the handoff is valid by construction.
+        Returns None, with nothing recorded, whenever `frame_trusted()` would.
+        """
+        ours = self._ours
+        if (
+            ours.state is not State.OPEN
+            or self._theirs.state is not State.OPEN
+            or self._max_fds < 1
+            or len(ours.open_handoffs) >= ours.max_open_handoffs
+        ):
+            return None
+        handoff = BlobHandoff(id=ours.last_id + 1, token=token, meta=meta)
+        buffer = bytearray(HEADER_SIZE)
+        _ENCODER.encode_into(handoff, buffer, HEADER_SIZE)
+        length = len(buffer)
+        if length > self._max_frame_size:
+            return None
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, 1, length - HEADER_SIZE)
+        ours.last_id = handoff.id
+        ours.open_handoffs.add(handoff.id)
+        return handoff, buffer
+
+    def frame_ack(self, reply_to: int) -> tuple[Ack, bytearray] | None:
+        """`frame_trusted()` for the Ack of the peer's handoff *reply_to*, built here.
+
+        None, with nothing recorded, if *reply_to* is not a handoff of the
+        peer's waiting for its answer or anything else is unusual.
+        """
+        ours = self._ours
+        theirs = self._theirs
+        if (
+            ours.state is not State.OPEN
+            or theirs.state is not State.OPEN
+            or reply_to not in theirs.open_handoffs
+        ):
+            return None
+        ack = Ack(id=ours.last_id + 1, reply_to=reply_to)
+        buffer = bytearray(HEADER_SIZE)
+        _ENCODER.encode_into(ack, buffer, HEADER_SIZE)
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, 0, len(buffer) - HEADER_SIZE)
+        ours.last_id = ack.id
+        theirs.open_handoffs.discard(reply_to)
+        return ack, buffer
 
     def abandon(self, message: Message) -> None:
         """The driver could not transmit *message* at all: stop waiting for its answer."""

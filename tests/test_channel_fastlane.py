@@ -1,0 +1,219 @@
+"""The handoff's fast lanes and the general path they fall back to, against both flavours.
+
+`send_blob` and `recv_handoff` take a one-step path for the usual case (a
+datagram socket with room, a plain sealed blob, nothing queued) and hand over
+to the general operations whenever anything is unusual. These tests build
+the unusual cases on purpose (messages back to back, messages queued while a
+reply is awaited, a full socket, a stream written in parts) and check that
+the results, the request ids and the fds are the same either way.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from blobplane import BlobBackend, ProducerBlob, SharedMemoryBlobs
+from blobplane.channel import Channel
+from blobplane.errors import Timeout, UnexpectedMessage
+from blobplane.wire import Ack, BlobHandoff, Connection, Received, UserPayload
+from test_channel import WAIT, Driven, Flavour, flavour  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+SMALL_BUFFER = 4096  # SO_SNDBUF: the kernel rounds it up to its minimum
+
+
+@pytest.fixture
+def blobs() -> Iterator[SharedMemoryBlobs]:
+    with SharedMemoryBlobs(BlobBackend.MEMFD) as allocator:
+        yield allocator
+
+
+@pytest.fixture
+def helper() -> Iterator[Callable[..., Future[Any]]]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit
+
+
+@pytest.fixture
+def pair(flavour: Flavour) -> Iterator[tuple[Driven, Channel]]:  # noqa: F811
+    """(the channel under test, a blocking peer) over a SEQPACKET pair: the fast lanes' case."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    peer = Channel(right, timeout=WAIT)
+    tested = flavour.wrap(left, timeout=WAIT)
+    yield tested, peer
+    tested.close()
+    peer.close()
+
+
+def sealed(blobs: SharedMemoryBlobs, data: bytes) -> ProducerBlob:
+    blob = blobs.create(len(data))
+    blob.write_all(data)
+    blob.seal()
+    return blob
+
+
+def fill(sock: socket.socket) -> int:
+    """Send datagrams on non-blocking *sock* until the kernel takes no more; how many went."""
+    sent = 0
+    while True:
+        try:
+            sock.send(b"x" * 512, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return sent
+        sent += 1
+
+
+def drain(sock: socket.socket, count: int) -> None:
+    for _ in range(count):
+        assert sock.recv(4096) == b"x" * 512
+
+
+def test_handoffs_back_to_back_are_each_mapped_and_acknowledged(
+    pair: tuple[Driven, Channel], blobs: SharedMemoryBlobs
+) -> None:
+    tested, peer = pair
+    contents = [b"first" * 100, b"second" * 100]
+    ids = []
+    for data in contents:
+        with sealed(blobs, data) as blob:
+            ids.append(peer.send_blob(blob, meta=data[:6], wait=False))
+    peer.send(b"after")  # queued behind both handoffs before any is read
+    for request_id, data in zip(ids, contents, strict=True):
+        with tested.recv_handoff() as handoff:
+            assert bytes(handoff.blob.as_slice()) == data
+            assert handoff.meta == data[:6]
+            assert handoff.request_id == request_id
+    with pytest.raises(UnexpectedMessage):
+        tested.recv_handoff()  # the payload is left for recv()
+    message, fds = tested.recv()
+    assert message == UserPayload(id=message.id, data=b"after")
+    assert fds == ()
+    replies = [peer.recv() for _ in ids]
+    assert [(type(m), m.reply_to, fds) for m, fds in replies] == [  # type: ignore[union-attr]
+        (Ack, request_id, ()) for request_id in ids
+    ]
+
+
+def test_the_awaited_ack_behind_other_messages_leaves_them_for_later(
+    pair: tuple[Driven, Channel],
+    blobs: SharedMemoryBlobs,
+    helper: Callable[..., Future[Any]],
+) -> None:
+    """Messages that arrive before the Ack are queued; the queued handoff is acknowledged later."""
+    tested, peer = pair
+    with sealed(blobs, b"theirs" * 50) as theirs:
+
+        def answer_late() -> int:
+            peer.send(b"before the ack")
+            request_id = peer.send_blob(theirs, wait=False)
+            peer.recv_handoff().blob.close()  # acknowledges ours
+            return request_id
+
+        answered = helper(answer_late)
+        with sealed(blobs, b"ours" * 50) as ours:
+            tested.send_blob(ours)
+        their_id = answered.result(WAIT)
+    message, _ = tested.recv()
+    assert isinstance(message, UserPayload)
+    assert message.data == b"before the ack"
+    with tested.recv_handoff() as handoff:
+        assert bytes(handoff.blob.as_slice()) == b"theirs" * 50
+        assert handoff.request_id == their_id
+    reply, fds = peer.recv()
+    assert isinstance(reply, Ack)
+    assert reply.reply_to == their_id
+    assert fds == ()
+
+
+def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
+    blobs: SharedMemoryBlobs,
+) -> None:
+    """EAGAIN on the fast lane: a send that times out withdraws the handoff, the next one goes."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    ours.setblocking(False)
+    queued = fill(ours)
+    tested = Channel(ours, timeout=WAIT)
+    reader = Connection("datagram")
+    try:
+        with sealed(blobs, b"late" * 100) as blob:
+            with pytest.raises(Timeout):
+                tested.send_blob(blob, wait=False, timeout=0.05)
+            drain(theirs, queued)
+            request_id = tested.send_blob(blob, wait=False)
+        data, fds, _, _ = socket.recv_fds(theirs, 65536, 2)
+        event = reader.receive_datagram(data, fds)
+        assert isinstance(event, Received)
+        assert isinstance(event.message, BlobHandoff)
+        with open(event.fds[0], "rb") as received:
+            assert received.read() == b"late" * 100
+        assert event.message.id == request_id
+        # The handoff withdrawn at the timeout is not awaited: only the one sent is.
+        assert tested._core.wire.open_handoffs == {request_id}
+    finally:
+        tested.close()
+        reader.close()
+        theirs.close()
+
+
+def test_an_ack_that_finds_the_socket_full_goes_when_there_is_room(
+    blobs: SharedMemoryBlobs, helper: Callable[..., Future[Any]]
+) -> None:
+    """EAGAIN on the Ack's fast lane: the receiver waits for room, then acknowledges."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    ours.setblocking(False)
+    queued = fill(ours)
+    tested = Channel(ours, timeout=WAIT)
+    sender = Connection("datagram")
+    try:
+        with sealed(blobs, b"full" * 100) as blob:
+            data, fds = sender.send(BlobHandoff(token=blob.token), (blob.fileno(),))
+            socket.send_fds(theirs, [data], list(fds))
+        received = helper(tested.recv_handoff)
+        # Whether the Ack met a full socket or not, it comes after every datagram queued before it.
+        drain(theirs, queued)
+        ack = sender.receive_datagram(theirs.recv(4096), [])
+        assert isinstance(ack, Received)
+        assert ack.message == Ack(id=1, reply_to=1)
+        with received.result(WAIT) as handoff:
+            assert bytes(handoff.blob.as_slice()) == b"full" * 100
+    finally:
+        tested.close()
+        sender.close()
+        theirs.close()
+
+
+def test_a_payload_larger_than_the_stream_buffer_goes_in_parts(
+    flavour: Flavour,  # noqa: F811
+    blobs: SharedMemoryBlobs,
+    helper: Callable[..., Future[Any]],
+) -> None:
+    """The STREAM fallback: a frame the socket takes in parts, then a handoff after it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    tested = flavour.wrap(ours, timeout=WAIT)
+    peer = Channel(theirs, timeout=WAIT)
+    big = bytes(range(256)) * 200  # 51 KiB: far more than the buffer takes at once
+    try:
+
+        def receive_both() -> tuple[bytes, bytes]:
+            message, _ = peer.recv()
+            assert isinstance(message, UserPayload)
+            with peer.recv_handoff() as handoff:
+                return message.data, bytes(handoff.blob.as_slice())
+
+        received = helper(receive_both)
+        tested.send(big)
+        with sealed(blobs, b"next" * 100) as blob:
+            tested.send_blob(blob)
+        assert received.result(WAIT) == (big, b"next" * 100)
+    finally:
+        tested.close()
+        peer.close()
