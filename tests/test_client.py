@@ -328,6 +328,33 @@ def test_closing_an_async_client_wakes_its_waiting_calls(broker: Broker) -> None
     asyncio.run(scenario())
 
 
+def test_a_cancelled_async_get_gives_back_what_comes_after_all(
+    broker: Broker, no_leaks: None
+) -> None:
+    """The broker answers a parked get whose caller was cancelled: that reference goes back."""
+
+    async def scenario() -> None:
+        async with (
+            await connect_broker_async(broker.socket_path) as producer,
+            await connect_broker_async(broker.socket_path) as consumer,
+        ):
+            name = key()
+            waiting = asyncio.create_task(consumer.get(name, timeout=30))
+            while (await producer.stats()).waiting_gets == 0:
+                await asyncio.sleep(0.005)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            entry = await producer.put_bytes(b"late", key=name)  # answers the parked get
+            async with asyncio.timeout(10):
+                while (await producer.stats()).references != 0:
+                    await asyncio.sleep(0.005)
+            assert consumer._core.abandoned == {}
+            await producer.delete(entry.blob_id)
+
+    asyncio.run(scenario())
+
+
 def test_an_async_producer_waits_for_its_slots(broker: Broker) -> None:
     async def scenario() -> None:
         with BlobPool(4096, 1) as pool:

@@ -358,8 +358,11 @@ def _check_key(key: object) -> None:
         )
 
 
+_NO_ID = BlobId(uuid.UUID(int=0))
+
+
 def _check_placing(size: int, key: str | None, lease_ms: int | None) -> None:
-    BlobToken(BlobId(uuid.UUID(int=0)), size, lease_ms)  # the size and lease checks of tokens
+    BlobToken(_NO_ID, size, lease_ms)  # the size and lease checks of tokens
     if key is not None:
         _check_key(key)
 
@@ -896,7 +899,8 @@ class BrokerClient:
             raise BlobClosed("this broker client is closed")
         if call.send:
             self._send_deferred()
-            self._channel.send(_payload(call.request), call.fds, timeout=self.timeout)
+            # Bytes: checked by `_checked`, so the channel need not decode them again.
+            self._channel.send(_checked(call.request), call.fds, timeout=self.timeout)
         limit = self.timeout if call.wait is DEFAULT else call.wait
         deadline = None if limit is None else time.monotonic() + limit
         while True:
@@ -915,7 +919,7 @@ class BrokerClient:
         if self._closed:
             return
         try:
-            self._channel.send(_payload(request), timeout=self.timeout)
+            self._channel.send(_checked(request), timeout=self.timeout)
         except BlobBusy:
             self._deferred.append(request)  # another thread is sending: goes with the next call
         except BlobError:
@@ -932,7 +936,7 @@ class BrokerClient:
         return self._run(self._core.listing(include_deleted))
 
 
-def _payload(request: Request) -> UserPayload:
+def _checked(request: Request) -> bytes:
     """The request, encoded and decoded once more: what the broker would refuse is refused here.
 
     The broker ends a connection that sends a malformed request, so a bad
@@ -943,7 +947,11 @@ def _payload(request: Request) -> UserPayload:
         decode_request(data)
     except (RemoteProtocolError, ValueError, TypeError) as exc:
         raise LocalProtocolError(f"the broker would refuse this request: {exc}") from None
-    return UserPayload(data=data)
+    return data
+
+
+def _payload(request: Request) -> UserPayload:
+    return UserPayload(data=_checked(request))
 
 
 def connect_broker(
@@ -1215,6 +1223,8 @@ class AsyncBrokerClient:
                     if future is not None and not future.done():
                         future.set_result((reply, fds))
                         self._pending[rid] = None
+                        # The caller runs first: its reply is the hurry, not our next read.
+                        await asyncio.sleep(0)
                     else:
                         self._early.setdefault(rid, deque()).append((reply, fds))
                     continue
