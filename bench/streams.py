@@ -16,6 +16,9 @@ Variants, publisher side -> subscriber side:
 - ``blobplane streams``: ``Publisher(slots=4)``; ``loan()``, the payload is
   written in place into ``loan.buffer``, ``publish()``; each ``Subscriber``
   reads ``receipt.view`` in place and closes the receipt (the release).
+- ``blobplane streams, spin 50 µs``: the same with ``spin_us=50`` on the
+  publisher and every subscriber (each looks at the shared counters that
+  long before sleeping in poll()).
 - ``blobplane channel, fresh blob``: ``SharedMemoryBlobs.create`` +
   ``write_all`` + ``seal`` + ``send_blob`` (to each subscriber, returns when
   it mapped the blob) + ``cleanup`` per frame; ``recv_handoff`` on the other
@@ -44,6 +47,10 @@ count, with fresh subscriber processes:
   previous one was released by every subscriber: publish -> receive
   (one-way, per subscriber, p50 and p99) and publish -> receive -> read ->
   release -> seen by the publisher (the round trip, p50 and p99).
+- back to back (4 KiB only): the same round trip, but in bursts of frames of
+  one variant, each published as soon as the last came back, so the
+  subscriber is still waiting (or spinning) when it comes, as in a busy
+  stream; the first frame of each burst is not counted.
 - throughput: rounds of several frames pipelined through 4 slots (the
   channel waits for each subscriber to map its blob, the Pipe for the
   kernel's socket buffer), timed until the last frame was released by every
@@ -58,8 +65,8 @@ while a round runs. Compare variants within one run, never across runs.
 ``--experiment ring`` (also part of the default run) compares, raw and for
 4 KiB frames, the two ways a subscriber can be woken for a frame in shared
 memory: one small message per frame over a ``SOCK_SEQPACKET`` socket (what
-blobplane streams do) against an index ring in a shared memfd with an
-``eventfd`` wake-up.
+blobplane streams did first) against an index ring in a shared memfd with an
+``eventfd`` wake-up (what they do now, as the ring measured better).
 """
 
 from __future__ import annotations
@@ -154,6 +161,8 @@ HEADROOM = 4 * KIB  # room in the source buffers beyond the frame
 
 REFERENCE = "in-process copy + read (reference)"
 STREAMS = "blobplane streams"
+SPIN_US = 50.0  # the spin budget of the spinning streams variant, both sides
+STREAMS_SPIN = f"blobplane streams, spin {SPIN_US:.0f} µs"
 CHANNEL = "blobplane channel, fresh blob"
 PIPE = "multiprocessing.Pipe"
 ICEORYX = "iceoryx2"
@@ -167,6 +176,7 @@ ICEORYX_TARGET_FROM = 1 * MIB
 ROUND_TRIP_SIZE = 4 * KIB
 ROUND_TRIP_P50_NS = 50_000
 ROUND_TRIP_P99_NS = 200_000
+BURST = 100  # frames per back-to-back burst
 
 # The first 16 bytes of every frame: publish time (ns, CLOCK_MONOTONIC) and flags.
 STAMP = struct.Struct("<QQ")
@@ -238,8 +248,8 @@ class Ledger:
         sys.stdout.flush()
 
 
-def subscribe_streams(endpoint: str, ledger: Ledger, index: int) -> None:
-    with Subscriber(endpoint, timeout=None) as sub:
+def subscribe_streams(endpoint: str, ledger: Ledger, index: int, spin_us: float = 0.0) -> None:
+    with Subscriber(endpoint, timeout=None, spin_us=spin_us) as sub:
         for receipt in sub:
             received = monotonic_ns()
             flags = ledger.frame(received, receipt.view)
@@ -385,8 +395,13 @@ def subscribe_iceoryx(endpoint: str, ledger: Ledger, index: int) -> None:
         ports.close()
 
 
+def subscribe_streams_spin(endpoint: str, ledger: Ledger, index: int) -> None:
+    subscribe_streams(endpoint, ledger, index, SPIN_US)
+
+
 SUBSCRIBERS: dict[str, Callable[[str, Ledger, int], None]] = {
     "streams": subscribe_streams,
+    "streams-spin": subscribe_streams_spin,
     "channel": subscribe_channel,
     "pipe": subscribe_pipe,
     "iceoryx2": subscribe_iceoryx,
@@ -447,9 +462,9 @@ class Variant:
     def end_paced(self) -> None:
         """Back to pipelined frames."""
 
-    def paced(self) -> int:
+    def paced(self, flags: int = LAST | PACED) -> int:
         """One latency frame: publish, wait for every release; the round trip in ns."""
-        stamp = self.publish(LAST | PACED)
+        stamp = self.publish(flags)
         self.sync()
         return monotonic_ns() - stamp
 
@@ -517,6 +532,7 @@ class Reference(Variant):
 class Streams(Variant):
     name = STREAMS
     kind = "streams"
+    spin_us = 0.0
 
     def __init__(self, source: Source, subscribers: int) -> None:
         super().__init__(source, subscribers)
@@ -526,6 +542,7 @@ class Streams(Variant):
             slot_size=self.size,
             slots=SLOTS,
             timeout=REPLY_TIMEOUT_S,
+            spin_us=self.spin_us,
         )
         self.pending: Any = None  # the loan for the next frame, taken by sync() when paced
         self.held: list[Any] = []  # slots kept out of circulation while paced
@@ -574,6 +591,14 @@ class Streams(Variant):
         self.end_paced()
         self.publisher.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class StreamsSpin(Streams):
+    """The same, with `spin_us` on the publisher and every subscriber."""
+
+    name = STREAMS_SPIN
+    kind = "streams-spin"
+    spin_us = SPIN_US
 
 
 class FreshBlobs(Variant):
@@ -725,7 +750,7 @@ class Iceoryx(Variant):
 
 
 def variant_classes(subscribers: int) -> tuple[list[type[Variant]], list[str]]:
-    classes: list[type[Variant]] = [Reference, Streams, FreshBlobs, Pipe]
+    classes: list[type[Variant]] = [Reference, Streams, StreamsSpin, FreshBlobs, Pipe]
     notes: list[str] = []
     if load_iceoryx2() is None:
         notes.append(
@@ -748,6 +773,8 @@ class Result:
     frame_ns: list[float] = field(default_factory=list)  # per throughput round: time / frame
     latency_ns: list[int] = field(default_factory=list)  # one-way, every subscriber's
     round_trip_ns: list[int] = field(default_factory=list)
+    # The same, frames back to back (the next one published as soon as the last came back).
+    burst_round_trip_ns: list[int] = field(default_factory=list)
 
     @property
     def median_ns(self) -> float:
@@ -768,6 +795,40 @@ def percentile(values: list[int], q: int) -> float:
     if len(values) < 2:
         return float(values[0])
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def run_bursts(
+    variants: list[Variant],
+    results: list[Result],
+    paced: list[int],
+    *,
+    step: Step,
+    shuffle: Callable[[list[int]], None],
+    console: Console,
+) -> list[int]:
+    """Round trips back to back (at `ROUND_TRIP_SIZE` only); how many frames each variant sent.
+
+    The subscriber is still waiting (or spinning) when the next frame comes, as
+    in a busy stream; bursts of each variant, variants interleaved.
+    """
+    burst_frames = [0] * len(variants)
+    size, subscribers = results[0].size, results[0].subscribers
+    if size != ROUND_TRIP_SIZE:
+        return burst_frames
+    console.print(
+        f"[dim]{fmt_size(size)}, {subscribers} subscriber(s): round trip back to "
+        f"back, {step.latency_frames} frames of each variant in bursts of {BURST}…[/dim]"
+    )
+    for _ in range(-(-step.latency_frames // BURST)):
+        shuffle(paced)
+        for i in paced:
+            with gc_paused():
+                times = [variants[i].paced(LAST) for _ in range(BURST + 1)]
+            # The first frame of a burst finds its subscriber asleep: a paced frame.
+            results[i].burst_round_trip_ns += times[1:]
+            burst_frames[i] += BURST + 1
+        gc.collect()
+    return burst_frames
 
 
 def run_group(
@@ -814,6 +875,9 @@ def run_group(
                 with gc_paused():
                     results[i].round_trip_ns.append(variants[i].paced())
             gc.collect()
+        burst_frames = run_bursts(
+            variants, results, paced, step=step, shuffle=shuffle, console=console
+        )
         for i in paced:
             variants[i].end_paced()
 
@@ -835,7 +899,13 @@ def run_group(
             gc.collect()
 
         for index, (variant, result) in enumerate(zip(variants, results, strict=True)):
-            expected = (SLOTS + 2) + latency_frames[index] + step.rounds * frames[index] + 1
+            expected = (
+                (SLOTS + 2)
+                + latency_frames[index]
+                + burst_frames[index]
+                + step.rounds * frames[index]
+                + 1
+            )
             reports = variant.stop()
             if isinstance(variant, Reference) and variant.bad:
                 raise SystemExit(f"{variant.name} read back wrong data")
@@ -1146,8 +1216,42 @@ def streams_table(results: list[Result]) -> Table:
                 fmt_time(percentile(r.latency_ns, 99)) if has_latency else "-",
                 fmt_time(percentile(r.round_trip_ns, 50)) if has_latency else "-",
                 fmt_time(percentile(r.round_trip_ns, 99)) if has_latency else "-",
-                style="bold" if r.variant == STREAMS else "",
+                style="bold" if r.variant in (STREAMS, STREAMS_SPIN) else "",
                 end_section=i == len(group) - 1,
+            )
+    return table
+
+
+def burst_table(results: list[Result]) -> Table:
+    table = Table(
+        title="round trip with frames back to back (a busy stream)",
+        caption=(
+            "one frame in flight, the next published as soon as every subscriber released "
+            f"the last; bursts of {BURST} frames of each variant (after one not counted, which "
+            "finds its subscriber asleep), variants interleaved. In the "
+            "main table the subscriber has gone to sleep before each frame (other variants run "
+            "in between), as for a paced source"
+        ),
+    )
+    for name, justify in (
+        ("size", "right"),
+        ("subs", "right"),
+        ("variant", "left"),
+        ("frames", "right"),
+        ("round trip p50", "right"),
+        ("round trip p99", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        if r.burst_round_trip_ns:
+            table.add_row(
+                fmt_size(r.size),
+                str(r.subscribers),
+                r.variant,
+                str(len(r.burst_round_trip_ns)),
+                fmt_time(percentile(r.burst_round_trip_ns, 50)),
+                fmt_time(percentile(r.burst_round_trip_ns, 99)),
+                style="bold" if r.variant in (STREAMS, STREAMS_SPIN) else "",
             )
     return table
 
@@ -1186,33 +1290,43 @@ def verdicts(results: list[Result]) -> list[Verdict]:
         if size < ICEORYX_TARGET_FROM:
             continue
         for subscribers in sorted({r.subscribers for r in results}):
-            ours, theirs = (
-                keys.get((size, subscribers, STREAMS)),
-                keys.get((size, subscribers, ICEORYX)),
-            )
-            if not ours or not theirs:
+            for name in (STREAMS, STREAMS_SPIN):
+                ours, theirs = (
+                    keys.get((size, subscribers, name)),
+                    keys.get((size, subscribers, ICEORYX)),
+                )
+                if not ours or not theirs:
+                    continue
+                ratios = paired(ours, theirs)
+                value = statistics.median(ratios)
+                out.append(
+                    Verdict(
+                        f"{fmt_size(size)}, {subscribers} subscriber(s): {name} faster than "
+                        "iceoryx2",
+                        value < 1.0,
+                        f"{ours.fps:,.1f} vs {theirs.fps:,.1f} frames/s; paired median time "
+                        f"ratio {value:.2f}x",
+                    )
+                )
+    for name in (STREAMS, STREAMS_SPIN):
+        ours = keys.get((ROUND_TRIP_SIZE, 1, name))
+        if not ours or not ours.round_trip_ns:
+            continue
+        for how, times in (
+            ("paced", ours.round_trip_ns),
+            ("back to back", ours.burst_round_trip_ns),
+        ):
+            if not times:
                 continue
-            ratios = paired(ours, theirs)
-            value = statistics.median(ratios)
+            p50, p99 = percentile(times, 50), percentile(times, 99)
             out.append(
                 Verdict(
-                    f"{fmt_size(size)}, {subscribers} subscriber(s): streams faster than iceoryx2",
-                    value < 1.0,
-                    f"{ours.fps:,.1f} vs {theirs.fps:,.1f} frames/s; paired median time "
-                    f"ratio {value:.2f}x",
+                    f"{fmt_size(ROUND_TRIP_SIZE)} round trip ({how}), 1 subscriber, {name}: "
+                    f"p50 ≤ {fmt_time(ROUND_TRIP_P50_NS)}, p99 ≤ {fmt_time(ROUND_TRIP_P99_NS)}",
+                    p50 <= ROUND_TRIP_P50_NS and p99 <= ROUND_TRIP_P99_NS,
+                    f"p50 {fmt_time(p50)}, p99 {fmt_time(p99)} ({len(times)} frames)",
                 )
             )
-    ours = keys.get((ROUND_TRIP_SIZE, 1, STREAMS))
-    if ours and ours.round_trip_ns:
-        p50, p99 = percentile(ours.round_trip_ns, 50), percentile(ours.round_trip_ns, 99)
-        out.append(
-            Verdict(
-                f"{fmt_size(ROUND_TRIP_SIZE)} round trip, 1 subscriber: p50 ≤ "
-                f"{fmt_time(ROUND_TRIP_P50_NS)}, p99 ≤ {fmt_time(ROUND_TRIP_P99_NS)}",
-                p50 <= ROUND_TRIP_P50_NS and p99 <= ROUND_TRIP_P99_NS,
-                f"p50 {fmt_time(p50)}, p99 {fmt_time(p99)} ({len(ours.round_trip_ns)} frames)",
-            )
-        )
     return out
 
 
@@ -1285,6 +1399,12 @@ def to_json(
                 "latency_ns_p99": percentile(r.latency_ns, 99) if r.latency_ns else None,
                 "round_trip_ns_p50": percentile(r.round_trip_ns, 50) if r.round_trip_ns else None,
                 "round_trip_ns_p99": percentile(r.round_trip_ns, 99) if r.round_trip_ns else None,
+                "back_to_back_round_trip_ns_p50": (
+                    percentile(r.burst_round_trip_ns, 50) if r.burst_round_trip_ns else None
+                ),
+                "back_to_back_round_trip_ns_p99": (
+                    percentile(r.burst_round_trip_ns, 99) if r.burst_round_trip_ns else None
+                ),
                 "frame_ns": r.frame_ns,
             }
             for r in results
@@ -1305,6 +1425,16 @@ def to_json(
 
 
 # --------------------------------------------------------------------------- main
+
+
+def print_results(console: Console, results: list[Result], notes: list[str]) -> None:
+    console.print(streams_table(results))
+    if any(r.burst_round_trip_ns for r in results):
+        console.print(burst_table(results))
+    for note in notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    for verdict in verdicts(results):
+        console.print(verdict.line())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1367,11 +1497,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(its own layout; the source is page-aligned as for every variant)"
             )
     if results:
-        console.print(streams_table(results))
-        for note in notes:
-            console.print(f"[yellow]note[/yellow]: {note}")
-        for verdict in verdicts(results):
-            console.print(verdict.line())
+        print_results(console, results, notes)
     if args.experiment in ("all", "ring"):
         ring = run_ring(QUICK_RING_REPS if args.quick else RING_REPS, console)
     if ring:

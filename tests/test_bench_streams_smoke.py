@@ -13,6 +13,7 @@ TIMEOUT_S = 20  # the quick run takes about five seconds
 VARIANTS = (
     "in-process copy + read (reference)",
     "blobplane streams",
+    "blobplane streams, spin 50 µs",
     "blobplane channel, fresh blob",
     "multiprocessing.Pipe",
 )
@@ -33,6 +34,7 @@ def test_quick_run_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
         assert header in result.stdout
     for variant in VARIANTS:
         assert variant in result.stdout
+    assert "round trip with frames back to back" in result.stdout
     assert "wake-up experiment" in result.stdout
     assert "index ring in a memfd + eventfd" in result.stdout
 
@@ -45,6 +47,8 @@ def test_quick_run_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
         assert row["frames_per_s"] > 0
         if row["variant"] != VARIANTS[0]:
             assert row["round_trip_ns_p50"] > 0
+            if row["size"] == 4096:
+                assert row["back_to_back_round_trip_ns_p50"] > 0
     assert data["verdicts"]
     assert {row["variant"] for row in data["ring"]} == {
         "one message per frame, SOCK_SEQPACKET",

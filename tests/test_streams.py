@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import os
@@ -15,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from blobplane import channel
-from blobplane.errors import RemoteProtocolError, SlotRewritten, StreamEnded, Timeout
-from blobplane.streams import Backpressure, Publisher, Subscriber
+from blobplane.errors import InvalidSize, RemoteProtocolError, SlotRewritten, StreamEnded, Timeout
+from blobplane.streams import AsyncSubscriber, Backpressure, Publisher, Subscriber
 from blobplane.streams.protocol import Hello, Slots, decode
 from blobplane.streams.ring import ENTRIES_AT, ENTRY, ENTRY_SIZE
 from blobplane.wire import UserPayload
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 SUBSCRIBER = """
 import json, os, sys, time
 from blobplane.streams import Subscriber
-path, delay, flavour = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+path, delay, flavour, spin = sys.argv[1], float(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 fds_before = len(os.listdir("/proc/self/fd"))
 seqs, missed, bad = [], 0, 0
 
@@ -47,7 +48,7 @@ def check(receipt):
         time.sleep(delay)
 
 if flavour == "sync":
-    with Subscriber(path, check=True) as sub:
+    with Subscriber(path, check=True, spin_us=spin) as sub:
         print("ready", flush=True)
         for receipt in sub:
             with receipt:
@@ -74,10 +75,10 @@ def socket_path() -> Iterator[str]:
 
 
 def _start_subscriber(
-    path: str, delay: float = 0.0, flavour: str = "sync"
+    path: str, delay: float = 0.0, flavour: str = "sync", spin_us: float = 0.0
 ) -> subprocess.Popen[str]:
     child = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBER, path, str(delay), flavour],
+        [sys.executable, "-c", SUBSCRIBER, path, str(delay), flavour, str(spin_us)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -118,6 +119,28 @@ def test_blocking_stream_delivers_every_frame_once_in_order(
         assert summary["seqs"] == list(range(1, count + 1))
         assert summary["missed"] == 0
         assert summary["bad"] == 0
+
+
+def test_spinning_sides_deliver_every_frame_once_in_order(socket_path: str) -> None:
+    count = 500
+    with Publisher(socket_path, slot_size=4096, slots=2, spin_us=50) as pub:
+        children = [_start_subscriber(socket_path, spin_us=50) for _ in range(2)]
+        pub.wait_for_subscribers(2, timeout=CHILD_TIMEOUT_S)
+        _publish(pub, count, 4096)
+    for child in children:
+        summary = _summary(child)
+        assert summary["seqs"] == list(range(1, count + 1))
+        assert summary["missed"] == 0
+        assert summary["bad"] == 0
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent(socket_path: str) -> None:
+    with pytest.raises(ValueError, match="spin_us"):
+        Publisher(socket_path, slot_size=4096, spin_us=-1)
+    with Publisher(socket_path, slot_size=4096, slots=1) as pub, pub.loan() as loan:
+        with pytest.raises(InvalidSize, match="at most 1024 bytes"):
+            pub.publish(loan, header=bytes(1025))
+        assert pub.publish(loan, header=bytes(1024)) == 1
 
 
 def test_drop_oldest_never_blocks_the_publisher_and_counts_what_slow_ones_missed(
@@ -163,7 +186,10 @@ def test_a_killed_subscriber_gives_its_slots_back(socket_path: str) -> None:
     assert _summary(healthy)["seqs"] == list(range(1, 50))
 
 
-def test_a_killed_publisher_ends_the_stream_for_every_subscriber(socket_path: str) -> None:
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_killed_publisher_ends_the_stream_for_every_subscriber(
+    socket_path: str, flavour: str
+) -> None:
     publisher = subprocess.Popen(
         [
             sys.executable,
@@ -189,15 +215,33 @@ with Publisher(sys.argv[1], slot_size=4096, slots=2) as pub:
             if os.path.exists(socket_path):
                 break
             threading.Event().wait(0.01)
-        with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S) as sub:
-            with sub.receive() as receipt:
-                assert receipt.header == b"one"
-            assert publisher.stdout.readline().strip() == "published"
-            publisher.send_signal(signal.SIGKILL)
-            with pytest.raises(StreamEnded, match="publisher went away"):
-                sub.receive()
-            with pytest.raises(StreamEnded):
-                sub.receive()
+        stdout = publisher.stdout
+        if flavour == "sync":
+            with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S) as sub:
+                with sub.receive() as receipt:
+                    assert receipt.header == b"one"
+                assert stdout.readline().strip() == "published"
+                publisher.send_signal(signal.SIGKILL)
+                with pytest.raises(StreamEnded, match="publisher went away"):
+                    sub.receive()
+                with pytest.raises(StreamEnded):
+                    sub.receive()
+        else:
+
+            async def main() -> None:
+                async with await AsyncSubscriber.connect(
+                    socket_path, timeout=CHILD_TIMEOUT_S
+                ) as sub:
+                    async with await sub.receive() as receipt:
+                        assert receipt.header == b"one"
+                    assert stdout.readline().strip() == "published"
+                    publisher.send_signal(signal.SIGKILL)
+                    with pytest.raises(StreamEnded, match="publisher went away"):
+                        await sub.receive()
+                    with pytest.raises(StreamEnded):
+                        await sub.receive()
+
+            asyncio.run(main())
     finally:
         publisher.kill()
         publisher.wait(timeout=CHILD_TIMEOUT_S)

@@ -78,9 +78,6 @@ ENTRIES_AT = 64  # head alone on the first cache line
 RELEASED_AT = 64  # consumed alone on the first cache line
 RELEASED_WORD = RELEASED_AT // WORD
 MADV_POPULATE_READ = 22
-# Overwritten-while-read retries before calling the publisher broken (a live one
-# needs an overwrite per frame published, so this many in a row is a flood).
-_RETRIES = 1000
 # Seals of the release area: fixed size (no SIGBUS for the publisher), writable by the subscriber.
 RELEASE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -271,50 +268,52 @@ class SubscriberRing:
         if ring is None or words is None or release is None:
             return None, 0
         lost = 0
-        for _ in range(_RETRIES):
-            consumed = self._consumed
-            head = words[0]
-            if head == consumed:
-                return None, lost
-            if head < consumed or (head > consumed + self._entries and not self._overwrites):
-                raise RemoteProtocolError(
-                    f"the publisher moved the ring's head to {head} with {consumed} entries "
-                    f"taken of a ring of {self._entries}"
-                )
-            if head > consumed + self._entries:
-                # DROP_OLDEST: the publisher reused entries whose frames it took back.
-                lost += head - self._entries - consumed
-                consumed = self._consumed = head - self._entries
-            at = ENTRIES_AT + (consumed % self._entries) * ENTRY_SIZE
-            position, seq, slot, generation, length, sent_ns, unsent, header_len = (
-                ENTRY.unpack_from(ring, at)
+        consumed = self._consumed
+        head = words[0]
+        if head == consumed:
+            return None, lost
+        if head < consumed or (head > consumed + self._entries and not self._overwrites):
+            raise RemoteProtocolError(
+                f"the publisher moved the ring's head to {head} with {consumed} entries "
+                f"taken of a ring of {self._entries}"
             )
-            header = ring[at + ENTRY.size : at + ENTRY.size + min(header_len, MAX_HEADER)]
-            if words[at // WORD] != position or position != consumed + 1:
-                if self._overwrites and (position == 0 or position > consumed + 1):
-                    continue  # overwritten as we read it (seqlock): look at the head again
-                raise RemoteProtocolError(f"ring entry {consumed + 1} holds position {position}")
-            problem = ""
-            if slot >= self._slots:
-                problem = f"names slot {slot} of a pool of {self._slots}"
-            elif length > self._slot_size:
-                problem = f"is {length} bytes long, its slot {self._slot_size}"
-            elif header_len > MAX_HEADER:
-                problem = f"has a {header_len}-byte header, more than {MAX_HEADER}"
-            elif seq <= self._last_seq:
-                problem = f"has frame number {seq} after {self._last_seq}"
-            elif generation == 0:
-                problem = "names generation 0"
-            if problem:
-                raise RemoteProtocolError(f"ring entry {consumed + 1} {problem}")
-            # Only now may the publisher reuse the entry: everything needed is copied out.
-            self._consumed = consumed + 1
-            self._last_seq = seq
-            release[0] = consumed + 1
-            return Frame(seq, slot, generation, length, sent_ns, unsent, header), lost
-        raise RemoteProtocolError(
-            f"the publisher overwrote ring entry {self._consumed + 1} {_RETRIES} times in a row"
+        if head > consumed + self._entries:
+            # DROP_OLDEST: the publisher reused entries whose frames it took back.
+            lost += head - self._entries - consumed
+            consumed = self._consumed = head - self._entries
+            release[0] = consumed
+        at = ENTRIES_AT + (consumed % self._entries) * ENTRY_SIZE
+        position, seq, slot, generation, length, sent_ns, unsent, header_len = ENTRY.unpack_from(
+            ring, at
         )
+        header = ring[at + ENTRY.size : at + ENTRY.size + min(header_len, MAX_HEADER)]
+        again = words[at // WORD]
+        if again != position or position != consumed + 1:
+            if self._overwrites and (
+                position == 0 or again == 0 or position > consumed + 1 or again > consumed + 1
+            ):
+                # Overwritten as we read it (seqlock). Its head moves next, and
+                # the eventfd is written after that: wait for it, then look again.
+                return None, lost
+            raise RemoteProtocolError(f"ring entry {consumed + 1} holds position {again}")
+        problem = ""
+        if slot >= self._slots:
+            problem = f"names slot {slot} of a pool of {self._slots}"
+        elif length > self._slot_size:
+            problem = f"is {length} bytes long, its slot {self._slot_size}"
+        elif header_len > MAX_HEADER:
+            problem = f"has a {header_len}-byte header, more than {MAX_HEADER}"
+        elif seq <= self._last_seq:
+            problem = f"has frame number {seq} after {self._last_seq}"
+        elif generation == 0:
+            problem = "names generation 0"
+        if problem:
+            raise RemoteProtocolError(f"ring entry {consumed + 1} {problem}")
+        # Only now may the publisher reuse the entry: everything needed is copied out.
+        self._consumed = consumed + 1
+        self._last_seq = seq
+        release[0] = consumed + 1
+        return Frame(seq, slot, generation, length, sent_ns, unsent, header), lost
 
     def mark_released(self, slot: int, generation: int) -> None:
         release = self._release_words

@@ -351,7 +351,7 @@ class Subscriber:
                 frame = core.take()
                 if frame is not None:
                     return Receipt(core, frame, core.take_missed())
-                continue
+                # An entry being rewritten (DROP_OLDEST): sleep until its eventfd write.
             self._wait(deadline)
             frame = core.take()
             if frame is not None:
