@@ -11,8 +11,10 @@ process started from this file (``--consumer KIND``). Variants, producer side
   ``get(key)``, already waiting at the broker, is answered with a read-only fd,
   mapped; the consumer reads and closes it (which releases the reference).
 - ``broker, pool slot``: ``broker.loan(pool)``, the payload copied into the
-  slot, ``put_pooled(loan, key=...)`` -> the same consumer side; the slot comes
-  back through the broker's ``SlotFree`` once the key is deleted and released.
+  slot, ``put_pooled(loan, key=...)`` -> the same consumer side, whose client
+  maps each slot once and reuses the mapping for later gets of it (as the
+  channel's receiver does); the slot comes back through the broker's
+  ``SlotFree`` once the key is deleted and released.
 - ``broker, pool slot written before the clock`` (info): the same, but the
   producer filled the slot before the clock started, as a producer that
   builds its data in the slot does: what is timed is the handoff alone.
