@@ -132,6 +132,7 @@ def test_the_awaited_ack_behind_other_messages_leaves_them_for_later(
 
 
 def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
+    flavour: Flavour,  # noqa: F811
     blobs: SharedMemoryBlobs,
 ) -> None:
     """EAGAIN on the fast lane: a send that times out withdraws the handoff, the next one goes."""
@@ -139,7 +140,7 @@ def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     ours.setblocking(False)
     queued = fill(ours)
-    tested = Channel(ours, timeout=WAIT)
+    tested = flavour.wrap(ours, timeout=WAIT)
     reader = Connection("datagram")
     try:
         with sealed(blobs, b"late" * 100) as blob:
@@ -155,7 +156,7 @@ def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
             assert received.read() == b"late" * 100
         assert event.message.id == request_id
         # The handoff withdrawn at the timeout is not awaited: only the one sent is.
-        assert tested._core.wire.open_handoffs == {request_id}
+        assert tested.channel._core.wire.open_handoffs == {request_id}
     finally:
         tested.close()
         reader.close()
@@ -163,14 +164,16 @@ def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
 
 
 def test_an_ack_that_finds_the_socket_full_goes_when_there_is_room(
-    blobs: SharedMemoryBlobs, helper: Callable[..., Future[Any]]
+    flavour: Flavour,  # noqa: F811
+    blobs: SharedMemoryBlobs,
+    helper: Callable[..., Future[Any]],
 ) -> None:
     """EAGAIN on the Ack's fast lane: the receiver waits for room, then acknowledges."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     ours.setblocking(False)
     queued = fill(ours)
-    tested = Channel(ours, timeout=WAIT)
+    tested = flavour.wrap(ours, timeout=WAIT)
     sender = Connection("datagram")
     try:
         with sealed(blobs, b"full" * 100) as blob:

@@ -29,9 +29,18 @@ from blobplane.channel.base import (
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
-from blobplane.errors import BlobBusy, BlobClosed, Timeout
+from blobplane.errors import BlobBusy, BlobClosed, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message, Received
+from blobplane.types import UnixFd
+from blobplane.wire import (
+    MAX_FDS_PER_MESSAGE,
+    MAX_FRAME_SIZE,
+    Ack,
+    BlobHandoff,
+    Message,
+    Received,
+)
+from blobplane.wire.messages import MAX_META
 
 if TYPE_CHECKING:
     from blobplane.objects.allowlist import AllowList
@@ -214,6 +223,13 @@ def _arrival(core: ChannelCore) -> Op[Received]:
             return received
 
 
+def _left(timeout: float | None, started: float | None) -> float | None:
+    """What remains of *timeout* (seconds) since the loop's time *started*."""
+    if timeout is None or started is None:
+        return timeout
+    return max(0.0, timeout - (asyncio.get_running_loop().time() - started))
+
+
 class AsyncChannel(ChannelBase):
     """An asyncio channel. Every call takes ``timeout=`` (seconds, None: forever);
     by default the channel's `timeout` attribute (30 s unless set)."""
@@ -361,8 +377,51 @@ class AsyncChannel(ChannelBase):
         releases it (closes its `MappedRead`), and stays held for the peer
         until then: close the loan whenever you like.
         """
-        op = ops.send_blob(self._core, blob, meta, wait)
-        return await run(op, self._core.fileno, self._timeout(timeout), "send_blob", self._waits)
+        core = self._core
+        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
+        if type(blob) is not ProducerBlob:
+            # A pool slot's bookkeeping (retain, pooled_out) lives in the generator.
+            op = ops.send_blob(core, blob, meta, wait)
+            return await run(op, core.fileno, limit, "send_blob", self._waits)
+        # The sync driver's fast lane (see `Channel.send_blob`), awaiting where it blocks.
+        fd = blob.fileno()  # BlobClosed once cleaned up
+        if type(blob.descriptor) is not UnixFd or not blob.sealed or len(meta) > MAX_META:
+            fd = ops.handoff_fd(blob, meta)
+        token = blob.token
+        meta = bytes(meta)
+        if wait:
+            if not core.intact:
+                core.check_usable()  # raises: closed or broken beats busy
+            receiving = core.receiving
+            if not receiving.lock.acquire(False):  # `with core.receiving`, inline
+                raise BlobBusy(receiving.message)
+        try:
+            started = None if limit is None else asyncio.get_running_loop().time()
+            sending = core.sending
+            if not sending.lock.acquire(False):  # `with core.sending`, inline
+                raise BlobBusy(sending.message)
+            try:
+                sent = core.handoff_now(token, meta, fd)
+                if sent is None:
+                    # Built from a live token and checked meta: valid already.
+                    handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
+                    op = ops.transmit_locked(core, handoff, (fd,), validate=False)
+                    request_id = await run(op, core.fileno, limit, "send_blob", self._waits)
+                else:
+                    handoff, frame, count = sent
+                    request_id = handoff.id
+                    if count != len(frame):  # the socket is full: wait for room
+                        rest = ops.send_frame(core, handoff, frame, (fd,), count or 0)
+                        await run(rest, core.fileno, limit, "send_blob", self._waits)
+            finally:
+                sending.lock.release()
+            if not wait:
+                return request_id
+            op = ops.await_reply(core, request_id, blob)
+            return await run(op, core.fileno, _left(limit, started), "send_blob", self._waits)
+        finally:
+            if wait:
+                receiving.lock.release()
 
     async def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
@@ -374,9 +433,70 @@ class AsyncChannel(ChannelBase):
 
     async def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
         """The next blob with its token and metadata, mapped read-only and acknowledged."""
-        op = ops.receive_handoff(self._core)
-        limit = self._timeout(timeout)
-        return await run(op, self._core.fileno, limit, "recv_handoff", self._waits)
+        core = self._core
+        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
+        started = None if limit is None else asyncio.get_running_loop().time()
+        if not core.intact:
+            core.check_usable()  # raises: closed or broken beats busy
+        busy = core.receiving
+        if not busy.lock.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(busy.message)
+        try:
+            received = core.poll_received()
+            if received is None:
+                op: Op[Received] = _arrival(core)
+                received = await run(op, core.fileno, limit, "recv_handoff", self._waits)
+            # The sync driver's fast lane (see `Channel.recv_handoff`).
+            handoff = received.message
+            if type(handoff) is not BlobHandoff or handoff.slot is not None:
+                return await self._settle(received, _left(limit, started))
+            fd = received.fds[0]  # the wire checked: a memfd handoff has exactly one
+            size = handoff.token.size
+            mapped = ops.map_sealed(fd, size)
+            if mapped is None:
+                return await self._settle(received, _left(limit, started))
+            try:
+                sending = core.sending
+                if not sending.lock.acquire(False):  # `with core.sending`, inline
+                    raise BlobBusy(sending.message)
+                try:
+                    sent = core.ack_now(handoff.id)
+                    if sent is None or sent[2] != len(sent[1]):
+                        await self._ack_slowly(handoff.id, sent, _left(limit, started))
+                finally:
+                    sending.lock.release()
+            except ConnectionClosed:
+                pass  # the sender is gone; a mapped blob stays valid (see ops.receive_handoff)
+            except BaseException:
+                mapped.close()
+                raise
+            finally:
+                os.close(fd)
+        finally:
+            busy.lock.release()
+        return Handoff(handoff.token, handoff.meta, MappedRead(mapped, size), handoff.id)
+
+    async def _settle(self, received: Received, timeout: float | None) -> Handoff:
+        """`recv_handoff` for anything but a plain blob that passed the fast checks."""
+        op = ops.settle_handoff(self._core, received)
+        return await run(op, self._core.fileno, timeout, "recv_handoff", self._waits)
+
+    async def _ack_slowly(
+        self,
+        reply_to: int,
+        sent: tuple[Ack, bytearray, int | None] | None,
+        timeout: float | None,
+    ) -> None:
+        """The Ack `ChannelCore.ack_now` declined (*sent* None) or could not send whole."""
+        core = self._core
+        rest: Op[Any]
+        if sent is None:
+            ack = Ack(id=core.wire.next_id(), reply_to=reply_to)
+            rest = ops.transmit_locked(core, ack, (), validate=False)
+        else:
+            ack, frame, count = sent
+            rest = ops.send_frame(core, ack, frame, (), count or 0)
+        await run(rest, core.fileno, timeout, "recv_handoff", self._waits)
 
     async def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""

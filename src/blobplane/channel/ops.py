@@ -49,11 +49,13 @@ from blobplane.wire.messages import MAX_ERROR_TEXT, MAX_META
 __all__ = [
     "Handoff",
     "accept",
+    "await_reply",
     "connect",
     "loan_slot",
     "receive",
     "receive_handoff",
     "send_blob",
+    "settle_handoff",
     "transmit",
 ]
 
@@ -182,13 +184,18 @@ def send_blob(core: ChannelCore, blob: ProducerBlob | PoolLoan, meta: bytes, wai
     core.check_usable()
     with core.receiving:
         request_id = yield from _transmit_handoff(core, handoff, blob, fd)
-        while True:
+        return (yield from await_reply(core, request_id, blob))
+
+
+def await_reply(core: ChannelCore, request_id: int, blob: ProducerBlob | PoolLoan) -> Op[int]:
+    """Wait for the reply to handoff *request_id* (see `is_reply`); the caller holds `receiving`."""
+    while True:
+        received = core.poll_received(queued=False)
+        while received is None:
+            yield Wait.READABLE
             received = core.poll_received(queued=False)
-            while received is None:
-                yield Wait.READABLE
-                received = core.poll_received(queued=False)
-            if is_reply(core, received, request_id, blob):
-                return request_id
+        if is_reply(core, received, request_id, blob):
+            return request_id
 
 
 def is_reply(
@@ -367,26 +374,34 @@ def receive_handoff(core: ChannelCore) -> Op[Handoff]:
         while received is None:
             yield Wait.READABLE
             received = core.poll_received()
-        handoff, result = take_handoff(core, received)
-        reply: Message | None
+        return (yield from settle_handoff(core, received))
+
+
+def settle_handoff(core: ChannelCore, received: Received) -> Op[Handoff]:
+    """`receive_handoff` once *received* is in: check, map, answer (the caller holds `receiving`).
+
+    Anything but a handoff is put back for `recv()` and `UnexpectedMessage` raised.
+    """
+    handoff, result = take_handoff(core, received)
+    reply: Message | None
+    if isinstance(result, MappedRead):
+        # A pool slot is answered when it is released (see `_map`).
+        reply = None if handoff.slot is not None else Ack(reply_to=handoff.id)
+    else:
+        reply = refusal(handoff, result)
+    try:
+        if reply is not None:
+            yield from transmit(core, reply, validate=False)
+    except ConnectionClosed:
+        # The sender is gone; a mapped blob stays valid (memfd semantics).
+        # Later sends report the closed connection, and receives do once
+        # whatever the sender sent before it left has been read.
+        if not isinstance(result, MappedRead):
+            raise result from None
+    except BaseException:
         if isinstance(result, MappedRead):
-            # A pool slot is answered when it is released (see `_map`).
-            reply = None if handoff.slot is not None else Ack(reply_to=handoff.id)
-        else:
-            reply = refusal(handoff, result)
-        try:
-            if reply is not None:
-                yield from transmit(core, reply, validate=False)
-        except ConnectionClosed:
-            # The sender is gone; a mapped blob stays valid (memfd semantics).
-            # Later sends report the closed connection, and receives do once
-            # whatever the sender sent before it left has been read.
-            if not isinstance(result, MappedRead):
-                raise result from None
-        except BaseException:
-            if isinstance(result, MappedRead):
-                result.close()
-            raise
+            result.close()
+        raise
     if not isinstance(result, MappedRead):
         raise result
     return Handoff(handoff.token, handoff.meta, result, handoff.id)

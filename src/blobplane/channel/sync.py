@@ -391,35 +391,9 @@ class Channel(ChannelBase):
     def _take_handoff(
         self, received: Received, deadline: float | None, limit: float | None
     ) -> Handoff:
-        """`recv_handoff` for anything but a plain blob that passed the fast checks.
-
-        What `ops.receive_handoff` does after its receive (the caller holds `receiving`).
-        """
-        core = self._core
-        handoff, result = ops.take_handoff(core, received)
-        mapped = isinstance(result, MappedRead)
-        try:
-            if mapped:
-                if handoff.slot is None:  # a pool slot is answered when released
-                    ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
-                    with core.sending:
-                        op = ops.transmit_locked(core, ack, (), validate=False)
-                        run_until(op, core.fileno, deadline, limit, "recv_handoff")
-            else:
-                reply = ops.refusal(handoff, result)  # type: ignore[arg-type]
-                op = ops.transmit(core, reply, validate=False)
-                run_until(op, core.fileno, deadline, limit, "recv_handoff")
-        except ConnectionClosed:
-            # The sender is gone; a mapped blob stays valid (see ops.receive_handoff).
-            if not mapped:
-                raise result from None  # type: ignore[misc]
-        except BaseException:
-            if mapped:
-                result.close()  # type: ignore[union-attr]
-            raise
-        if not isinstance(result, MappedRead):
-            raise result
-        return Handoff(handoff.token, handoff.meta, result, handoff.id)
+        """`recv_handoff` for anything but a plain blob that passed the fast checks."""
+        op = ops.settle_handoff(self._core, received)
+        return run_until(op, self._core.fileno, deadline, limit, "recv_handoff")
 
     def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""
