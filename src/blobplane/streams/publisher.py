@@ -315,15 +315,17 @@ class Publisher:
                     self._give_back(held)
 
     def _may_overwrite(self, subscriber: _Subscriber, index: int) -> bool:
-        """Whether an unread ring entry may be reused: its frame was taken back (DROP_OLDEST).
+        """Whether an unread ring entry may be reused (DROP_OLDEST only).
 
-        The subscriber would only skip it; overwriting it lets the newest
-        frames through to a slow subscriber, as the policy promises.
+        It may once its frame was taken back: the subscriber would only skip
+        it. If its frame is still live, take it back now unless someone is
+        reading it: this subscriber is the slow one, and it must get the
+        newest frames, not the oldest, as the policy promises.
         """
-        return (
-            self.policy is Backpressure.DROP_OLDEST
-            and subscriber.ring.seqs[index] not in subscriber.outstanding
-        )
+        if self.policy is not Backpressure.DROP_OLDEST:
+            return False
+        held = subscriber.outstanding.get(subscriber.ring.seqs[index])
+        return held is None or self._revoke(held)
 
     def _spin(self) -> bool:
         """Look for a release for up to `spin_ns`; whether a slot came free."""
@@ -359,19 +361,18 @@ class Publisher:
         for subscriber in self._subscribers:
             for seq, held in subscriber.outstanding.items():
                 oldest[held] = min(seq, oldest.get(held, seq))
-        for slot, generation in sorted(oldest, key=oldest.__getitem__):
-            if self._pool.generation(slot) != generation:
-                continue
-            if self._pool.try_revoke(slot):
-                for subscriber in self._subscribers:
-                    for seq in [
-                        seq
-                        for seq, held in subscriber.outstanding.items()
-                        if held == (slot, generation)
-                    ]:
-                        del subscriber.outstanding[seq]
-                return True
-        return False
+        return any(self._revoke(held) for held in sorted(oldest, key=oldest.__getitem__))
+
+    def _revoke(self, held: tuple[int, int]) -> bool:
+        """Take back one frame from every subscriber, unless one of them is reading it."""
+        slot, generation = held
+        if self._pool.generation(slot) != generation or not self._pool.try_revoke(slot):
+            return False
+        for subscriber in self._subscribers:
+            outstanding = subscriber.outstanding
+            for seq in [seq for seq, other in outstanding.items() if other == held]:
+                del outstanding[seq]
+        return True
 
     def _wait(self, deadline: float | None, what: str) -> None:
         """Sleep until a connection, a hang-up or a release (or the deadline)."""
