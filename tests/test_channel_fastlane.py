@@ -11,6 +11,7 @@ the results, the request ids and the fds are the same either way.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -220,3 +221,24 @@ def test_a_payload_larger_than_the_stream_buffer_goes_in_parts(
     finally:
         tested.close()
         peer.close()
+
+
+def test_a_datagram_wait_keeps_each_call_to_its_own_timeout(
+    pair: tuple[Driven, Channel], helper: Callable[..., Future[Any]]
+) -> None:
+    """The sync driver waits in recvmsg (SO_RCVTIMEO): a shorter timeout after a longer one
+    still ends on time, and a wait without one still gets what comes."""
+    tested, peer = pair
+    for timeout in (0.3, 0.02, None):
+        if timeout is None:
+            arrived = helper(lambda: tested.recv(timeout=None))
+            peer.send(b"at last")
+            message, _ = arrived.result(WAIT)
+            assert isinstance(message, UserPayload)
+            assert message.data == b"at last"
+            continue
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            tested.recv(timeout=timeout)
+        waited = time.monotonic() - started
+        assert timeout <= waited < timeout + 0.25

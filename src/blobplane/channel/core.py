@@ -28,6 +28,7 @@ from __future__ import annotations
 import array
 import enum
 import errno
+import math
 import os
 import resource
 import socket
@@ -91,7 +92,12 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _CUT = _MSG_TRUNC | _MSG_CTRUNC  # (recvmsg also reports MSG_CMSG_CLOEXEC back in its flags)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+# Every call but `wait_received` passes MSG_DONTWAIT: a datagram socket's fd
+# is in blocking mode (see `ChannelCore`), a stream socket's is not.
+_NOSIGNAL = int(socket.MSG_NOSIGNAL) | _MSG_DONTWAIT
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC) | _MSG_DONTWAIT
+_TIMEVAL = struct.Struct("@ll")
 _REPLIES = (Ack, ErrorReply)
 _FD = struct.Struct("i")
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
@@ -198,7 +204,11 @@ class ChannelCore:
             framing = framing_of(sock)
             self.peer: PeerCredentials = peer_credentials(sock)
             check_peer(self.peer, allowed_uids)
-            sock.setblocking(False)
+            # A datagram socket's fd blocks, so that the sync driver can wait in
+            # recvmsg itself (`wait_received`): woken with the datagram, one
+            # syscall, instead of poll() and then recvmsg. Every other call
+            # passes MSG_DONTWAIT. A stream socket's fd does not block.
+            sock.setblocking(framing == "datagram")
             self.wire = Connection(framing, max_frame_size=max_frame_size, max_fds=max_fds)
         except BaseException:
             sock.close()
@@ -212,6 +222,7 @@ class ChannelCore:
         # One slot more than allowed, to tell "too many fds" from "the kernel dropped some".
         self._fd_capacity = max_fds + 1
         self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * array.array("i").itemsize)
+        self._receive_timeout: float | None = None  # SO_RCVTIMEO as set, None: none
         self._unread: deque[Received] = deque()
         self.receiving = Busy(
             "another task or thread is already receiving on this channel; receive from one "
@@ -322,7 +333,7 @@ class ChannelCore:
                 # path pays for every frame it enters.
                 try:
                     size, ancillary, flags, _ = self.sock.recvmsg_into(
-                        [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
+                        [self._view], self._ancillary_size, _RECV_FLAGS
                     )
                 except (BlockingIOError, InterruptedError):
                     if not wire.has_buffered:
@@ -362,6 +373,62 @@ class ChannelCore:
             if type(event) is PeerClosed:
                 raise self.fail(ConnectionClosed("the peer closed the channel"))
 
+    @property
+    def can_wait_received(self) -> bool:
+        """Whether `wait_received` may be used: a datagram socket, nothing held by the wire."""
+        return self._datagram and not self.wire.has_buffered
+
+    def wait_received(self, timeout: float | None) -> Received | None:
+        """Block in recvmsg for up to *timeout* (> 0) seconds, None: forever; None if nothing came.
+
+        The one call here that blocks: the sync driver's wait, for a datagram
+        socket (`can_wait_received`), once `poll_received` found nothing; the
+        caller holds `receiving`. The kernel's SO_RCVTIMEO bounds the wait.
+        It is set again only when it would end the wait more than a
+        millisecond late, or before half of *timeout*: a wait that ends early
+        returns None and the caller waits again for what remains. (A signal
+        whose handler returns restarts the wait, as for a blocking socket.)
+        What arrives goes through the same steps as in `poll_received`.
+        """
+        current = self._receive_timeout
+        if (
+            timeout is None or current is None or not timeout * 0.5 <= current <= timeout + 0.001
+        ) and timeout != current:
+            seconds = 0.0 if timeout is None else max(timeout, 1e-6)  # 0 would wait forever
+            whole = int(seconds)
+            micros = math.ceil((seconds - whole) * 1_000_000)
+            try:
+                self.sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micros))
+            except OSError as exc:
+                raise self._os_failure(exc, "receiving") from exc
+            self._receive_timeout = timeout
+        try:
+            size, ancillary, flags, _ = self.sock.recvmsg_into(
+                [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return None  # the time is up
+        except OSError as exc:
+            raise self._os_failure(exc, "receiving") from exc
+        if size and not flags & _CUT:
+            try:
+                event = self.wire.receive_datagram(
+                    self._view[:size], _fds_from(ancillary) if ancillary else []
+                )
+            except RemoteProtocolError as exc:
+                raise self._protocol_failure(exc) from None
+        else:
+            event = self._received_event(size, ancillary, flags)
+        if type(event) is Received:
+            if self.pooled_out and type(event.message) in _REPLIES:
+                lent = self.pooled_out.pop(event.message.reply_to, None)  # type: ignore[union-attr]
+                if lent is not None:
+                    _give_back(*lent)
+            return event
+        if type(event) is PeerClosed:
+            raise self.fail(ConnectionClosed("the peer closed the channel"))
+        return None
+
     def _protocol_failure(self, exc: RemoteProtocolError) -> BlobError:
         if self._eof_fed:
             return self.fail(
@@ -394,7 +461,7 @@ class ChannelCore:
         """
         try:
             size, ancillary, flags, _ = self.sock.recvmsg_into(
-                [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
+                [self._view], self._ancillary_size, _RECV_FLAGS
             )
         except (BlockingIOError, InterruptedError):
             return None
@@ -510,9 +577,7 @@ class ChannelCore:
             return None
         handoff, frame = framed
         try:
-            sent = self.sock.sendmsg(
-                [frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], _MSG_NOSIGNAL
-            )
+            sent = self.sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], _NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return handoff, frame, None
         except BaseException as exc:
@@ -537,7 +602,7 @@ class ChannelCore:
             return None
         ack, frame = framed
         try:
-            sent = self.sock.send(frame, _MSG_NOSIGNAL)
+            sent = self.sock.send(frame, _NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return ack, frame, None
         except OSError as exc:
@@ -565,8 +630,8 @@ class ChannelCore:
             if fds:
                 packed = _FD.pack(fds[0]) if len(fds) == 1 else array.array("i", fds)
                 rights = [(_SOL_SOCKET, _SCM_RIGHTS, packed)]
-                return self.sock.sendmsg([data], rights, _MSG_NOSIGNAL)
-            return self.sock.send(data, _MSG_NOSIGNAL)
+                return self.sock.sendmsg([data], rights, _NOSIGNAL)
+            return self.sock.send(data, _NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -591,7 +656,7 @@ class ChannelCore:
                 reply_to=0, code=ErrorCode.PROTOCOL, message=str(error)[:MAX_ERROR_TEXT]
             )
             data, _ = self.wire.send(reply)
-            self.sock.send(data, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            self.sock.send(data, _NOSIGNAL)
         except (BlobError, OSError):
             pass  # best effort: the peer may be gone already
 

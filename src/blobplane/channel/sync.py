@@ -214,12 +214,26 @@ class Channel(ChannelBase):
     def _next(
         self, queued: bool, deadline: float | None, timeout: float | None, what: str
     ) -> Received:
-        """The next message, waiting for it (the caller holds `receiving`)."""
+        """The next message, waiting for it (the caller holds `receiving`).
+
+        A datagram socket is waited on in recvmsg itself (`wait_received`),
+        which returns with the message; a stream socket in poll().
+        """
         core = self._core
         received = core.poll_received(queued=queued)
         while received is None:
-            _block(Wait.READABLE, core.fileno, deadline, timeout, what, readable=self._readable)
-            received = core.poll_received(queued=queued)
+            if core.can_wait_received:
+                remaining = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise Timeout(f"{what} did not complete within {timeout} s")
+                received = core.wait_received(remaining)
+                if received is None:
+                    received = core.poll_received(queued=queued)
+            else:
+                self._wait_readable(deadline, timeout, what)
+                received = core.poll_received(queued=queued)
         return received
 
     def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
@@ -296,17 +310,12 @@ class Channel(ChannelBase):
             # took from the same timeout, and one that did not took microseconds.
             deadline = _deadline(limit)
             while True:
-                # Wait first: the reply cannot have come yet, and a read that
-                # finds nothing costs more (BlockingIOError) than this poll.
-                self._wait_readable(deadline, limit, "send_blob")
-                received = core.poll_received(queued=False)
-                while received is not None:
-                    message = received.message
-                    if type(message) is Ack and message.reply_to == request_id:
-                        return request_id  # the usual answer, without is_reply's match
-                    if ops.is_reply(core, received, request_id, blob):
-                        return request_id
-                    received = core.poll_received(queued=False)
+                received = self._next(False, deadline, limit, "send_blob")
+                message = received.message
+                if type(message) is Ack and message.reply_to == request_id:
+                    return request_id  # the usual answer, without is_reply's match
+                if ops.is_reply(core, received, request_id, blob):
+                    return request_id
         finally:
             if wait:
                 receiving.lock.release()
@@ -345,10 +354,7 @@ class Channel(ChannelBase):
         if not busy.lock.acquire(False):  # `with core.receiving`, inline
             raise BlobBusy(busy.message)
         try:
-            received = core.poll_received()
-            while received is None:
-                self._wait_readable(deadline, limit, "recv_handoff")
-                received = core.poll_received()
+            received = self._next(True, deadline, limit, "recv_handoff")
             handoff = received.message
             if type(handoff) is not BlobHandoff or handoff.slot is not None:
                 return self._take_handoff(received, deadline, limit)
