@@ -186,3 +186,56 @@ def test_a_slot_a_reader_is_reading_cannot_be_revoked() -> None:
             child.stdin.write("\n")
             child.stdin.flush()
             assert child.wait(timeout=30) == 0
+
+
+# Watches slot 0's generation through one aligned 8-byte load at a time (what a
+# reader on another CPU sees) until stdin closes; prints how many loads went back.
+WATCH_GENERATION = """
+import mmap, sys, threading
+fd = int(sys.argv[1])
+words = memoryview(mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)).cast("Q")
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+print("watching", flush=True)
+last, backwards, loads = words[0], 0, 0
+while not stop.is_set():
+    for _ in range(10_000):
+        now = words[0]
+        if now < last:
+            backwards += 1
+        last = now
+    loads += 10_000
+print(backwards, loads, flush=True)
+"""
+
+
+def test_a_reader_never_sees_a_generation_half_written() -> None:
+    # struct.pack_into zeroes its bytes before writing them: a reader in another
+    # process could see 0, or a mix of old and new bytes, where the old or new
+    # generation belongs. A stale generation read as current lets a reader take a
+    # revoked slot for its frame.
+    import subprocess
+    import sys
+    import time
+
+    with BlobPool(slot_size=4096, slots=1) as pool:
+        control = pool.control_fileno()
+        with subprocess.Popen(
+            [sys.executable, "-c", WATCH_GENERATION, str(control)],
+            pass_fds=(control,),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as child:
+            assert child.stdin is not None
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "watching"
+            end = time.monotonic() + 2
+            while time.monotonic() < end:
+                for _ in range(1000):
+                    pool._bump_generation(0)  # what every loan and revoke does
+            child.stdin.close()
+            backwards, loads = map(int, child.stdout.readline().split())
+            assert child.wait(timeout=30) == 0
+    assert loads > 0
+    assert backwards == 0

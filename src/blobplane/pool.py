@@ -14,6 +14,10 @@ A control block (one more memfd, sealed the same way) holds a generation
 counter per slot, bumped at every loan. A reader maps it read-only and, in
 check mode, compares the generation it was told with the live one to detect
 a slot rewritten while it held it, which only a broken producer can cause.
+Generations are read and written as whole aligned u64s (a "Q" memoryview),
+never with `struct.pack_into`: that zeroes the bytes before writing them, so
+a reader on another CPU could see 0, or old and new bytes mixed, and take a
+revoked slot's stale generation for the current one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import struct
 import threading
 import time
 from collections import deque
@@ -48,10 +51,10 @@ from blobplane.errors import (
 from blobplane.slot_claims import try_claim_exclusive, unclaim
 from blobplane.types import BlobId, BlobToken, UnixFd
 
-__all__ = ["POOL_SEALS", "BlobPool", "PoolLoan", "sealed_memfd"]
+__all__ = ["GENERATION_SIZE", "POOL_SEALS", "BlobPool", "PoolLoan", "sealed_memfd"]
 
 POOL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
-_GENERATION = struct.Struct("<Q")
+GENERATION_SIZE = 8  # one u64 per slot in the control block
 
 
 def _round_up(size: int, unit: int) -> int:
@@ -113,10 +116,11 @@ class BlobPool:
         self._free: deque[int] = deque()
         self._closed = False
         try:
-            control_size = _round_up(_GENERATION.size * slots, mmap.PAGESIZE)
+            control_size = _round_up(GENERATION_SIZE * slots, mmap.PAGESIZE)
             self._control_fd, self._control = sealed_memfd(
                 f"blobplane-pool:{self.id}:control", control_size
             )
+            self._generations = memoryview(self._control).cast("Q")
             for index in range(slots):
                 fd, mapped = sealed_memfd(f"blobplane-pool:{self.id}:{index}", mapped_size)
                 self._slots.append(_Slot(fd, mapped))
@@ -174,7 +178,7 @@ class BlobPool:
 
     def generation(self, slot: int) -> int:
         """The slot's current generation (bumped at every loan)."""
-        return int(_GENERATION.unpack_from(self._control, slot * _GENERATION.size)[0])
+        return self._generations[slot]
 
     def control_fileno(self) -> int:
         """The control block's memfd (generations), for readers to map read-only."""
@@ -237,6 +241,8 @@ class BlobPool:
         for slot in slots:
             unmap_when_unused(slot.mapped)
             os.close(slot.fd)
+        if getattr(self, "_generations", None) is not None:
+            self._generations.release()
         if getattr(self, "_control", None) is not None:
             unmap_when_unused(self._control)
         if self._control_fd >= 0:
@@ -258,8 +264,8 @@ class BlobPool:
         return f"<BlobPool {self.slots} x {self.slot_size} bytes, {self.free_slots} free>"
 
     def _bump_generation(self, slot: int) -> int:
-        generation = self.generation(slot) + 1
-        _GENERATION.pack_into(self._control, slot * _GENERATION.size, generation)
+        generation = self._generations[slot] + 1
+        self._generations[slot] = generation
         return generation
 
     def _return_loan(self, slot: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import select
-import struct
 import time
 from collections.abc import Container
 from types import TracebackType
@@ -35,6 +34,7 @@ from blobplane.errors import (
     StreamEnded,
     Timeout,
 )
+from blobplane.pool import GENERATION_SIZE
 from blobplane.slot_claims import claim_shared, unclaim
 from blobplane.streams.protocol import (
     HELLO_FDS,
@@ -52,8 +52,6 @@ from blobplane.wire import Message, UserPayload
 
 __all__ = ["AsyncReceipt", "AsyncSubscriber", "Receipt", "Subscriber", "SubscriberCore"]
 
-_GENERATION = struct.Struct("<Q")
-
 
 def _close_fds(fds: tuple[int, ...]) -> None:
     for fd in fds:
@@ -69,6 +67,8 @@ class SubscriberCore:
         self.slot_size = 0
         self.slots = 0
         self._control: MappedRead | None = None
+        # Whole u64 loads (see `pool`): a byte-wise read could mix two generations.
+        self._generations: memoryview | None = None
         self._claims_fd = -1
         self._slots: list[MappedRead] = []
         self._ring: SubscriberRing | None = None
@@ -118,7 +118,8 @@ class SubscriberCore:
         self.policy = hello.policy
         self.slot_size = hello.slot_size
         self.slots = hello.slots
-        self._control = map_descriptor(UnixFd(fds[0]), hello.slots * _GENERATION.size)
+        self._control = map_descriptor(UnixFd(fds[0]), hello.slots * GENERATION_SIZE)
+        self._generations = self._control.as_slice().cast("Q")
         if hello.policy is Backpressure.DROP_OLDEST:
             self._claims_fd = reopen_readonly(fds[0])
         self._ring = SubscriberRing(
@@ -192,10 +193,9 @@ class SubscriberCore:
             self._ring.mark_released(frame.slot, frame.generation)
 
     def generation(self, slot: int) -> int:
-        if self._control is None:
+        if self._generations is None:
             raise BlobClosed("the subscriber has no stream")
-        with self._control.as_slice() as control:
-            return int(_GENERATION.unpack_from(control, slot * _GENERATION.size)[0])
+        return self._generations[slot]
 
     def end(self, reason: str, cause: BaseException | None = None) -> StreamEnded:
         if self._ended is None:
@@ -214,6 +214,9 @@ class SubscriberCore:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        if self._generations is not None:
+            self._generations.release()
+            self._generations = None
         if self._control is not None:
             self._control.close()
             self._control = None
