@@ -143,9 +143,9 @@ def test_thousands_of_loans_leave_nothing_behind() -> None:
 CLAIM_IN_CHILD = """
 import os, sys
 from blobplane.backends.memfd import reopen_readonly
-from blobplane.slot_claims import claim_shared, unclaim
+from blobplane.slot_claims import try_claim_shared, unclaim
 fd = reopen_readonly(int(sys.argv[1]))
-claim_shared(fd, int(sys.argv[2]))
+assert try_claim_shared(fd, int(sys.argv[2]))
 print("claimed", flush=True)
 sys.stdin.readline()
 unclaim(fd, int(sys.argv[2]))

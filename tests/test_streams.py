@@ -17,7 +17,8 @@ import pytest
 
 from blobplane import channel
 from blobplane.errors import InvalidSize, RemoteProtocolError, SlotRewritten, StreamEnded, Timeout
-from blobplane.streams import AsyncSubscriber, Backpressure, Publisher, Subscriber
+from blobplane.slot_claims import try_claim_exclusive, unclaim
+from blobplane.streams import AsyncSubscriber, Backpressure, Publisher, Receipt, Subscriber
 from blobplane.streams.protocol import Hello, Slots, decode
 from blobplane.streams.ring import ENTRIES_AT, ENTRY, ENTRY_SIZE
 from blobplane.wire import UserPayload
@@ -167,6 +168,39 @@ def test_drop_oldest_never_blocks_the_publisher_and_counts_what_slow_ones_missed
     assert len(slow_seqs) < count
     # What it missed were the oldest frames: the newest always got through.
     assert slow_seqs[-1] == count
+
+
+def test_a_publisher_stuck_while_taking_back_a_slot_does_not_hang_its_subscriber(
+    socket_path: str,
+) -> None:
+    # A publisher holds a slot's exclusive claim only while it takes the slot
+    # back; stopped there (SIGSTOP, a debugger, a broken one), it must not stall
+    # a subscriber past its timeout: that frame is being taken back anyway.
+    with Publisher(socket_path, slot_size=4096, slots=2, policy=Backpressure.DROP_OLDEST) as pub:
+        waiter = threading.Thread(target=pub.wait_for_subscribers, args=(1, CHILD_TIMEOUT_S))
+        waiter.start()
+        with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S) as sub:
+            waiter.join(CHILD_TIMEOUT_S)
+            slots = []
+            for _ in range(2):
+                with pub.loan() as loan:
+                    slots.append(loan.slot)
+                    pub.publish(loan, header=b"h")
+            control = pub.pool.control_fileno()
+            assert try_claim_exclusive(control, slots[0])
+            got: list[object] = []
+            receiving = threading.Thread(target=lambda: got.append(sub.receive(timeout=2)))
+            try:
+                receiving.start()
+                receiving.join(10)
+                assert not receiving.is_alive(), "receive() waited on the publisher's claim"
+            finally:
+                unclaim(control, slots[0])
+                receiving.join(CHILD_TIMEOUT_S)
+            (receipt,) = got
+            assert isinstance(receipt, Receipt)
+            with receipt:
+                assert (receipt.seq, receipt.missed) == (2, 1)
 
 
 def test_a_killed_subscriber_gives_its_slots_back(socket_path: str) -> None:

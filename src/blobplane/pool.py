@@ -206,7 +206,7 @@ class BlobPool:
     def try_revoke(self, slot: int) -> bool:
         """Take back a slot handed to readers none of whom is reading it now.
 
-        Succeeds only if no reader holds a claim (`slot_claims.claim_shared`)
+        Succeeds only if no reader holds a claim (`slot_claims.try_claim_shared`)
         on it; the generation is bumped under the exclusive claim, so a reader
         that comes to it later sees a stale generation and skips the frame.
         Readers that took part in a revoked handoff must not release it.

@@ -28,17 +28,25 @@ def _flock(lock_type: int, slot: int) -> bytes:
     return _FLOCK.pack(lock_type, os.SEEK_SET, slot, 1, 0)
 
 
-def claim_shared(fd: int, slot: int) -> None:
-    """Take a reader's lock on *slot*, waiting out a producer that holds it briefly."""
-    with os_errors(f"claiming pool slot {slot}"):
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_RDLCK, slot))
+def try_claim_shared(fd: int, slot: int) -> bool:
+    """Take a reader's lock on *slot* unless the producer holds it; never waits.
+
+    The producer holds it only while it takes the slot back, so a refusal
+    means the frame the reader wanted is gone: waiting would gain nothing,
+    and would hang the reader for as long as a stopped producer stays stopped.
+    """
+    return _try_lock(fd, fcntl.F_RDLCK, slot)
 
 
 def try_claim_exclusive(fd: int, slot: int) -> bool:
     """Take the producer's lock on *slot* if no reader holds it; never waits."""
+    return _try_lock(fd, fcntl.F_WRLCK, slot)
+
+
+def _try_lock(fd: int, lock_type: int, slot: int) -> bool:
     with os_errors(f"claiming pool slot {slot}"):
         try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, slot))
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(lock_type, slot))
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False

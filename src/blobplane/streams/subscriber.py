@@ -35,7 +35,7 @@ from blobplane.errors import (
     Timeout,
 )
 from blobplane.pool import GENERATION_SIZE
-from blobplane.slot_claims import claim_shared, unclaim
+from blobplane.slot_claims import try_claim_shared, unclaim
 from blobplane.streams.protocol import (
     HELLO_FDS,
     Backpressure,
@@ -163,9 +163,13 @@ class SubscriberCore:
                 return None
             self._missed += frame.unsent
             if self._claims_fd >= 0:
-                claim_shared(self._claims_fd, frame.slot)
+                # DROP_OLDEST: a frame being taken back (claim refused) or taken
+                # back before we got to it (generation moved on) is missed, and
+                # never released by us.
+                if not try_claim_shared(self._claims_fd, frame.slot):
+                    self._missed += 1
+                    continue
                 if self.generation(frame.slot) != frame.generation:
-                    # Taken back before we got to it (DROP_OLDEST): never released by us.
                     unclaim(self._claims_fd, frame.slot)
                     self._missed += 1
                     continue
