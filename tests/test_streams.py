@@ -3,24 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mmap
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from blobplane import channel
-from blobplane.errors import InvalidSize, RemoteProtocolError, SlotRewritten, StreamEnded, Timeout
+from blobplane.errors import (
+    BlobError,
+    DescriptorTooShort,
+    InvalidSize,
+    NotSealed,
+    RemoteProtocolError,
+    SlotRewritten,
+    StreamEnded,
+    Timeout,
+    WrongKind,
+)
+from blobplane.pool import POOL_SEALS, sealed_memfd
 from blobplane.slot_claims import try_claim_exclusive, unclaim
 from blobplane.streams import AsyncSubscriber, Backpressure, Publisher, Receipt, Subscriber
-from blobplane.streams.protocol import Hello, Slots, decode
-from blobplane.streams.ring import ENTRIES_AT, ENTRY, ENTRY_SIZE
+from blobplane.streams.protocol import Hello, Slots, decode, encode
+from blobplane.streams.ring import (
+    ENTRIES_AT,
+    ENTRY,
+    ENTRY_SIZE,
+    RELEASE_SEALS,
+    release_size,
+    ring_entries,
+    ring_size,
+)
 from blobplane.wire import UserPayload
 from children import CHILD_TIMEOUT_S
 from leaks import blob_mappings, open_fds
@@ -318,6 +341,184 @@ def test_a_subscriber_cannot_write_a_slot_or_its_ring(socket_path: str) -> None:
             finally:
                 for fd in (slot_fd, *hello_fds):
                     os.close(fd)
+
+
+def _raw_subscriber(pub: Publisher, socket_path: str) -> tuple[channel.Channel, tuple[int, ...]]:
+    """A peer that connects like a subscriber and does whatever a test makes it do."""
+    raw: list[channel.Channel] = []
+    connecting = threading.Thread(target=lambda: raw.append(channel.connect(socket_path)))
+    connecting.start()
+    pub.wait_for_subscribers(1, timeout=CHILD_TIMEOUT_S)
+    connecting.join(CHILD_TIMEOUT_S)
+    peer = raw[0]
+    _, hello_fds = peer.recv()
+    fds = list(hello_fds)
+    while len(fds) < len(hello_fds) + pub.pool.slots:
+        fds.extend(peer.recv()[1])
+    return peer, tuple(fds)
+
+
+def _finishes(call: Callable[[], object], within: float = 5.0) -> bool:
+    """Whether *call* returns within *within* seconds (it runs on in a thread if not)."""
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(within)
+    return not worker.is_alive()
+
+
+def test_a_subscriber_that_jams_its_bell_cannot_hang_the_publisher(socket_path: str) -> None:
+    # O_NONBLOCK lives in the open file description, which SCM_RIGHTS shares:
+    # a peer can clear it on the publisher's behalf. With eventfds, that and a
+    # full counter made the publisher's next wake-up block forever.
+    policy = Backpressure.DROP_OLDEST  # so the publisher goes on without releases
+    with Publisher(socket_path, slot_size=4096, slots=2, policy=policy) as pub:
+        peer, fds = _raw_subscriber(pub, socket_path)
+        with peer:
+            try:
+                bell = fds[3]  # control block, ring, release area, bell, then the slots
+                os.set_blocking(bell, True)
+
+                def publish_many() -> None:
+                    for _ in range(3000):  # far more wake-ups than a socket buffer holds
+                        with pub.loan(timeout=CHILD_TIMEOUT_S) as loan:
+                            pub.publish(loan)
+
+                assert _finishes(publish_many, CHILD_TIMEOUT_S)
+                queued = 0
+                while data := os.read(bell, 65536) if _readable(bell) else b"":
+                    queued += len(data)
+                assert 0 < queued < 3000  # the bell did fill up
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def test_a_subscriber_that_hangs_up_its_bell_is_dropped(socket_path: str) -> None:
+    with Publisher(socket_path, slot_size=4096, slots=1) as pub:
+        peer, fds = _raw_subscriber(pub, socket_path)
+        with peer:
+            try:
+                with pub.loan() as loan:
+                    pub.publish(loan)  # the peer holds the only slot
+                with socket.socket(fileno=os.dup(fds[3])) as bell:
+                    bell.shutdown(socket.SHUT_RDWR)
+                with pub.loan(timeout=CHILD_TIMEOUT_S):
+                    assert pub.subscribers == 0
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+def test_a_publisher_that_jams_the_bell_cannot_hang_a_receipt_close(socket_path: str) -> None:
+    with Publisher(socket_path, slot_size=4096, slots=2) as pub:
+        waiter = threading.Thread(target=pub.wait_for_subscribers, args=(1, CHILD_TIMEOUT_S))
+        waiter.start()
+        with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S) as sub:
+            waiter.join(CHILD_TIMEOUT_S)
+            with pub.loan() as loan:
+                pub.publish(loan)
+            receipt = sub.receive()
+            # What a publisher that kept a copy of the subscriber's end could do:
+            # clear O_NONBLOCK on it, and never read what comes (many releases).
+            ring = sub._core._ring
+            assert ring is not None
+            assert ring.bell is not None
+            bell = ring.bell.fileno()
+            os.set_blocking(bell, True)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    ring.bell.send(bytes(4096), socket.MSG_DONTWAIT)
+            assert _finishes(receipt.close)
+
+
+def _sealed(size: int, seals: int = POOL_SEALS) -> int:
+    fd, mapped = sealed_memfd("blobplane-test", size, seals)
+    mapped.close()
+    return fd
+
+
+def _unsealed(size: int) -> int:
+    fd = os.memfd_create("blobplane-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _pipe() -> int:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    return read_end
+
+
+def _socket(kind: socket.SocketKind = socket.SOCK_STREAM, connected: bool = True) -> int:
+    if not connected:
+        return socket.socket(socket.AF_UNIX, kind).detach()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    mine.close()
+    return theirs.detach()
+
+
+SLOTS, ENTRIES = 2, ring_entries(2)
+# A broken publisher's Hello fds: which one it replaces, with what, and the error it must get.
+BAD_HELLO_FDS: dict[str, tuple[int, Callable[[], int], type[BlobError]]] = {
+    "control block too short": (0, lambda: _sealed(8 * SLOTS - 1), DescriptorTooShort),
+    "ring is a pipe": (1, _pipe, WrongKind),
+    "ring not sealed": (1, lambda: _unsealed(ring_size(ENTRIES)), NotSealed),
+    "ring too short": (1, lambda: _sealed(ring_size(ENTRIES) - 4096), DescriptorTooShort),
+    "release area not sealed": (2, lambda: _unsealed(release_size(SLOTS)), NotSealed),
+    "release area write-sealed": (
+        2,
+        lambda: _sealed(release_size(SLOTS)),
+        RemoteProtocolError,
+    ),
+    "release area a socket": (2, _socket, WrongKind),
+    "bell an eventfd": (3, lambda: os.eventfd(0, os.EFD_NONBLOCK), WrongKind),
+    "bell a pipe": (3, _pipe, WrongKind),
+    "bell a memfd": (3, lambda: _sealed(4096), WrongKind),
+    "bell a datagram socket": (3, lambda: _socket(socket.SOCK_DGRAM), WrongKind),
+    "bell connected to nothing": (3, lambda: _socket(connected=False), WrongKind),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HELLO_FDS))
+def test_a_hello_with_a_bad_fd_is_refused_before_mapping_it(socket_path: str, case: str) -> None:
+    where, make, error = BAD_HELLO_FDS[case]
+    good = [
+        _sealed(4096),
+        _sealed(ring_size(ENTRIES)),
+        _sealed(release_size(SLOTS), RELEASE_SEALS),
+        _socket(),
+    ]
+    fds = [*good[:where], make(), *good[where + 1 :]]
+    os.close(good[where])
+    mappings = blob_mappings()
+    refused: list[BaseException] = []
+
+    def subscribe() -> None:
+        try:
+            Subscriber(socket_path, timeout=CHILD_TIMEOUT_S).close()
+        except BaseException as exc:
+            refused.append(exc)
+
+    try:
+        with channel.listen(socket_path, timeout=CHILD_TIMEOUT_S) as listener:
+            subscribing = threading.Thread(target=subscribe)
+            subscribing.start()
+            with listener.accept() as publisher:
+                hello = Hello(uuid.uuid4(), 4096, SLOTS, Backpressure.BLOCK, ENTRIES)
+                publisher.send(UserPayload(data=encode(hello)), fds)
+                subscribing.join(CHILD_TIMEOUT_S)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    (exc,) = refused
+    assert isinstance(exc, error), repr(exc)
+    assert blob_mappings() == mappings
 
 
 def test_check_mode_catches_a_slot_rewritten_under_a_reader(socket_path: str) -> None:

@@ -3,9 +3,9 @@
 A `Publisher` owns a pool and listens at a socket path; any number of
 `Subscriber`s (or `AsyncSubscriber`s) connect to it. Each frame is written
 in place into a loaned slot and announced to every subscriber through its
-own ring in shared memory (an entry, then an eventfd write: no message and
-no fd per frame, see `streams.ring`); subscribers map every slot once, read
-it in place and release it with a mark in shared memory::
+own ring in shared memory (an entry, then a byte on a socket pair: no
+message and no fd per frame, see `streams.ring`); subscribers map every slot
+once, read it in place and release it with a mark in shared memory::
 
     with Publisher(path, slot_size=6_220_800, slots=8) as pub:
         with pub.loan(timeout=1) as loan:
@@ -27,8 +27,8 @@ write into it; `Subscriber(check=True)` detects that on release. Everything
 a subscriber reads from its ring is checked: a broken publisher gets a
 `RemoteProtocolError`, never an out-of-range read.
 
-Latency: a subscriber or publisher that sleeps is woken through an eventfd,
-which on a VM costs ~30-70 µs when the sleeper is on another CPU.
+Latency: a subscriber or publisher that sleeps is woken through its socket
+pair, which on a VM costs ~30-70 µs when the sleeper is on another CPU.
 ``spin_us=`` on `Publisher` and `Subscriber` makes them look at the shared
 counters that long before sleeping: on a busy stream whose processes each
 have a CPU of their own, a 4 KiB round trip drops from ~80 µs to ~15 µs.

@@ -5,7 +5,7 @@ as an application protocol rides a transport::
 
     publisher -> subscriber   Hello   once, with the pool's control block, the
                                       subscriber's ring and release area and
-                                      the two eventfds (see `streams.ring`)
+                                      its end of the bell (see `streams.ring`)
     publisher -> subscriber   Slots   right after Hello, up to 16 slot fds each,
                                       until every slot of the pool was sent
     publisher -> subscriber   End     when the publisher closes the stream
@@ -30,7 +30,7 @@ from blobplane.errors import RemoteProtocolError
 MAX_HEADER = 1024
 # One fd per slot travels at Hello time: a bound keeps that (and the ring) small.
 MAX_STREAM_SLOTS = 1024
-HELLO_FDS = 5  # control block, ring, release area, frame-ready and released eventfds
+HELLO_FDS = 4  # control block, ring, release area, the subscriber's end of the bell
 
 
 class Backpressure(enum.StrEnum):

@@ -2,10 +2,10 @@
 
 The publisher is single-threaded: it accepts subscribers and collects their
 releases whenever it is called (`loan`, `publish`, `pump`), and waits in
-poll() on their sockets and released-eventfds when it needs a free slot. A
-frame goes to each subscriber as an entry in that subscriber's ring in
-shared memory plus an eventfd write (see `streams.ring`), and comes back as a
-release mark in the subscriber's release area: no message, no fd, per frame.
+poll() on their sockets and bells when it needs a free slot. A frame goes to
+each subscriber as an entry in that subscriber's ring in shared memory plus
+a byte on its bell (see `streams.ring`), and comes back as a release mark in
+the subscriber's release area: no message, no fd, per frame.
 A subscriber that goes away (closed, killed) hangs up its socket and gives
 back every slot it held at the next call.
 """
@@ -28,20 +28,12 @@ from blobplane.streams.protocol import (
     MAX_STREAM_SLOTS,
     Backpressure,
     End,
+    Frame,
     Hello,
     Slots,
     encode,
 )
-from blobplane.streams.ring import (
-    ENTRIES_AT,
-    ENTRY,
-    ENTRY_SIZE,
-    RELEASED_WORD,
-    WORD,
-    PublisherRing,
-    drain,
-    wake,
-)
+from blobplane.streams.ring import RELEASED_WORD, PublisherRing, answer_bell
 from blobplane.wire import MAX_FDS_PER_MESSAGE, UserPayload
 
 __all__ = ["MAX_STREAM_SLOTS", "Publisher"]
@@ -106,10 +98,10 @@ class Publisher:
         self._listener_fd = self._listener.fileno()
         self._poller.register(self._listener_fd, select.POLLIN)
         # Waiting for a slot also wakes on releases; pump() must not, as the
-        # released eventfds are readable after nearly every frame.
+        # bells are readable after nearly every frame.
         self._waiter = select.poll()
         self._waiter.register(self._listener_fd, select.POLLIN)
-        self._released_fds: set[int] = set()
+        self._by_bell: dict[int, _Subscriber] = {}
         self._seq = 0
         self._closed = False
 
@@ -161,47 +153,20 @@ class Publisher:
             loan.set_length(length)
         self._seq = seq = self._seq + 1
         slot, generation, size = loan.slot, loan.generation, loan.length
-        sent_ns = time.monotonic_ns()
+        frame = Frame(seq, slot, generation, size, time.monotonic_ns(), header=header)
         retain = self._pool.retain
         try:
             for subscriber in self._subscribers:
                 ring = subscriber.ring
-                position = ring.written + 1
-                memory, words = ring.ring, ring.words
-                index = ring.written % ring.entries
-                if position - ring.entries > ring.release_words[0] and not self._may_overwrite(
-                    subscriber, index
-                ):
+                if ring.full() and not self._may_overwrite(subscriber, ring.next_overwritten()):
                     # Its ring is full of frames it may still read: it is far
                     # behind. Skip it; it hears how many.
                     subscriber.unsent += 1
                     continue
-                at = ENTRIES_AT + index * ENTRY_SIZE
-                # Position 0 first, the real one last: a reader that raced an
-                # overwrite sees a position that is not the one it expected.
-                words[at // WORD] = 0
-                ENTRY.pack_into(
-                    memory,
-                    at,
-                    0,
-                    seq,
-                    slot,
-                    generation,
-                    size,
-                    sent_ns,
-                    subscriber.unsent,
-                    len(header),
-                )
-                if header:
-                    memory[at + ENTRY.size : at + ENTRY.size + len(header)] = header
-                words[at // WORD] = position
-                ring.seqs[index] = seq
+                ring.write(frame, subscriber.unsent)
                 retain(slot)
                 subscriber.outstanding[seq] = (slot, generation)
                 subscriber.unsent = 0
-                words[0] = position  # after the entry: see streams.ring
-                ring.written = position
-                wake(ring.ready)
         finally:
             loan.close()
         return seq
@@ -239,7 +204,7 @@ class Publisher:
             subscriber.ring.close()
         self._subscribers.clear()
         self._by_fd.clear()
-        self._released_fds.clear()
+        self._by_bell.clear()
         self._listener.close()
         self._pool.close()
 
@@ -284,8 +249,8 @@ class Publisher:
         self._by_fd[subscriber.fd] = subscriber
         self._poller.register(subscriber.fd, select.POLLIN)
         self._waiter.register(subscriber.fd, select.POLLIN)
-        self._waiter.register(ring.released, select.POLLIN)
-        self._released_fds.add(ring.released)
+        self._waiter.register(ring.bell.fileno(), select.POLLIN)
+        self._by_bell[ring.bell.fileno()] = subscriber
 
     def _read_socket(self, subscriber: _Subscriber) -> None:
         # A subscriber sends nothing after connecting: what comes is its hang-up,
@@ -314,7 +279,7 @@ class Publisher:
                     del outstanding[seq]
                     self._give_back(held)
 
-    def _may_overwrite(self, subscriber: _Subscriber, index: int) -> bool:
+    def _may_overwrite(self, subscriber: _Subscriber, seq: int) -> bool:
         """Whether an unread ring entry may be reused (DROP_OLDEST only).
 
         It may once its frame was taken back: the subscriber would only skip
@@ -324,7 +289,7 @@ class Publisher:
         """
         if self.policy is not Backpressure.DROP_OLDEST:
             return False
-        held = subscriber.outstanding.get(subscriber.ring.seqs[index])
+        held = subscriber.outstanding.get(seq)
         return held is None or self._revoke(held)
 
     def _spin(self) -> bool:
@@ -347,8 +312,8 @@ class Publisher:
         del self._by_fd[subscriber.fd]
         self._poller.unregister(subscriber.fd)
         self._waiter.unregister(subscriber.fd)
-        self._waiter.unregister(subscriber.ring.released)
-        self._released_fds.discard(subscriber.ring.released)
+        self._waiter.unregister(subscriber.ring.bell.fileno())
+        del self._by_bell[subscriber.ring.bell.fileno()]
         subscriber.channel.close()
         subscriber.ring.close()
         for held in subscriber.outstanding.values():
@@ -386,13 +351,16 @@ class Publisher:
                     else ""
                 )
             )
-        # A released eventfd may still count releases collected already: then
+        # A bell may still hold wake-ups for releases collected already: then
         # this returns at once, the caller looks again and comes back to sleep.
         for fd, _ in self._waiter.poll(
             None if remaining is None else max(1, int(remaining * 1000))
         ):
-            if fd in self._released_fds:
-                drain(fd)
+            subscriber = self._by_bell.get(fd)
+            if subscriber is not None and not answer_bell(subscriber.ring.bell):
+                # It hung up its bell: it left, or broke it. Either way it would
+                # keep poll() returning at once, so it goes now.
+                self._drop(subscriber)
 
     def _check_open(self) -> None:
         if self._closed:

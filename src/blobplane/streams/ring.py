@@ -1,7 +1,7 @@
-"""The per-subscriber frame ring: entries in shared memory, releases back, eventfd wake-ups.
+"""The per-subscriber frame ring: entries in shared memory, releases back, a socket of wake-ups.
 
-Each subscriber gets, at Hello, two memfds and two eventfds made by the
-publisher:
+Each subscriber gets, at Hello, two memfds and one end of a socket pair made
+by the publisher:
 
 - the ring, written only by the publisher and sealed like pool slots
   (``F_SEAL_FUTURE_WRITE``: the subscriber can only map it read-only)::
@@ -19,8 +19,12 @@ publisher:
       64 + 8*slot         the generation of the last frame of that slot it
                           released (u64), so receipts may close in any order
 
-- the frame-ready eventfd (the publisher writes it after moving the head)
-  and the released eventfd (the subscriber writes it after a release).
+- the bell, a connected Unix stream socket pair: the publisher sends a byte
+  after moving the head, the subscriber one after a release. Not eventfds: an
+  fd passed over SCM_RIGHTS shares its open file description, O_NONBLOCK
+  included, so a peer could clear that flag and fill the counter, and the
+  next eventfd write would block forever. Every send and recv on the bell
+  passes MSG_DONTWAIT instead, which no peer can take away.
 
 A slot is handed to a subscriber at most once at a time (the pool reuses it
 only once every holder released it or it was taken back), so one release
@@ -31,14 +35,19 @@ memoryviews cast to "Q": one aligned 8-byte load or store each, which x86
 never tears. Not `struct.pack_into`: it zeroes the bytes before writing
 them, so a reader on another CPU can see 0 in between.
 
-Ordering: the publisher writes an entry, then the head, then the eventfd; the
+Ordering: the publisher writes an entry, then the head, then the bell; the
 subscriber reads the head, then the entry. x86 keeps stores in order and
-loads in order, and an eventfd write or read is a full barrier, so a reader
+loads in order, and a socket send or recv is a full barrier, so a reader
 that saw the head sees the entry. Nobody sleeps on a stale check: the
-waiting side polls the eventfd, whose counter stays non-zero from every write
-until the waiter drains it, and re-checks the shared counters after each
-wake-up, so a frame or release that lands between "nothing there" and
-poll() makes poll() return at once.
+waiting side polls the bell, which stays readable from every send until the
+waiter drains it, and re-checks the shared counters after each wake-up, so
+a frame or release that lands between "nothing there" and poll() makes
+poll() return at once.
+
+An entry is rewritten in place only under DROP_OLDEST, as a seqlock: the
+publisher stores position 0, the fields, then the new position; the reader
+copies the fields out and accepts them only if the position it reads again
+afterwards is still the one it expected.
 
 Everything the subscriber reads from the ring is checked before use (the
 publisher is a peer that may be broken): the head against what it consumed
@@ -48,14 +57,22 @@ and seq order. A bad entry raises `RemoteProtocolError`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
+import socket
+import stat
 import struct
 
-from blobplane.backends.checks import check_received_fd
+from blobplane.backends.checks import (
+    F_SEAL_FUTURE_WRITE,
+    check_received_fd,
+    describe_kind,
+    get_seals,
+)
 from blobplane.backends.mapping import map_readonly, map_writable, unmap_when_unused
-from blobplane.errors import RemoteProtocolError, os_errors
+from blobplane.errors import RemoteProtocolError, WrongKind, os_errors
 from blobplane.pool import sealed_memfd
 from blobplane.streams.protocol import MAX_HEADER, Frame
 
@@ -63,10 +80,13 @@ __all__ = [
     "ENTRIES_AT",
     "ENTRY",
     "ENTRY_SIZE",
+    "RELEASED_WORD",
     "PublisherRing",
     "SubscriberRing",
-    "check_eventfd",
+    "answer_bell",
+    "check_bell",
     "release_size",
+    "ring_bell",
     "ring_entries",
     "ring_size",
 ]
@@ -100,43 +120,67 @@ def release_size(slots: int) -> int:
     return _round_up(RELEASED_AT + WORD * slots)
 
 
-def check_eventfd(fd: int) -> None:
-    """Refuse an fd that is not a non-blocking eventfd (a write to anything else could block)."""
+def check_bell(fd: int) -> None:
+    """Refuse an fd that is not a connected Unix stream socket."""
     with os_errors(f"checking fd {fd}"):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if target != "anon_inode:[eventfd]" or not flags & os.O_NONBLOCK:
-        raise RemoteProtocolError(f"fd {fd} is {target}, not a non-blocking eventfd")
+        mode = os.fstat(fd).st_mode
+    if not stat.S_ISSOCK(mode):
+        raise WrongKind(f"fd {fd} is {describe_kind(mode)}, not a stream's bell (a socket)")
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise WrongKind(
+                f"fd {fd} is a socket of family {sock.family.name}, type {sock.type.name}; "
+                "a bell is AF_UNIX, SOCK_STREAM"
+            )
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            raise WrongKind(f"fd {fd} is a socket connected to nothing, not a bell") from None
 
 
-def wake(fd: int) -> None:
-    """Add one to an eventfd; a full counter (EAGAIN) already wakes the other side."""
+def _bell_socket(fd: int) -> socket.socket:
+    """A socket object of our own over *fd* (taken over) that never waits in Python."""
+    sock = socket.socket(fileno=fd)
+    # A global socket.setdefaulttimeout() would make Python poll on EAGAIN.
+    sock.settimeout(None)
+    return sock
+
+
+def ring_bell(bell: socket.socket) -> None:
+    """Wake the other side; never blocks, whatever the peer did to the socket."""
     try:
-        os.eventfd_write(fd, 1)
+        bell.send(b"\0", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
     except BlockingIOError:
-        pass
+        pass  # full: the other side has wake-ups waiting already
+    except OSError:
+        pass  # its end is gone: its hang-up ends the stream (see `answer_bell`)
 
 
-def drain(fd: int) -> None:
+def answer_bell(bell: socket.socket) -> bool:
+    """Drain the wake-ups sent so far; False once the other side closed its end."""
     try:
-        os.eventfd_read(fd)
+        return bool(bell.recv(4096, socket.MSG_DONTWAIT))
     except BlockingIOError:
-        pass
+        return True
+    except OSError:
+        return False
 
 
 class PublisherRing:
     """The publisher's side of one subscriber's ring: it writes entries and reads releases."""
 
     __slots__ = (
+        "bell",
         "entries",
-        "ready",
         "release",
         "release_fd",
         "release_words",
-        "released",
         "ring",
         "ring_fd",
         "seqs",
+        "their_bell",
         "words",
         "written",
     )
@@ -145,43 +189,78 @@ class PublisherRing:
         self.entries = ring_entries(slots)
         self.written = 0
         self.seqs = [0] * self.entries  # the frame in each entry
-        self.ring_fd = self.release_fd = self.ready = self.released = -1
+        self.ring_fd = self.release_fd = -1
         made: list[tuple[int, mmap.mmap]] = []
         try:
             made.append(sealed_memfd(f"{name}:ring", ring_size(self.entries)))
             made.append(sealed_memfd(f"{name}:release", release_size(slots), RELEASE_SEALS))
-            with os_errors("creating a stream's eventfds"):
-                flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-                self.ready = os.eventfd(0, flags)
-                self.released = os.eventfd(0, flags)
+            with os_errors("creating a stream's bell"):
+                self.bell, self.their_bell = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except BaseException:
             for fd, mapped in made:
                 os.close(fd)
                 mapped.close()
-            if self.ready >= 0:
-                os.close(self.ready)
             raise
+        self.bell.settimeout(None)  # see _bell_socket
         (self.ring_fd, self.ring), (self.release_fd, self.release) = made
         self.words = memoryview(self.ring).cast("Q")
         self.release_words = memoryview(self.release).cast("Q")
 
-    def hello_fds(self) -> tuple[int, int, int, int]:
-        return self.ring_fd, self.release_fd, self.ready, self.released
+    def hello_fds(self) -> tuple[int, int, int]:
+        return self.ring_fd, self.release_fd, self.their_bell.fileno()
 
     def forget_fds(self) -> None:
-        """Close the memfds once sent: the mappings are all the publisher needs of them."""
+        """Close what was sent: the mappings and our end of the bell are all we need."""
         for fd in (self.ring_fd, self.release_fd):
             if fd >= 0:
                 os.close(fd)
         self.ring_fd = self.release_fd = -1
+        self.their_bell.close()
+
+    def full(self) -> bool:
+        """Whether the next entry would overwrite one the subscriber has not taken."""
+        return self.written - self.entries >= self.release_words[0]
+
+    def next_overwritten(self) -> int:
+        """The frame in the entry the next write reuses (0: none yet)."""
+        return self.seqs[self.written % self.entries]
+
+    def write(self, frame: Frame, unsent: int) -> None:
+        """Put *frame* in the next entry, with *unsent* (not ``frame.unsent``: that is
+        per subscriber), move the head, wake the subscriber."""
+        seq, header = frame.seq, frame.header
+        position = self.written + 1
+        index = self.written % self.entries
+        at = ENTRIES_AT + index * ENTRY_SIZE
+        memory, words = self.ring, self.words
+        # Position 0 first, the real one last: a reader that raced an overwrite
+        # sees a position that is not the one it expected (see the module doc).
+        words[at // WORD] = 0
+        ENTRY.pack_into(
+            memory,
+            at,
+            0,
+            seq,
+            frame.slot,
+            frame.generation,
+            frame.length,
+            frame.sent_ns,
+            unsent,
+            len(header),
+        )
+        if header:
+            memory[at + ENTRY.size : at + ENTRY.size + len(header)] = header
+        words[at // WORD] = position
+        self.seqs[index] = seq
+        words[0] = position
+        self.written = position
+        ring_bell(self.bell)
 
     def close(self) -> None:
-        if self.released < 0:
+        if self.bell.fileno() < 0:
             return
         self.forget_fds()
-        os.close(self.ready)
-        os.close(self.released)
-        self.ready = self.released = -1
+        self.bell.close()
         self.words.release()
         self.release_words.release()
         unmap_when_unused(self.ring)
@@ -202,8 +281,7 @@ class SubscriberRing:
         "_slot_size",
         "_slots",
         "_words",
-        "ready",
-        "released",
+        "bell",
     )
 
     def __init__(
@@ -220,7 +298,7 @@ class SubscriberRing:
         *overwrites*: the publisher may reuse unread entries whose frames it
         took back (DROP_OLDEST); under BLOCK that would be a broken publisher.
         """
-        ring_fd, release_fd, ready, released = fds
+        ring_fd, release_fd, bell = fds
         self._entries = entries
         self._overwrites = overwrites
         self._slots = slots
@@ -231,10 +309,9 @@ class SubscriberRing:
         self._release: mmap.mmap | None = None
         self._words: memoryview | None = None
         self._release_words: memoryview | None = None
-        self.ready = self.released = -1
+        self.bell: socket.socket | None = None
         try:
-            check_eventfd(ready)
-            check_eventfd(released)
+            check_bell(bell)
             size = ring_size(entries)
             check_received_fd(ring_fd, size)
             self._ring = map_readonly(ring_fd, size)
@@ -245,13 +322,19 @@ class SubscriberRing:
                 pass  # an older kernel faults the pages in as they are read
             size = release_size(slots)
             check_received_fd(release_fd, size)
+            with os_errors(f"reading the seals of fd {release_fd}"):
+                seals = get_seals(release_fd) or 0
+            if seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+                raise RemoteProtocolError(
+                    f"the release area (fd {release_fd}) is sealed against writes "
+                    f"(seals=0x{seals:x}): this subscriber could never release a frame"
+                )
             self._release = map_writable(release_fd, size, prefault=True)
             assert self._release is not None
             self._words = memoryview(self._ring).cast("Q")
             self._release_words = memoryview(self._release).cast("Q")
-            with os_errors("keeping a stream's eventfds"):
-                self.ready = os.dup(ready)
-                self.released = os.dup(released)
+            with os_errors("keeping a stream's bell"):
+                self.bell = _bell_socket(os.dup(bell))
         except BaseException:
             self.close()
             raise
@@ -320,13 +403,13 @@ class SubscriberRing:
         if release is None:
             return  # closed: the publisher takes everything back when the socket goes
         release[RELEASED_WORD + slot] = generation
-        wake(self.released)
+        if self.bell is not None:
+            ring_bell(self.bell)
 
     def close(self) -> None:
-        for fd in (self.ready, self.released):
-            if fd >= 0:
-                os.close(fd)
-        self.ready = self.released = -1
+        if self.bell is not None:
+            self.bell.close()
+            self.bell = None
         for view in (self._words, self._release_words):
             if view is not None:
                 view.release()

@@ -3,8 +3,8 @@
 `SubscriberCore` holds everything both flavours share (the slot mappings,
 the ring, claims, generation checks); `Subscriber` waits for it in poll()
 and `AsyncSubscriber` in the event loop. Either waits on two things: the
-ring's frame-ready eventfd and the channel socket, so that a publisher that
-closes or dies ends the stream even while no frame comes.
+ring's bell and the channel socket, so that a publisher that closes or dies
+ends the stream even while no frame comes.
 
 A receipt's view is valid until the receipt is closed: then the slot goes
 back to the publisher, who will write the next frame into it. Copy what you
@@ -46,7 +46,7 @@ from blobplane.streams.protocol import (
     StreamMessage,
     decode,
 )
-from blobplane.streams.ring import SubscriberRing, drain
+from blobplane.streams.ring import SubscriberRing, answer_bell
 from blobplane.types import UnixFd
 from blobplane.wire import Message, UserPayload
 
@@ -82,11 +82,16 @@ class SubscriberCore:
         return self._ring is not None and len(self._slots) == self.slots
 
     @property
-    def ready_fd(self) -> int:
-        """The frame-ready eventfd to wait on."""
-        if self._ring is None:
+    def bell_fd(self) -> int:
+        """The bell to wait on for frames."""
+        if self._ring is None or self._ring.bell is None:
             raise BlobClosed("the subscriber has no stream")
-        return self._ring.ready
+        return self._ring.bell.fileno()
+
+    def answer_bell(self) -> bool:
+        """Drain the bell; False once the publisher hung it up (stop watching it then)."""
+        ring = self._ring
+        return ring is not None and ring.bell is not None and answer_bell(ring.bell)
 
     def on_setup(self, message: Message, fds: tuple[int, ...]) -> None:
         """Take Hello (the ring, the control block) and then the Slots messages that follow."""
@@ -327,8 +332,8 @@ class Subscriber:
             while not self._core.ready:
                 self._core.on_setup(*self._channel.recv())
             self._poller = select.poll()
-            self._ready_fd = self._core.ready_fd
-            self._poller.register(self._ready_fd, select.POLLIN)
+            self._bell_fd = self._core.bell_fd
+            self._poller.register(self._bell_fd, select.POLLIN)
             self._poller.register(self._channel.fileno(), select.POLLIN)
         except BaseException:
             self.close()
@@ -358,7 +363,7 @@ class Subscriber:
                 frame = core.take()
                 if frame is not None:
                     return Receipt(core, frame, core.take_missed())
-                # An entry being rewritten (DROP_OLDEST): sleep until its eventfd write.
+                # An entry being rewritten (DROP_OLDEST): sleep until its bell.
             self._wait(deadline)
             frame = core.take()
             if frame is not None:
@@ -373,7 +378,7 @@ class Subscriber:
         return False
 
     def _wait(self, deadline: float | None) -> None:
-        """Sleep until the ready eventfd or the socket has something (or the deadline)."""
+        """Sleep until the bell or the channel has something (or the deadline)."""
         if deadline is None:
             timeout_ms = None
         else:
@@ -381,13 +386,15 @@ class Subscriber:
             if remaining <= 0:
                 raise Timeout("receive: no frame within the timeout")
             timeout_ms = max(1, int(remaining * 1000))
-        # The eventfd may still count frames already taken: then poll() returns
-        # at once, receive() finds nothing and comes back here to sleep.
+        # The bell may still hold wake-ups for frames already taken: then poll()
+        # returns at once, receive() finds nothing and comes back here to sleep.
         for fd, _ in self._poller.poll(timeout_ms):
-            if fd == self._ready_fd:
-                drain(fd)
-            else:
+            if fd != self._bell_fd:
                 self._read_channel()
+            elif not self._core.answer_bell():
+                # Hung up (the publisher closed or died, which the channel says
+                # too): watched any longer, it would wake every poll() at once.
+                self._poller.unregister(fd)
 
     def _read_channel(self) -> None:
         try:
@@ -455,7 +462,7 @@ class AsyncReceipt(_ReceiptBase):
 class AsyncSubscriber:
     """Receives frames in an event loop; made by ``await AsyncSubscriber.connect()``.
 
-    The loop watches the frame-ready eventfd (a reader callback) and the
+    The loop watches the ring's bell (a reader callback) and the
     channel (one `recv` task for the stream's life, which only End or the
     publisher's hang-up completes).
     """
@@ -468,8 +475,8 @@ class AsyncSubscriber:
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
-        self._ready_fd = core.ready_fd
-        self._loop.add_reader(self._ready_fd, self._on_ready)
+        self._bell_fd = core.bell_fd
+        self._loop.add_reader(self._bell_fd, self._on_bell)
         self._watch: asyncio.Task[tuple[Message, tuple[int, ...]]] | None = None
         self._watch = self._loop.create_task(self._channel.recv(timeout=None))
         self._watch.add_done_callback(self._on_channel)
@@ -503,8 +510,10 @@ class AsyncSubscriber:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _on_ready(self) -> None:
-        drain(self._ready_fd)
+    def _on_bell(self) -> None:
+        if not self._core.answer_bell():
+            # Hung up: the channel's watch ends the stream; stop hearing it ring.
+            self._loop.remove_reader(self._bell_fd)
         self._wake()
 
     def _on_channel(self, task: asyncio.Task[tuple[Message, tuple[int, ...]]]) -> None:
@@ -536,7 +545,7 @@ class AsyncSubscriber:
             if core.ended is not None:
                 raise core.ended
             # No await between the look at the ring and here: a frame published
-            # since makes the eventfd readable, and _on_ready runs once we wait.
+            # since makes the bell readable, and _on_bell runs once we wait.
             self._waiter = waiter = self._loop.create_future()
             try:
                 if deadline is None:
@@ -561,9 +570,9 @@ class AsyncSubscriber:
             raise StopAsyncIteration from None
 
     def close(self) -> None:
-        if self._ready_fd >= 0:
-            self._loop.remove_reader(self._ready_fd)
-            self._ready_fd = -1
+        if self._bell_fd >= 0:
+            self._loop.remove_reader(self._bell_fd)
+            self._bell_fd = -1
         if self._watch is not None:
             self._watch.remove_done_callback(self._on_channel)
             self._watch.cancel()
