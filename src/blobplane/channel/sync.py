@@ -61,8 +61,6 @@ def run_until(
     deadline: float | None,
     timeout: float | None,
     what: str,
-    *,
-    poller: select.poll | None = None,
 ) -> T:
     """`run` with the deadline of a call that began earlier (its fast lane went first)."""
     try:
@@ -72,7 +70,7 @@ def run_until(
             except StopIteration as stop:
                 result: T = stop.value
                 return result
-            _block(wait, fileno, deadline, timeout, what, readable=poller)
+            _block(wait, fileno, deadline, timeout, what)
     finally:
         op.close()
 
@@ -83,10 +81,8 @@ def _block(
     deadline: float | None,
     timeout: float | None,
     what: str,
-    *,
-    readable: select.poll | None = None,
 ) -> None:
-    """Wait for *wait*; *readable*, if given, is a poll object registered for POLLIN on *fileno*."""
+    """Wait for *wait* on *fileno* (a general operation's wait; see `Channel._next` for reads)."""
     remaining = None if deadline is None else deadline - time.monotonic()
     if remaining is not None and remaining <= 0:
         raise Timeout(f"{what} did not complete within {timeout} s")
@@ -96,10 +92,8 @@ def _block(
     fd = -1 if fileno is None else fileno()
     if fd < 0:
         return  # closed meanwhile: the operation's next step reports it
-    poller = readable if readable is not None and wait is Wait.READABLE else None
-    if poller is None:
-        poller = select.poll()
-        poller.register(fd, _EVENTS[wait])
+    poller = select.poll()
+    poller.register(fd, _EVENTS[wait])
     ready = poller.poll(None if remaining is None else math.ceil(remaining * 1000))
     if not ready and deadline is not None and time.monotonic() >= deadline:
         raise Timeout(f"{what} did not complete within {timeout} s")
@@ -129,10 +123,10 @@ class Channel(ChannelBase):
             max_frame_size=max_frame_size,
             max_fds=max_fds,
         )
-        # Every receive waits for readability: one poll object for the
+        # A receive on a stream socket waits for readability (a datagram
+        # socket's waits in recvmsg, see `_next`): one poll object for the
         # channel's life instead of one per wait. Used only by the holder of
-        # `receiving` (a poll object must not be polled from two threads),
-        # and only while the socket is open (`_block` checks `fileno()`).
+        # `receiving` (a poll object must not be polled from two threads).
         self._readable = select.poll()
         self._readable.register(self._core.fileno(), select.POLLIN)
 
