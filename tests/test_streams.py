@@ -521,6 +521,27 @@ def test_a_hello_with_a_bad_fd_is_refused_before_mapping_it(socket_path: str, ca
     assert blob_mappings() == mappings
 
 
+def test_subscribers_coming_and_going_leave_nothing_on_either_side(socket_path: str) -> None:
+    with Publisher(socket_path, slot_size=4096, slots=2) as pub:
+        fds, mappings = open_fds(), blob_mappings()
+        for round_ in range(1, 21):
+            waiter = threading.Thread(target=pub.wait_for_subscribers, args=(1, CHILD_TIMEOUT_S))
+            waiter.start()
+            with Subscriber(socket_path, timeout=CHILD_TIMEOUT_S, check=True) as sub:
+                waiter.join(CHILD_TIMEOUT_S)
+                with pub.loan() as loan:
+                    pub.publish(loan)
+                receipt = sub.receive()
+                assert receipt.seq == round_
+            # Closed after its subscriber: nothing left to give back, and no error.
+            receipt.close()
+            pub.pump()  # sees the hang-up
+            assert pub.subscribers == 0
+            assert pub.pool.free_slots == 2
+            assert open_fds() == fds
+            assert blob_mappings() == mappings
+
+
 def test_check_mode_catches_a_slot_rewritten_under_a_reader(socket_path: str) -> None:
     with Publisher(socket_path, slot_size=4096, slots=1) as pub:
         waiter = threading.Thread(target=pub.wait_for_subscribers, args=(1, CHILD_TIMEOUT_S))

@@ -190,6 +190,8 @@ class SubscriberCore:
 
     def finish(self, frame: Frame) -> None:
         """Let go of *frame*'s slot: the publisher sees the release. Checks it in check mode."""
+        if self._ring is None:
+            return  # the subscriber left: the publisher took every frame back at the hang-up
         rewritten = self.check and self.generation(frame.slot) != frame.generation
         if self._claims_fd >= 0:
             unclaim(self._claims_fd, frame.slot)
@@ -198,8 +200,7 @@ class SubscriberCore:
                 f"slot {frame.slot} was rewritten while frame {frame.seq} was being read: "
                 "the producer reused a slot a reader held (a bug in the producer)"
             )
-        if self._ring is not None:
-            self._ring.mark_released(frame.slot, frame.generation)
+        self._ring.mark_released(frame.slot, frame.generation)
 
     def generation(self, slot: int) -> int:
         if self._generations is None:
