@@ -29,7 +29,7 @@ from blobplane.channel.base import (
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
-from blobplane.errors import BlobBusy, BlobClosed, ConnectionClosed, Timeout
+from blobplane.errors import BlobBusy, BlobClosed, BlobError, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import UnixFd
 from blobplane.wire import (
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncChannel",
     "AsyncListener",
+    "ChannelReader",
     "connect",
     "from_socket",
     "listen",
@@ -172,6 +173,10 @@ class _Waits:
                 return
         self._unwatch()  # nobody waits: pause until somebody does
 
+    def unwatch(self) -> None:
+        """Take the reader callback off (a `ChannelReader` takes the fd over)."""
+        self._unwatch()
+
     def _unwatch(self) -> None:
         fd, loop = self._reading, self._loop
         self._reading, self._skip = -1, False
@@ -228,6 +233,169 @@ def _left(timeout: float | None, started: float | None) -> float | None:
     if timeout is None or started is None:
         return timeout
     return max(0.0, timeout - (asyncio.get_running_loop().time() - started))
+
+
+def _close_fds(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class ChannelReader:
+    """A channel's receive side handed to callbacks for good: see `AsyncChannel.read_forever`.
+
+    Made by `read_forever`; use it from the loop's thread only.
+    """
+
+    __slots__ = (
+        "_core",
+        "_draining",
+        "_ended",
+        "_holding",
+        "_loop",
+        "_notified",
+        "_on_error",
+        "_on_message",
+        "_paused",
+        "_watching",
+    )
+
+    def __init__(
+        self,
+        core: ChannelCore,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[Message, tuple[int, ...]], object],
+        on_error: Callable[[Exception], object],
+    ) -> None:
+        self._core = core
+        self._loop = loop
+        self._on_message = on_message
+        self._on_error = on_error
+        self._holding = True  # the caller acquired `core.receiving` for us
+        self._ended = False
+        self._notified = False
+        self._paused = False
+        self._watching = False
+        self._draining = False
+
+    @property
+    def active(self) -> bool:
+        """Whether messages may still come (not ended by an error, a close or `stop`)."""
+        return not self._ended
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _start(self) -> None:
+        self._loop.add_reader(self._core.fileno(), self._drain)
+        self._watching = True
+        # What the core already holds (put aside by `defer`, or bytes the wire
+        # buffered) raises no readiness: look once without waiting for any.
+        self._loop.call_soon(self._drain)
+
+    def pause(self) -> None:
+        """Deliver nothing more until `resume()`; the peer's sends back up in the socket.
+
+        Cheap enough to call per message: the loop's callback stays registered
+        and is only taken off if readiness comes while paused (or the loop
+        would report it on every turn).
+        """
+        if not self._ended:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Deliver again, from the next turn of the loop on (never from inside this call)."""
+        if self._ended or not self._paused:
+            return
+        self._paused = False
+        if not self._watching:
+            self._loop.add_reader(self._core.fileno(), self._drain)
+            self._watching = True
+        # Messages may sit in the core, where readiness does not report them.
+        self._loop.call_soon(self._drain)
+
+    def stop(self) -> None:
+        """End reading without calling *on_error*; the channel stays open (`recv()` works)."""
+        self._notified = True
+        self._end()
+
+    def _end(self) -> None:
+        """Unregister and give the receive side back; idempotent."""
+        self._ended = True
+        if self._watching:
+            self._watching = False
+            fd = self._core.fileno()
+            # A release hook runs before the socket closes, so fd is still ours.
+            if fd >= 0 and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+        if self._holding:
+            self._holding = False
+            self._core.receiving.lock.release()
+
+    def _finish(self, error: Exception) -> None:
+        self._end()
+        if not self._notified:
+            self._notified = True
+            self._on_error(error)
+
+    def _released(self) -> None:
+        """The channel's release hook: it closed or failed (maybe inside `_drain`)."""
+        if self._ended:
+            return
+        self._end()
+        if self._draining:
+            return  # `_drain` reports what poll_received raises, or `_closed_later` does
+        if not self._loop.is_closed():
+            self._loop.call_soon(self._closed_later)
+
+    def _closed_later(self) -> None:
+        if self._notified:
+            return
+        try:
+            self._core.check_usable()
+        except BlobError as exc:
+            self._notified = True
+            self._on_error(exc)
+
+    def _drain(self) -> None:
+        if self._ended:
+            return
+        if self._paused:
+            if self._watching:
+                self._watching = False
+                self._loop.remove_reader(self._core.fileno())
+            return
+        core = self._core
+        on_message = self._on_message
+        self._draining = True
+        try:
+            while True:
+                try:
+                    received = core.poll_received()
+                except BlobError as exc:
+                    self._finish(exc)
+                    return
+                if received is None:
+                    return
+                fds = received.fds
+                try:
+                    on_message(received.message, fds)
+                except Exception as exc:
+                    _close_fds(fds)
+                    self._finish(exc)
+                    return
+                except BaseException:
+                    _close_fds(fds)
+                    self._notified = True
+                    self._end()
+                    raise
+                if self._paused or self._ended:
+                    break
+        finally:
+            self._draining = False
+        if self._ended and not self._notified:
+            # on_message closed the channel: report it as a close seen from outside.
+            self._loop.call_soon(self._closed_later)
 
 
 class AsyncChannel(ChannelBase):
@@ -360,6 +528,48 @@ class AsyncChannel(ChannelBase):
         finally:
             busy.lock.release()
         return received.message, received.fds
+
+    def read_forever(
+        self,
+        on_message: Callable[[Message, tuple[int, ...]], object],
+        on_error: Callable[[Exception], object],
+    ) -> ChannelReader:
+        """Hand every message from now on to *on_message*, from a callback of the loop.
+
+        For a reader that receives for the channel's whole life (a server's
+        connection, a client's replies): one reader callback drains what has
+        arrived and calls ``on_message(message, fds)`` for each message
+        synchronously, a loop turn and a task step per message fewer than
+        awaiting `recv()` in a task. The receive side stays taken meanwhile
+        (`recv()` raises `BlobBusy`) until it ends, which it does exactly once:
+
+        - the peer hangs up, the channel fails (a protocol error) or closes:
+          ``on_error(exc)`` with what `recv()` would have raised (for a close,
+          `BlobClosed`, on a later turn of the loop);
+        - *on_message* raises an `Exception`: ``on_error(that exception)``;
+        - `ChannelReader.stop()`: no callback.
+
+        *on_message* owns the fds once it returns; if it raises, the reader
+        closes them, so it must not close or keep any of them and then raise.
+        `ChannelReader.pause()` holds further messages back (for a reader that
+        has to await something first), `resume()` lets them come again.
+        Delivery starts on the loop's next turn.
+        """
+        core = self._core
+        core.check_usable()
+        loop = asyncio.get_running_loop()
+        busy = core.receiving
+        if not busy.lock.acquire(False):
+            raise BlobBusy(busy.message)
+        try:
+            reader = ChannelReader(core, loop, on_message, on_error)
+            self._waits.unwatch()  # the reader callback takes the fd over
+            core.add_release_hook(reader._released)
+            reader._start()
+        except BaseException:
+            busy.lock.release()
+            raise
+        return reader
 
     async def send_blob(
         self,
