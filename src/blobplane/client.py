@@ -105,6 +105,7 @@ from blobplane.errors import (
     BlobClosed,
     BlobError,
     BlobSealed,
+    BrokenResource,
     ConnectionRefused,
     InvalidKey,
     InvalidSize,
@@ -1004,8 +1005,8 @@ def _delivered(delivery: _Delivery) -> Answer:
 class AsyncBrokerClient:
     """An asyncio connection to the broker; made by ``await connect_broker_async()``.
 
-    A reader task takes in every reply and notification, so many tasks may
-    call the broker at once over one connection.
+    A reader (a callback of the event loop) takes in every reply and
+    notification, so many tasks may call the broker at once over one connection.
     """
 
     def __init__(self, channel: aio.AsyncChannel, *, timeout: float | None) -> None:
@@ -1023,7 +1024,9 @@ class AsyncBrokerClient:
         self._slot_freed = asyncio.Event()
         self._failure: BlobError | None = None
         self._closed = False
-        self._reader = self._loop.create_task(self._read())
+        # A callback of the loop takes in every reply as it arrives: no task
+        # step and no loop turn of its own between the reply and its caller.
+        self._reader = channel.read_forever(self._on_message, self._on_reader_error)
 
     @property
     def welcome(self) -> Welcome:
@@ -1115,7 +1118,7 @@ class AsyncBrokerClient:
         if self._closed:
             return
         self._closed = True
-        self._reader.cancel()
+        self._reader.stop()
         for task in self._background:
             task.cancel()
         self._channel.close()
@@ -1124,7 +1127,7 @@ class AsyncBrokerClient:
 
     async def aclose(self) -> None:
         self.close()
-        await asyncio.gather(self._reader, *self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self
@@ -1212,27 +1215,42 @@ class AsyncBrokerClient:
             if not isinstance(delivery, BlobError):
                 self._core.unsolicited(*delivery)
 
-    async def _read(self) -> None:
+    def _on_message(self, message: Message, fds: tuple[int, ...]) -> None:
+        """The reader's callback: hand a reply to its caller, or take in a notification.
+
+        It never raises: the fds are closed or handed on whatever happens.
+        """
         try:
-            while True:
-                message, fds = await self._channel.recv(timeout=None)
-                reply = self._core.decode(message, fds)
-                rid = getattr(reply, "rid", 0)
-                if rid in self._pending:
-                    future = self._pending[rid]
-                    if future is not None and not future.done():
-                        future.set_result((reply, fds))
-                        self._pending[rid] = None
-                        # The caller runs first: its reply is the hurry, not our next read.
-                        await asyncio.sleep(0)
-                    else:
-                        self._early.setdefault(rid, deque()).append((reply, fds))
-                    continue
-                self._core.unsolicited(reply, fds)
-                if isinstance(reply, SlotFree):
-                    self._slot_freed.set()
+            reply = self._core.decode(message, fds)  # closes the fds if it raises
+            rid = getattr(reply, "rid", 0)
+            if rid in self._pending:
+                future = self._pending[rid]
+                if future is not None and not future.done():
+                    # The caller's task runs on the loop's next turn; what else came
+                    # is read first, a recvmsg that usually finds nothing.
+                    future.set_result((reply, fds))
+                    self._pending[rid] = None
+                else:
+                    self._early.setdefault(rid, deque()).append((reply, fds))
+                return
+            self._core.unsolicited(reply, fds)  # closes the fds first
+            if isinstance(reply, SlotFree):
+                self._slot_freed.set()
         except BlobError as exc:
+            self._reader.stop()
             self._fail(exc)
+        except Exception as exc:
+            # A bug of ours: raising would let the reader close fds handed on already.
+            self._reader.stop()
+            failure = BrokenResource(f"the broker client's reader failed: {exc!r}")
+            failure.__cause__ = exc
+            self._fail(failure)
+
+    def _on_reader_error(self, error: Exception) -> None:
+        if isinstance(error, BlobError):
+            self._fail(error)
+        else:  # `_on_message` does not raise: only a bug gets here
+            self._fail(BrokenResource(f"the broker client's reader failed: {error!r}"))
 
     def _fail(self, error: BlobError) -> None:
         if self._failure is None:
