@@ -7,6 +7,7 @@ import contextlib
 import json
 import mmap
 import os
+import platform
 import select
 import signal
 import socket
@@ -41,6 +42,7 @@ from blobplane.streams.ring import (
     ENTRY_SIZE,
     RELEASE_SEALS,
     release_size,
+    require_ordered_memory,
     ring_entries,
     ring_size,
 )
@@ -616,3 +618,22 @@ def test_a_broken_ring_entry_ends_the_stream_with_a_clear_error(
                 sub.receive(timeout=CHILD_TIMEOUT_S)
             with pytest.raises(StreamEnded, match="broke the stream"):
                 sub.receive(timeout=CHILD_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le", "riscv64", ""])
+def test_the_ring_refuses_cpus_without_total_store_order(machine: str) -> None:
+    with pytest.raises(NotImplementedError, match="x86"):
+        require_ordered_memory(machine)
+
+
+def test_streams_refuse_to_start_on_a_weakly_ordered_cpu(
+    socket_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    fds = open_fds()
+    with pytest.raises(NotImplementedError, match="aarch64"):
+        Publisher(socket_path, slot_size=4096, slots=2)
+    with pytest.raises(NotImplementedError, match="aarch64"):
+        Subscriber(socket_path, timeout=1)
+    assert not os.path.exists(socket_path)
+    assert open_fds() == fds

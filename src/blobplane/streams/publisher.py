@@ -33,7 +33,12 @@ from blobplane.streams.protocol import (
     Slots,
     encode,
 )
-from blobplane.streams.ring import RELEASED_WORD, PublisherRing, answer_bell
+from blobplane.streams.ring import (
+    RELEASED_WORD,
+    PublisherRing,
+    answer_bell,
+    require_ordered_memory,
+)
 from blobplane.wire import MAX_FDS_PER_MESSAGE, UserPayload
 
 __all__ = ["MAX_STREAM_SLOTS", "Publisher"]
@@ -81,6 +86,7 @@ class Publisher:
             raise InvalidSize(f"a stream pool has at most {MAX_STREAM_SLOTS} slots, not {slots}")
         if spin_us < 0:
             raise ValueError(f"spin_us must be >= 0, not {spin_us}")
+        require_ordered_memory()
         self.policy = Backpressure(policy)
         self.timeout = timeout
         self.spin_ns = int(spin_us * 1000)

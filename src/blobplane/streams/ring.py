@@ -61,6 +61,7 @@ import errno
 import fcntl
 import mmap
 import os
+import platform
 import socket
 import stat
 import struct
@@ -86,6 +87,7 @@ __all__ = [
     "answer_bell",
     "check_bell",
     "release_size",
+    "require_ordered_memory",
     "ring_bell",
     "ring_entries",
     "ring_size",
@@ -100,6 +102,27 @@ RELEASED_WORD = RELEASED_AT // WORD
 MADV_POPULATE_READ = 22
 # Seals of the release area: fixed size (no SIGBUS for the publisher), writable by the subscriber.
 RELEASE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+# Machines whose CPUs keep stores in order and loads in order (total store order).
+TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
+
+
+def require_ordered_memory(machine: str | None = None) -> None:
+    """Refuse to run the ring where its ordering argument does not hold.
+
+    Python has no memory fences, and the ring's reader trusts that seeing the
+    head means seeing the entry written before it (see the module's
+    docstring). On CPUs with weaker ordering (ARM, POWER, RISC-V) that is
+    not guaranteed, so a reader could take a half-visible entry.
+    """
+    machine = (machine if machine is not None else platform.machine()).lower()
+    if machine not in TSO_MACHINES:
+        raise NotImplementedError(
+            f"blobplane streams need an x86 CPU for now: the frame ring relies on x86's store "
+            f"and load ordering, and this machine is {machine or 'unknown'!r}; pass frames "
+            "with a channel and a BlobPool (ch.loan(pool), send_blob) instead"
+        )
 
 
 def _round_up(size: int) -> int:

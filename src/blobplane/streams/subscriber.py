@@ -46,7 +46,7 @@ from blobplane.streams.protocol import (
     StreamMessage,
     decode,
 )
-from blobplane.streams.ring import SubscriberRing, answer_bell
+from blobplane.streams.ring import SubscriberRing, answer_bell, require_ordered_memory
 from blobplane.types import UnixFd
 from blobplane.wire import Message, UserPayload
 
@@ -62,6 +62,7 @@ class SubscriberCore:
     """The I/O-free half of a subscriber: fed the channel's messages, it reads the ring."""
 
     def __init__(self, *, check: bool) -> None:
+        require_ordered_memory()
         self.check = check
         self.policy: Backpressure | None = None
         self.slot_size = 0
