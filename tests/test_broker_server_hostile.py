@@ -38,7 +38,7 @@ from blobplane.broker.protocol import (
     StatsReply,
 )
 from blobplane.client import BrokerClient, connect_broker
-from blobplane.errors import ConnectionClosed, PeerRefused
+from blobplane.errors import ConnectionClosed, PeerRefused, Timeout
 from blobplane.types import BlobId, BlobToken
 from blobplane.wire import BlobHandoff, ErrorReply, UserPayload
 from brokers import Broker, raw_socket, running_broker, wait_until
@@ -388,3 +388,31 @@ def test_a_client_that_leaves_before_reading_its_replies(broker: Broker) -> None
         after = watcher.stats()
         assert after.allocated == before.allocated
         assert after.bytes == before.bytes
+
+
+def test_a_client_that_does_not_read_its_replies_stalls_only_itself(
+    broker: Broker, raw: Raw, isolated: BrokerClient
+) -> None:
+    # The broker stops taking requests from a connection whose replies back up
+    # (or its memory would grow without bound), serves everyone else meanwhile,
+    # and answers every request, in order, once the client reads again.
+    sent: list[int] = []
+    for _ in range(200_000):
+        rid = raw.next_rid()
+        try:
+            raw.channel.send(UserPayload(data=protocol.encode(Stats(rid=rid))), timeout=0.5)
+        except Timeout:
+            break  # not sent: a datagram goes out whole or not at all
+        sent.append(rid)
+    else:
+        pytest.fail("the broker never stopped taking requests")
+    assert isolated.stats().clients >= 2  # the others are served meanwhile
+    answered = []
+    for _ in sent:
+        reply, fds = raw.receive()
+        assert fds == ()
+        assert isinstance(reply, StatsReply), reply
+        answered.append(reply.rid)
+    assert answered == sent
+    reply, _ = raw.call(Stats(rid=raw.next_rid()))  # and it carries on
+    assert isinstance(reply, StatsReply)

@@ -245,17 +245,27 @@ class BrokerServer:
         reason = "closed by the client"
         try:
             await self._welcome(session)
+            loop = asyncio.get_running_loop()
+            session.wake = wake = loop.create_future()
+            # Requests are handled in the channel's reader callback (`_on_request`), as
+            # they arrive; this task only awaits what a request has to await, and the end.
+            reader = session.reader = session.channel.read_forever(
+                lambda message, fds: self._on_request(session, message, fds),
+                lambda error: self._on_reader_end(session, error),
+            )
             while not self._stopping:
-                message, fds = await session.channel.recv(timeout=None)
-                session.busy = True
+                create = await wake
+                session.wake = wake = loop.create_future()
                 try:
-                    create = self._handle(session, message, fds)
                     if create is not None:
                         await self._handle_create(session, create)
                     if session.pending:
                         await session.flush()
                 finally:
                     session.busy = False
+                if session.late_end is not None:
+                    raise session.late_end
+                reader.resume()
             reason = "broker shutting down"
         except _EndSession as end:
             reason = str(end)
@@ -275,7 +285,49 @@ class BrokerServer:
             reason = f"internal error: {type(exc).__name__}"
             _log_bug(session.client, exc)
         finally:
+            if session.reader is not None:
+                session.reader.stop()
+            last = session.wake
+            if last is not None and last.done() and not last.cancelled():
+                last.exception()  # an end that came after the loop stopped: not news
             await self._end(session, reason)
+
+    def _on_request(self, session: Session, message: Message, fds: tuple[int, ...]) -> None:
+        """The reader's callback: carry out one request at once, or wake the task to await.
+
+        It never raises (the fds are `_handle`'s from the call on); an error that
+        ends the connection goes to the task, as `recv()` would have raised it.
+        """
+        reader, wake = session.reader, session.wake
+        assert reader is not None
+        assert wake is not None
+        if self._stopping or wake.done():
+            # Shutting down: requests not taken in before are not answered, as when
+            # the task stopped reading; its end is on the way.
+            _close(fds)
+            reader.pause()
+            return
+        session.busy = True
+        try:
+            create = self._handle(session, message, fds)
+        except Exception as exc:
+            session.busy = False
+            reader.stop()
+            wake.set_exception(exc)
+            return
+        if create is None and not session.pending:
+            session.busy = False
+            return
+        # A create to await, or replies the socket did not take: the next request waits.
+        reader.pause()
+        wake.set_result(create)
+
+    def _on_reader_end(self, session: Session, error: Exception) -> None:
+        wake = session.wake
+        if wake is not None and not wake.done():
+            wake.set_exception(error)
+        elif session.late_end is None:
+            session.late_end = error
 
     async def _welcome(self, session: Session) -> None:
         try:

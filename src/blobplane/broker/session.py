@@ -16,9 +16,9 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from blobplane.broker.protocol import Get, Reply, encode
+from blobplane.broker.protocol import Create, Get, Reply, encode
 from blobplane.broker.registry import ClientId
-from blobplane.channel.aio import AsyncChannel
+from blobplane.channel.aio import AsyncChannel, ChannelReader
 from blobplane.errors import BlobBusy, BlobError
 from blobplane.types import BlobId
 from blobplane.wire import UserPayload
@@ -51,6 +51,13 @@ class Session:
     busy: bool = False
     waiters: dict[Waiter, None] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    # The channel's callback reader handles each request synchronously; what has
+    # to await (a create, a flush while the client does not read) pauses it and
+    # wakes the session's task through `wake`, which also carries the reader's end.
+    reader: ChannelReader | None = None
+    wake: asyncio.Future[Create | None] | None = None
+    # The reader's end while the task was awake (`wake` already used).
+    late_end: Exception | None = None
     _outbox: deque[tuple[bytes, tuple[int, ...]]] = field(default_factory=deque)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _drain: asyncio.Task[None] | None = None
