@@ -9,6 +9,7 @@ failure). One task receives and one task sends at a time; a second gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import weakref
@@ -237,7 +238,9 @@ def _left(timeout: float | None, started: float | None) -> float | None:
 
 def _close_fds(fds: tuple[int, ...]) -> None:
     for fd in fds:
-        os.close(fd)
+        # A callback that broke the rule and closed one must not stop the reader's end.
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class ChannelReader:
@@ -351,11 +354,13 @@ class ChannelReader:
     def _closed_later(self) -> None:
         if self._notified:
             return
+        self._notified = True
         try:
             self._core.check_usable()
         except BlobError as exc:
-            self._notified = True
             self._on_error(exc)
+        else:  # released without a close or a failure: not expected, still an end
+            self._on_error(BlobClosed("this channel is closed"))
 
     def _drain(self) -> None:
         if self._ended:
