@@ -3,17 +3,20 @@
 Theory of operation
 -------------------
 
-One event loop owns everything: the listening socket, one reader task per
-connection (`Session`), the registry, the broker's fd of every blob
-(`memory.FdTable`), the gets that wait, and one timer for the next lease.
-A request is handled synchronously from decoding to the registry call and
-the replies it posts, so the registry is never seen half-changed; the only
-await inside a request is the allocation of a large memfd, which runs in a
-thread. A reply goes out as soon as it is posted if the socket takes it;
-after each request the reader flushes whatever had to wait. The
-registry's actions are carried out at once, in order: `FreeBlob` closes the
-broker's fd, `WakeWaiters` re-runs the parked gets, `NotifyProducer` posts a
-`SlotFree` to the producer's session, `Evicted` is logged.
+One event loop owns everything: the listening socket, one callback reader
+(`AsyncChannel.read_forever`) and one task per connection (`Session`), the
+registry, the broker's fd of every blob (`memory.FdTable`), the gets that
+wait, and one timer for the next lease. A request is handled synchronously
+from decoding to the registry call and the replies it posts, so the registry
+is never seen half-changed: the reader's callback carries it out as it
+arrives. The only await inside a request is the allocation of a large memfd,
+which runs in a thread. A reply goes out as soon as it is posted if the socket
+takes it; whatever had to wait is flushed by the connection's task after the
+request, the reader paused meanwhile (a client that does not read its replies
+stops being read). The registry's actions are carried out at once, in order:
+`FreeBlob` closes the broker's fd, `WakeWaiters` re-runs the parked gets,
+`NotifyProducer` posts a `SlotFree` to the producer's session, `Evicted` is
+logged.
 
 Isolation: whatever one connection sends costs only that connection. A
 malformed frame or request, the wrong number of fds, or an unknown request
@@ -227,7 +230,7 @@ class BrokerServer:
                 self._unpark(waiter)
                 session.post(_refusal(waiter.request.rid, BrokerShutdown(_SHUTDOWN)))
             if not session.busy and session.task is not None:
-                session.task.cancel()  # idle in recv(): nothing in flight
+                session.task.cancel()  # idle: no request in flight
         if self._tasks:
             # Requests in progress are answered; then their readers see _stopping.
             _, late = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_grace)

@@ -3,10 +3,10 @@
 Replies are posted from synchronous code (the registry's actions, a get woken
 by another client's seal, a lease timer). One with nothing queued before it
 goes out at once if the socket takes it; the rest are sent in order by whoever
-flushes: the connection's own reader after each request, or a drain task for
-what is posted while the reader idles. Every fd posted with a reply belongs
-to the session from then on and is closed once sent, or when the session
-closes.
+flushes: the connection's task after the request that queued them (its reader
+paused until then), or a drain task for what is posted while the reader idles.
+Every fd posted with a reply belongs to the session from then on and is closed
+once sent, or when the session closes.
 """
 
 from __future__ import annotations
