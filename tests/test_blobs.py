@@ -194,6 +194,24 @@ def test_write_after_seal_is_refused_by_library_and_kernel() -> None:
         assert read_blob_contents(blob.descriptor, 6 + 4090)[:6] == b"sealed"
 
 
+@pytest.mark.parametrize(
+    "backend", [BlobBackend.MEMFD, BlobBackend.POSIX_SHM, BlobBackend.TEMP_FILE]
+)
+def test_sendable_is_set_while_a_sealed_fd_blob_lives(backend: BlobBackend) -> None:
+    """What a channel reads to hand a blob over: only for a sealed, live memfd blob."""
+    with SharedMemoryBlobs(backend) as blobs:
+        blob = blobs.create(64)
+        assert blob.sendable is None  # not sealed yet
+        blob.seal()
+        if backend is BlobBackend.MEMFD:
+            assert isinstance(blob.descriptor, UnixFd)
+            assert blob.sendable == (blob.fileno(), blob.token)
+        else:
+            assert blob.sendable is None  # a name travels no channel
+        blob.cleanup()
+        assert blob.sendable is None  # its fd is closed, the number may be reused
+
+
 def test_seal_waits_for_views_of_the_buffer() -> None:
     with SharedMemoryBlobs() as blobs, blobs.create(64) as blob:
         array = np.frombuffer(blob.buffer, dtype=np.uint8)

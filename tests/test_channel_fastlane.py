@@ -20,8 +20,8 @@ import pytest
 
 from blobplane import BlobBackend, ProducerBlob, SharedMemoryBlobs
 from blobplane.channel import Channel
-from blobplane.errors import Timeout, UnexpectedMessage
-from blobplane.wire import Ack, BlobHandoff, Connection, Received, UserPayload
+from blobplane.errors import LocalProtocolError, Timeout, UnexpectedMessage
+from blobplane.wire import MAX_FRAME_SIZE, Ack, BlobHandoff, Connection, Received, UserPayload
 from test_channel import WAIT, Driven, Flavour, flavour  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -242,3 +242,55 @@ def test_a_datagram_wait_keeps_each_call_to_its_own_timeout(
             tested.recv(timeout=timeout)
         waited = time.monotonic() - started
         assert timeout <= waited < timeout + 0.25
+
+
+def test_bytes_that_find_the_socket_full_go_when_there_is_room(
+    flavour: Flavour,  # noqa: F811
+    helper: Callable[..., Future[Any]],
+) -> None:
+    """EAGAIN on the fast lane of `send(bytes)`: a send that times out sends nothing, the
+    next one waits for room and goes whole, with a fresh id."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    ours.setblocking(False)
+    queued = fill(ours)
+    tested = flavour.wrap(ours, timeout=WAIT)
+    reader = Connection("datagram")
+    try:
+        with pytest.raises(Timeout):
+            tested.send(b"dropped", timeout=0.05)
+        drained = helper(drain, theirs, queued)
+        request_id = tested.send(b"waited")  # returns once the socket took it
+        drained.result(WAIT)
+        event = reader.receive_datagram(theirs.recv(4096), [])
+        assert isinstance(event, Received)
+        assert event.message == UserPayload(id=request_id, data=b"waited")
+        assert request_id == 2  # the one withdrawn kept its id: ids only grow
+    finally:
+        tested.close()
+        reader.close()
+        theirs.close()
+
+
+def test_bytes_over_the_frame_limit_still_raise_the_wire_error(
+    pair: tuple[Driven, Channel],
+) -> None:
+    """The fast lane of `send(bytes)` declines a frame over the limit; the general path
+    raises the wire's error, as it did before that lane existed."""
+    tested, _ = pair
+    with pytest.raises(LocalProtocolError, match="maximum frame size"):
+        tested.send(b"x" * MAX_FRAME_SIZE)
+
+
+def test_a_message_already_there_is_taken_with_no_time_left(
+    pair: tuple[Driven, Channel],
+) -> None:
+    """A zero timeout still takes what has arrived (the driver waits in recvmsg only when
+    there is time to wait), and raises `Timeout` when nothing has."""
+    tested, peer = pair
+    peer.send(b"there")
+    message, fds = tested.recv(timeout=0)
+    assert message == UserPayload(id=1, data=b"there")
+    assert fds == ()
+    with pytest.raises(Timeout):
+        tested.recv(timeout=0)

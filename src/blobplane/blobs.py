@@ -46,6 +46,7 @@ from blobplane.types import (
     BlobId,
     BlobToken,
     SharedBlobDescriptor,
+    UnixFd,
     _check_size,
 )
 
@@ -155,12 +156,17 @@ class _BlobState:
     mapped: mmap.mmap | None
     expires_at: float | None
     sealed: bool = False
+    # What a channel needs to hand this blob over, (fd, token), taken once
+    # when it is sealed: None until then, for a descriptor that is no fd,
+    # and from its release on. Read on every handoff, so a plain field.
+    sendable: tuple[int, BlobToken] | None = None
 
     @property
     def released(self) -> bool:
         return self.allocation.fd < 0
 
     def release(self) -> None:
+        self.sendable = None
         mapped, self.mapped = self.mapped, None
         unmap_when_unused(mapped)
         self.backend.destroy(self.allocation)
@@ -210,6 +216,15 @@ class ProducerBlob:
     def closed(self) -> bool:
         return self._state.released
 
+    @property
+    def sendable(self) -> tuple[int, BlobToken] | None:
+        """``(fileno(), token)`` of a sealed, live blob whose descriptor is an fd, else None.
+
+        One read for a channel's handoff instead of a property per part;
+        None sends it through the checks that say what is wrong.
+        """
+        return self._state.sendable
+
     def fileno(self) -> int:
         """The fd behind the blob, owned by the allocator (send it; never close it)."""
         self._check_open()
@@ -250,6 +265,8 @@ class ProducerBlob:
             state.mapped = None
         state.backend.seal(state.allocation)
         state.sealed = True
+        if type(state.allocation.descriptor) is UnixFd:
+            state.sendable = (state.allocation.fd, state.token)
 
     def cleanup(self) -> None:
         """Free the blob: same as `blobs.cleanup(blob.token)`."""

@@ -73,6 +73,7 @@ from blobplane.wire import (
     Message,
     PeerClosed,
     Received,
+    UserPayload,
 )
 from blobplane.wire.messages import MAX_ERROR_TEXT
 
@@ -216,6 +217,7 @@ class ChannelCore:
         self.sock = sock
         self.framing = framing
         self._datagram = framing == "datagram"
+        self.datagram = self._datagram  # read-only for the drivers: `wait_received` applies
         self._fd = sock.fileno()
         self._buffer = bytearray(max_frame_size if framing == "datagram" else _STREAM_CHUNK)
         self._view = memoryview(self._buffer)
@@ -224,6 +226,8 @@ class ChannelCore:
         self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * array.array("i").itemsize)
         self._receive_timeout: float | None = None  # SO_RCVTIMEO as set, None: none
         self._unread: deque[Received] = deque()
+        # Read-only for the drivers: whether anything waits in it (`defer`, `unread`).
+        self.pending = self._unread
         self.receiving = Busy(
             "another task or thread is already receiving on this channel; receive from one "
             "task at a time (recv, recv_blob, and send_blob while it awaits its reply)"
@@ -388,8 +392,13 @@ class ChannelCore:
         millisecond late, or before half of *timeout*: a wait that ends early
         returns None and the caller waits again for what remains. (A signal
         whose handler returns restarts the wait, as for a blocking socket.)
-        What arrives goes through the same steps as in `poll_received`.
+        What arrives goes through the same steps as in `poll_received`, and
+        what the wire holds already goes first, without a wait: so a driver
+        may call it without asking `can_wait_received`, whose only other
+        condition (a datagram socket, `datagram`) never changes.
         """
+        if self.wire.has_buffered:
+            return self.poll_received(queued=False)
         current = self._receive_timeout
         if (
             timeout is None or current is None or not timeout * 0.5 <= current <= timeout + 0.001
@@ -608,6 +617,31 @@ class ChannelCore:
         except OSError as exc:
             raise self._os_failure(exc, "sending") from exc
         return ack, frame, sent
+
+    def payload_now(self, data: bytes) -> tuple[UserPayload, bytearray, int | None] | None:
+        """Send *data* as a `UserPayload` without fds: the fast lane of a send of bytes."""
+        if (
+            not self.intact
+            or not self._datagram
+            or self._owed
+            or self._owed_rest
+            or self._send_failure is not None
+        ):
+            return None
+        framed = self.wire.frame_payload(data)
+        if framed is None:
+            return None
+        payload, frame = framed
+        try:
+            sent = self.sock.send(frame, _NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return payload, frame, None
+        except BaseException as exc:
+            self.wire.abandon(payload)
+            if isinstance(exc, OSError):
+                raise self._os_failure(exc, "sending") from exc
+            raise
+        return payload, frame, sent
 
     def encode(
         self, message: Message, fds: Sequence[int], *, validate: bool

@@ -26,7 +26,7 @@ from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
 from blobplane.errors import BlobBusy, BlobClosed, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.types import UnixFd
+from blobplane.types import BlobToken
 from blobplane.wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
@@ -147,16 +147,26 @@ class Channel(ChannelBase):
 
         The fds are only borrowed: the caller still owns and closes them.
         """
-        # A payload made here from bytes is valid by construction.
-        validate = not isinstance(message, bytes | bytearray | memoryview)
-        built = as_message(message)
-        borrowed = tuple(fds)
         limit = self._timeout(timeout)
         core = self._core
         busy = core.sending
         if not busy.lock.acquire(False):  # `with core.sending`, inline
             raise BlobBusy(busy.message)
         try:
+            if type(message) is bytes and not fds:
+                # The usual small message, framed and sent in one step when
+                # nothing is unusual (`ChannelCore.payload_now`).
+                sent = core.payload_now(message)
+                if sent is not None:
+                    payload, frame, count = sent
+                    if count != len(frame):  # the socket is full: wait for room
+                        rest = ops.send_frame(core, payload, frame, (), count or 0)
+                        run(rest, core.fileno, limit, "send")
+                    return payload.id
+            # A payload made here from bytes is valid by construction.
+            validate = not isinstance(message, bytes | bytearray | memoryview)
+            built = as_message(message)
+            borrowed = tuple(fds)
             if not validate:  # its id now, under `sending` (cheaper than a replace later)
                 built = UserPayload(id=core.wire.next_id(), data=built.data)  # type: ignore[union-attr]
             return self._transmit(
@@ -214,14 +224,25 @@ class Channel(ChannelBase):
         which returns with the message; a stream socket in poll().
         """
         core = self._core
-        received = core.poll_received(queued=queued)
+        if not core.intact:
+            core.check_usable()  # raises, as poll_received would
+        received = None
+        # With nothing queued for it, a datagram socket is read by the blocking
+        # recvmsg alone, which returns at once if the message is there: a
+        # non-blocking try first would mostly just raise BlockingIOError.
+        if (queued and core.pending) or not core.can_wait_received:
+            received = core.poll_received(queued=queued)
         while received is None:
             if core.can_wait_received:
                 remaining = None
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise Timeout(f"{what} did not complete within {timeout} s")
+                        # Out of time: what has arrived may still be taken.
+                        received = core.poll_received(queued=queued)
+                        if received is None:
+                            raise Timeout(f"{what} did not complete within {timeout} s")
+                        break
                 received = core.wait_received(remaining)
                 if received is None:
                     received = core.poll_received(queued=queued)
@@ -266,11 +287,12 @@ class Channel(ChannelBase):
             # A pool slot's bookkeeping (retain, pooled_out) lives in the generator.
             op = ops.send_blob(core, blob, meta, wait)
             return run(op, core.fileno, limit, "send_blob")
-        # `ops.handoff_fd`'s checks, each a plain test first: the call raises their errors.
-        fd = blob.fileno()  # BlobClosed once cleaned up
-        if type(blob.descriptor) is not UnixFd or not blob.sealed or len(meta) > MAX_META:
-            fd = ops.handoff_fd(blob, meta)
-        token = blob.token
+        # `ops.handoff_fd`'s checks as two plain tests: it raises their errors.
+        sendable = blob.sendable  # (fd, token) of a live, sealed memfd blob
+        if sendable is None or len(meta) > MAX_META:
+            ops.handoff_fd(blob, meta)  # raises
+            raise AssertionError("a blob without `sendable` passed handoff_fd")  # pragma: no cover
+        fd, token = sendable
         meta = bytes(meta)
         if wait:
             if not core.intact:
@@ -285,17 +307,10 @@ class Channel(ChannelBase):
             try:
                 # The id is taken under `sending`, so that no other send slips in between.
                 sent = core.handoff_now(token, meta, fd)
-                if sent is None:
-                    # Built from a live token and checked meta: valid already.
-                    handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
-                    op = ops.transmit_locked(core, handoff, (fd,), validate=False)
-                    request_id = run(op, core.fileno, limit, "send_blob")
+                if sent is None or sent[2] != len(sent[1]):
+                    request_id = self._send_handoff(sent, token, meta, fd, limit)
                 else:
-                    handoff, frame, count = sent
-                    request_id = handoff.id
-                    if count != len(frame):  # the socket is full: wait for room
-                        rest = ops.send_frame(core, handoff, frame, (fd,), count or 0)
-                        run(rest, core.fileno, limit, "send_blob")
+                    request_id = sent[0].id
             finally:
                 sending.lock.release()
             if not wait:
@@ -303,16 +318,44 @@ class Channel(ChannelBase):
             # The clock starts after the send: a send that had to wait for room
             # took from the same timeout, and one that did not took microseconds.
             deadline = _deadline(limit)
+            received: Received | None = None
+            if core.datagram and core.intact and (limit is None or limit > 0):
+                # Straight into the blocking recvmsg: the reply cannot be there
+                # yet, and the peer may be waiting for this CPU (`_next` is
+                # the same wait, after the checks this call made already).
+                received = core.wait_received(limit)
             while True:
-                received = self._next(False, deadline, limit, "send_blob")
+                if received is None:
+                    received = self._next(False, deadline, limit, "send_blob")
                 message = received.message
                 if type(message) is Ack and message.reply_to == request_id:
                     return request_id  # the usual answer, without is_reply's match
                 if ops.is_reply(core, received, request_id, blob):
                     return request_id
+                received = None
         finally:
             if wait:
                 receiving.lock.release()
+
+    def _send_handoff(
+        self,
+        sent: tuple[BlobHandoff, bytearray, int | None] | None,
+        token: BlobToken,
+        meta: bytes,
+        fd: int,
+        limit: float | None,
+    ) -> int:
+        """`send_blob`'s send where `handoff_now` declined (*sent* None) or sent only part."""
+        core = self._core
+        if sent is None:
+            # Built from a live token and checked meta: valid already.
+            handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
+            op = ops.transmit_locked(core, handoff, (fd,), validate=False)
+            return run(op, core.fileno, limit, "send_blob")
+        handoff, frame, count = sent  # the socket is full: wait for room
+        rest = ops.send_frame(core, handoff, frame, (fd,), count or 0)
+        run(rest, core.fileno, limit, "send_blob")
+        return handoff.id
 
     def _wait_readable(self, deadline: float | None, timeout: float | None, what: str) -> None:
         """`_block(Wait.READABLE, ...)` on the channel's own poll object (holding `receiving`).
@@ -348,7 +391,11 @@ class Channel(ChannelBase):
         if not busy.lock.acquire(False):  # `with core.receiving`, inline
             raise BlobBusy(busy.message)
         try:
-            received = self._next(True, deadline, limit, "recv_handoff")
+            received = None
+            if core.datagram and not core.pending and (limit is None or limit > 0):
+                received = core.wait_received(limit)  # `_next`'s wait, its checks made above
+            if received is None:
+                received = self._next(True, deadline, limit, "recv_handoff")
             handoff = received.message
             if type(handoff) is not BlobHandoff or handoff.slot is not None:
                 return self._take_handoff(received, deadline, limit)

@@ -137,6 +137,9 @@ class Connection:
 
         False means it would say NEED_DATA: a driver can read from its socket first.
         """
+        datagrams = self._datagrams
+        if datagrams is not None:  # `has_frames`, read inline: asked before every wait
+            return self._theirs.state is not State.OPEN or bool(datagrams._queue) or datagrams._eof
         return self._theirs.state is not State.OPEN or self._framer.has_frames
 
     def receive_datagram(
@@ -407,6 +410,25 @@ class Connection:
         ours.last_id = ack.id
         theirs.open_handoffs.discard(reply_to)
         return ack, buffer
+
+    def frame_payload(self, data: bytes) -> tuple[UserPayload, bytearray] | None:
+        """`frame_trusted()` for a `UserPayload` of *data* without fds, built here.
+
+        None, with nothing recorded, if a direction is not open or the frame
+        would be over the maximum frame size: `send()` then says why.
+        """
+        ours = self._ours
+        if ours.state is not State.OPEN or self._theirs.state is not State.OPEN:
+            return None
+        payload = UserPayload(id=ours.last_id + 1, data=data)
+        buffer = bytearray(HEADER_SIZE)
+        _ENCODER.encode_into(payload, buffer, HEADER_SIZE)
+        length = len(buffer)
+        if length > self._max_frame_size:
+            return None
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, 0, length - HEADER_SIZE)
+        ours.last_id = payload.id
+        return payload, buffer
 
     def abandon(self, message: Message) -> None:
         """The driver could not transmit *message* at all: stop waiting for its answer."""
