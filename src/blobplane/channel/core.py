@@ -392,13 +392,11 @@ class ChannelCore:
         millisecond late, or before half of *timeout*: a wait that ends early
         returns None and the caller waits again for what remains. (A signal
         whose handler returns restarts the wait, as for a blocking socket.)
-        What arrives goes through the same steps as in `poll_received`, and
-        what the wire holds already goes first, without a wait: so a driver
-        may call it without asking `can_wait_received`, whose only other
-        condition (a datagram socket, `datagram`) never changes.
+        What arrives goes through the same steps as in `poll_received`.
+        While the channel is `intact`, a datagram wire holds nothing between
+        calls (see `poll_received`): a driver that checked `datagram` and
+        `intact` may call this without asking `can_wait_received`.
         """
-        if self.wire.has_buffered:
-            return self.poll_received(queued=False)
         current = self._receive_timeout
         if (
             timeout is None or current is None or not timeout * 0.5 <= current <= timeout + 0.001

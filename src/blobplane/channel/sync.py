@@ -317,7 +317,7 @@ class Channel(ChannelBase):
                 return request_id
             # The clock starts after the send: a send that had to wait for room
             # took from the same timeout, and one that did not took microseconds.
-            deadline = _deadline(limit)
+            deadline = None if limit is None else time.monotonic() + limit
             received: Received | None = None
             if core.datagram and core.intact and (limit is None or limit > 0):
                 # Straight into the blocking recvmsg: the reply cannot be there
@@ -384,7 +384,7 @@ class Channel(ChannelBase):
         """The next blob with its token and metadata, mapped read-only and acknowledged."""
         core = self._core
         limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
-        deadline = _deadline(limit)
+        deadline = None if limit is None else time.monotonic() + limit
         if not core.intact:
             core.check_usable()  # raises: closed or broken beats busy
         busy = core.receiving

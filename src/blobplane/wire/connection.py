@@ -60,6 +60,8 @@ from blobplane.wire.state import (
 
 __all__ = ["Connection", "Framing"]
 
+# A module global: `State.OPEN` is a class attribute lookup, on every message.
+_OPEN = State.OPEN
 _new_event = object.__new__
 _set_field = object.__setattr__  # what a frozen dataclass's __init__ calls
 
@@ -139,8 +141,8 @@ class Connection:
         """
         datagrams = self._datagrams
         if datagrams is not None:  # `has_frames`, read inline: asked before every wait
-            return self._theirs.state is not State.OPEN or bool(datagrams._queue) or datagrams._eof
-        return self._theirs.state is not State.OPEN or self._framer.has_frames
+            return self._theirs.state is not _OPEN or bool(datagrams._queue) or datagrams._eof
+        return self._theirs.state is not _OPEN or self._framer.has_frames
 
     def receive_datagram(
         self, data: bytes | bytearray | memoryview, fds: list[int], *, truncated: bool = False
@@ -162,7 +164,7 @@ class Connection:
         if (
             truncated
             or size < HEADER_SIZE
-            or theirs.state is not State.OPEN
+            or theirs.state is not _OPEN
             or framer is None
             # `framer.has_frames`, read inline: a property call shows on a cold path.
             or framer._queue
@@ -324,8 +326,8 @@ class Connection:
         ours = self._ours
         theirs = self._theirs
         if (
-            ours.state is not State.OPEN
-            or theirs.state is not State.OPEN
+            ours.state is not _OPEN
+            or theirs.state is not _OPEN
             or message.id <= ours.last_id
             or fd_count > self._max_fds
         ):
@@ -372,8 +374,8 @@ class Connection:
         """
         ours = self._ours
         if (
-            ours.state is not State.OPEN
-            or self._theirs.state is not State.OPEN
+            ours.state is not _OPEN
+            or self._theirs.state is not _OPEN
             or self._max_fds < 1
             or len(ours.open_handoffs) >= ours.max_open_handoffs
         ):
@@ -398,8 +400,8 @@ class Connection:
         ours = self._ours
         theirs = self._theirs
         if (
-            ours.state is not State.OPEN
-            or theirs.state is not State.OPEN
+            ours.state is not _OPEN
+            or theirs.state is not _OPEN
             or reply_to not in theirs.open_handoffs
         ):
             return None
@@ -418,7 +420,7 @@ class Connection:
         would be over the maximum frame size: `send()` then says why.
         """
         ours = self._ours
-        if ours.state is not State.OPEN or self._theirs.state is not State.OPEN:
+        if ours.state is not _OPEN or self._theirs.state is not _OPEN:
             return None
         payload = UserPayload(id=ours.last_id + 1, data=data)
         buffer = bytearray(HEADER_SIZE)
