@@ -149,9 +149,9 @@ class Channel(ChannelBase):
         """
         limit = self._timeout(timeout)
         core = self._core
-        busy = core.sending
-        if not busy.lock.acquire(False):  # `with core.sending`, inline
-            raise BlobBusy(busy.message)
+        busy = core.send_lock
+        if not busy.acquire(False):  # `with core.sending`, inline
+            raise BlobBusy(core.sending.message)
         try:
             if type(message) is bytes and not fds:
                 # The usual small message, framed and sent in one step when
@@ -178,7 +178,7 @@ class Channel(ChannelBase):
                 what="send",
             )
         finally:
-            busy.lock.release()
+            busy.release()
 
     def _transmit(
         self,
@@ -256,13 +256,13 @@ class Channel(ChannelBase):
         core = self._core
         limit = self._timeout(timeout)
         core.check_usable()
-        busy = core.receiving
-        if not busy.lock.acquire(False):  # `with core.receiving`, inline
-            raise BlobBusy(busy.message)
+        busy = core.receive_lock
+        if not busy.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(core.receiving.message)
         try:
             received = self._next(True, _deadline(limit), limit, "recv")
         finally:
-            busy.lock.release()
+            busy.release()
         return received.message, received.fds
 
     def send_blob(
@@ -297,13 +297,13 @@ class Channel(ChannelBase):
         if wait:
             if not core.intact:
                 core.check_usable()  # raises: closed or broken beats busy
-            receiving = core.receiving
-            if not receiving.lock.acquire(False):  # `with core.receiving`, inline
-                raise BlobBusy(receiving.message)
+            receiving = core.receive_lock
+            if not receiving.acquire(False):  # `with core.receiving`, inline
+                raise BlobBusy(core.receiving.message)
         try:
-            sending = core.sending
-            if not sending.lock.acquire(False):  # `with core.sending`, inline
-                raise BlobBusy(sending.message)
+            sending = core.send_lock
+            if not sending.acquire(False):  # `with core.sending`, inline
+                raise BlobBusy(core.sending.message)
             try:
                 # The id is taken under `sending`, so that no other send slips in between.
                 sent = core.handoff_now(token, meta, fd)
@@ -312,7 +312,7 @@ class Channel(ChannelBase):
                 else:
                     request_id = sent[0].id
             finally:
-                sending.lock.release()
+                sending.release()
             if not wait:
                 return request_id
             # The clock starts after the send: a send that had to wait for room
@@ -335,7 +335,7 @@ class Channel(ChannelBase):
                 received = None
         finally:
             if wait:
-                receiving.lock.release()
+                receiving.release()
 
     def _send_handoff(
         self,
@@ -387,9 +387,9 @@ class Channel(ChannelBase):
         deadline = None if limit is None else time.monotonic() + limit
         if not core.intact:
             core.check_usable()  # raises: closed or broken beats busy
-        busy = core.receiving
-        if not busy.lock.acquire(False):  # `with core.receiving`, inline
-            raise BlobBusy(busy.message)
+        busy = core.receive_lock
+        if not busy.acquire(False):  # `with core.receiving`, inline
+            raise BlobBusy(core.receiving.message)
         try:
             received = None
             if core.datagram and not core.pending and (limit is None or limit > 0):
@@ -409,9 +409,9 @@ class Channel(ChannelBase):
             if mapped is None:
                 return self._take_handoff(received, deadline, limit)
             try:
-                sending = core.sending
-                if not sending.lock.acquire(False):  # `with core.sending`, inline
-                    raise BlobBusy(sending.message)
+                sending = core.send_lock
+                if not sending.acquire(False):  # `with core.sending`, inline
+                    raise BlobBusy(core.sending.message)
                 try:
                     sent = core.ack_now(handoff.id)
                     if sent is None:
@@ -423,7 +423,7 @@ class Channel(ChannelBase):
                         rest = ops.send_frame(core, ack, frame, (), count or 0)
                         run_until(rest, core.fileno, deadline, limit, "recv_handoff")
                 finally:
-                    sending.lock.release()
+                    sending.release()
             except ConnectionClosed:
                 pass  # the sender is gone; a mapped blob stays valid (see ops.receive_handoff)
             except BaseException:
@@ -432,7 +432,7 @@ class Channel(ChannelBase):
             finally:
                 os.close(fd)
         finally:
-            busy.lock.release()
+            busy.release()
         return Handoff(handoff.token, handoff.meta, MappedRead(mapped, size), handoff.id)
 
     def _take_handoff(
