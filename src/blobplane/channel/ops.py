@@ -313,6 +313,15 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
             os.close(fd)
 
 
+# `map_sealed` runs between a handoff's arrival and its Ack: module globals
+# instead of a module's attribute, each looked up on every handoff.
+_fstat = os.fstat
+_fcntl = fcntl.fcntl
+_F_GET_SEALS = fcntl.F_GET_SEALS
+_mmap = mmap.mmap
+_ACCESS_READ = mmap.ACCESS_READ
+
+
 def map_sealed(fd: int, size: int) -> mmap.mmap | None:
     """*size* bytes of *fd* mapped read-only if it passes the sealing checks; else None.
 
@@ -323,13 +332,13 @@ def map_sealed(fd: int, size: int) -> mmap.mmap | None:
     """
     if size:
         try:
-            info = os.fstat(fd)
+            info = _fstat(fd)
             if (
                 S_ISREG(info.st_mode)
                 and info.st_size >= size
-                and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
+                and _fcntl(fd, _F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
             ):
-                return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                return _mmap(fd, size, access=_ACCESS_READ)
         except (OSError, ValueError, OverflowError):
             pass
     return None
