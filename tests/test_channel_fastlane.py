@@ -294,3 +294,19 @@ def test_a_message_already_there_is_taken_with_no_time_left(
     assert fds == ()
     with pytest.raises(Timeout):
         tested.recv(timeout=0)
+
+
+def test_a_wait_a_hair_under_whole_seconds_is_a_valid_receive_timeout(
+    pair: tuple[Driven, Channel],
+) -> None:
+    """SO_RCVTIMEO takes under a million microseconds: 1.9999999996 s is set as 2 s, not as
+    1 s and 1,000,000 µs (EDOM, which failed the channel)."""
+    tested, peer = pair
+    channel = tested.channel
+    if not isinstance(channel, Channel):
+        pytest.skip("the asyncio driver does not wait in recvmsg")
+    peer.send(b"waiting already")
+    received = channel._core.wait_received(2 - 4e-10)
+    assert received is not None
+    assert received.message == UserPayload(id=1, data=b"waiting already")
+    assert not channel.closed

@@ -407,6 +407,8 @@ class ChannelCore:
             seconds = 0.0 if timeout is None else max(timeout, 1e-6)  # 0 would wait forever
             whole = int(seconds)
             micros = math.ceil((seconds - whole) * 1_000_000)
+            if micros == 1_000_000:  # a hair under a whole second: the kernel says EDOM
+                whole, micros = whole + 1, 0
             try:
                 self.sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micros))
             except OSError as exc:
