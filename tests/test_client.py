@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import select
 import uuid
 from collections.abc import Iterator
 
@@ -351,6 +352,33 @@ def test_a_cancelled_async_get_gives_back_what_comes_after_all(
                     await asyncio.sleep(0.005)
             assert consumer._core.abandoned == {}
             await producer.delete(entry.blob_id)
+
+    asyncio.run(scenario())
+
+
+def test_an_async_get_cancelled_after_its_reply_came_gives_it_back(
+    broker: Broker, no_leaks: None
+) -> None:
+    """A reply delivered to a get's future, the task cancelled before it ran: the reply's
+    fd is closed and its reference released, as for a reply that comes after the cancel."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with await connect_broker_async(broker.socket_path) as client:
+            entry = await client.put_bytes(b"answered", key=key())
+            waiting = asyncio.create_task(client.get(entry.blob_id, timeout=30))
+            await asyncio.sleep(0)  # the get sends its request and awaits the reply
+            # Hold the loop until the reply is in the socket, then cancel on the turn
+            # after the reader's callback delivers it, before the task runs again.
+            assert select.select([client._channel.fileno()], [], [], 10)[0]
+            loop.call_soon(lambda: loop.call_soon(waiting.cancel))
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            async with asyncio.timeout(10):
+                while (await client.stats()).references != 0:
+                    await asyncio.sleep(0.005)
+            assert client._core.abandoned == {}
+            await client.delete(entry.blob_id)
 
     asyncio.run(scenario())
 

@@ -1190,8 +1190,13 @@ class AsyncBrokerClient:
         except _Expired:
             raise self._core.abandon(call) from None
         except BaseException:
-            # Cancelled: a reply that comes after all must still be undone.
+            # Cancelled: a reply that comes after all must still be undone, and so
+            # must one the reader delivered before the task could run again.
             self._core.abandon(call)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                delivered = future.result()
+                if not isinstance(delivered, BlobError):
+                    self._core.unsolicited(*delivered)
             raise
         finally:
             if timer is not None:
