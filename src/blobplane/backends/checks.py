@@ -64,9 +64,13 @@ def get_seals(fd: int) -> int | None:
 def check_received_fd(fd: int, size: int) -> None:
     """Refuse an fd from another process unless it is a size-sealed memfd of >= *size* bytes."""
     what = f"fd {fd}"
-    check_regular_and_size(fd, size, what)
+    check_regular_and_size(fd, 0, what)
     with os_errors(f"reading the seals of {what}"):
         seals = get_seals(fd)
+    # The size only after the seals: a sender that keeps its own fd could otherwise shrink
+    # the file between our size check and its sealing, and the first read past the new end
+    # would be a SIGBUS. Once F_SEAL_SHRINK is there, the size read now is final.
+    check_regular_and_size(fd, size, what)
     if seals is None:
         raise NotSealed(
             f"{what} is a file on a filesystem without seals; its owner could truncate it "

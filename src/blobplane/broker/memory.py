@@ -49,9 +49,10 @@ def check_put(fd: int, size: int, *, pooled: bool) -> None:
     only after the broker said the slot is free).
     """
     # The checks of `check_received_fd`, with one read of the seals for both.
-    check_regular_and_size(fd, size, f"fd {fd}")
+    check_regular_and_size(fd, 0, f"fd {fd}")
     with os_errors("reading the seals of a blob"):
         seals = get_seals(fd)
+    check_regular_and_size(fd, size, f"fd {fd}")  # after the seals: see check_received_fd
     if seals is None or seals & SIZE_SEALS != SIZE_SEALS:
         check_received_fd(fd, size)  # refuses it, in the words recv_blob uses
         with os_errors("reading the seals of a blob"):

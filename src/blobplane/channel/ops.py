@@ -332,13 +332,12 @@ def map_sealed(fd: int, size: int) -> mmap.mmap | None:
     """
     if size:
         try:
-            info = _fstat(fd)
-            if (
-                S_ISREG(info.st_mode)
-                and info.st_size >= size
-                and _fcntl(fd, _F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
-            ):
-                return _mmap(fd, size, access=_ACCESS_READ)
+            # Seals before size, as in `check_received_fd`: a size read before the seal
+            # could be shrunk by the sender in between.
+            if _fcntl(fd, _F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS:
+                info = _fstat(fd)
+                if S_ISREG(info.st_mode) and info.st_size >= size:
+                    return _mmap(fd, size, access=_ACCESS_READ)
         except (OSError, ValueError, OverflowError):
             pass
     return None
