@@ -10,6 +10,7 @@ the results, the request ids and the fds are the same either way.
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import pytest
 
 from blobplane import BlobBackend, ProducerBlob, SharedMemoryBlobs
 from blobplane.channel import Channel
-from blobplane.errors import LocalProtocolError, Timeout, UnexpectedMessage
+from blobplane.errors import InvalidSize, LocalProtocolError, Timeout, UnexpectedMessage
 from blobplane.wire import MAX_FRAME_SIZE, Ack, BlobHandoff, Connection, Received, UserPayload
 from test_channel import WAIT, Driven, Flavour, flavour  # noqa: F401 - the fixture
 
@@ -307,3 +308,20 @@ def test_a_wait_a_hair_under_whole_seconds_is_a_valid_receive_timeout() -> None:
         assert received is not None
         assert received.message == UserPayload(id=1, data=b"waiting already")
         assert not tested.closed
+
+
+@pytest.mark.parametrize("forever", [math.inf, 1e20])
+def test_a_timeout_too_long_for_the_kernel_waits_as_none_does(
+    pair: tuple[Driven, Channel], helper: Callable[..., Future[Any]], forever: float
+) -> None:
+    tested, peer = pair
+    arrived = helper(lambda: tested.recv(timeout=forever))
+    peer.send(b"eventually")
+    message, _ = arrived.result(WAIT)
+    assert message == UserPayload(id=1, data=b"eventually")
+
+
+def test_a_nan_timeout_is_refused(pair: tuple[Driven, Channel]) -> None:
+    tested, _ = pair
+    with pytest.raises(InvalidSize, match="nan"):
+        tested.recv(timeout=math.nan)

@@ -37,12 +37,19 @@ def as_message(message: Message | bytes | bytearray | memoryview) -> Message:
     return message
 
 
+# Longer than any process lives: a timeout beyond it waits forever, as None does, since
+# the kernel's and poll()'s timeouts overflow well before math.inf.
+FOREVER_S = 10**9
+
+
 def check_timeout(timeout: float | None) -> float | None:
     if timeout is not None and (
-        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not timeout >= 0  # NaN too
     ):
         raise InvalidSize(f"a timeout is a number of seconds >= 0 or None, got {timeout!r}")
-    return timeout
+    return None if timeout is not None and timeout >= FOREVER_S else timeout
 
 
 class ChannelBase:
