@@ -101,6 +101,8 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC) | _MSG_DONTWAIT
 _TIMEVAL = struct.Struct("@ll")
 _REPLIES = (Ack, ErrorReply)
 _FD = struct.Struct("i")
+_FD_SIZE = _FD.size
+_FD_UNPACK = _FD.unpack
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
 
 
@@ -424,9 +426,18 @@ class ChannelCore:
             raise self._os_failure(exc, "receiving") from exc
         if size and not flags & _CUT:
             try:
-                event = self.wire.receive_datagram(
-                    self._view[:size], _fds_from(ancillary) if ancillary else []
-                )
+                fds: list[int] = []
+                if ancillary:
+                    # `_fds_from`'s usual case inline (a handoff: one entry, one fd).
+                    if len(ancillary) == 1:
+                        level, kind, data = ancillary[0]
+                        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _FD_SIZE:
+                            fds = [_FD_UNPACK(data)[0]]
+                        else:
+                            fds = _fds_from(ancillary)
+                    else:
+                        fds = _fds_from(ancillary)
+                event = self.wire.receive_datagram(self._view[:size], fds)
             except RemoteProtocolError as exc:
                 raise self._protocol_failure(exc) from None
         else:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
 import os
 import select
 import socket
 import time
 from collections.abc import Callable, Container, Sequence
+from stat import S_ISREG
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from blobplane.backends.checks import SIZE_SEALS
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel import ops
 from blobplane.channel.base import (
@@ -46,6 +50,14 @@ __all__ = ["Channel", "Listener", "connect", "from_socket", "listen", "socketpai
 T = TypeVar("T")
 
 _BACKOFF_S = 0.002
+# `recv_handoff`'s inline sealing checks read these as module globals, as `ops.map_sealed` does.
+_fstat = os.fstat
+_fcntl = fcntl.fcntl
+_F_GET_SEALS = fcntl.F_GET_SEALS
+_SIZE_SEALS = SIZE_SEALS
+_S_ISREG = S_ISREG
+_mmap = mmap.mmap
+_ACCESS_READ = mmap.ACCESS_READ
 _EVENTS = {Wait.READABLE: select.POLLIN, Wait.WRITABLE: select.POLLOUT}
 
 
@@ -288,7 +300,8 @@ class Channel(ChannelBase):
             op = ops.send_blob(core, blob, meta, wait)
             return run(op, core.fileno, limit, "send_blob")
         # `ops.handoff_fd`'s checks as two plain tests: it raises their errors.
-        sendable = blob.sendable  # (fd, token) of a live, sealed memfd blob
+        # `blob.sendable` without the property's frame: (fd, token) of a live, sealed memfd blob.
+        sendable = blob._state.sendable
         if sendable is None or len(meta) > MAX_META:
             ops.handoff_fd(blob, meta)  # raises
             raise AssertionError("a blob without `sendable` passed handoff_fd")  # pragma: no cover
@@ -405,7 +418,21 @@ class Channel(ChannelBase):
             # `_take_handoff`, whose full checks say precisely what is wrong.
             fd = received.fds[0]  # the wire checked: a memfd handoff has exactly one
             size = handoff.token.size
-            mapped = ops.map_sealed(fd, size)
+            # `ops.map_sealed`, inline (a frame fewer before the Ack): seals before
+            # size, a regular file of at least *size* (> 0) bytes; any doubt or
+            # OSError takes `_take_handoff`, which checks again and says why.
+            try:
+                if (
+                    size
+                    and _fcntl(fd, _F_GET_SEALS) & _SIZE_SEALS == _SIZE_SEALS
+                    and _S_ISREG((info := _fstat(fd)).st_mode)
+                    and info.st_size >= size
+                ):
+                    mapped = _mmap(fd, size, access=_ACCESS_READ)
+                else:
+                    mapped = None
+            except (OSError, ValueError, OverflowError):
+                mapped = None
             if mapped is None:
                 return self._take_handoff(received, deadline, limit)
             try:
@@ -414,14 +441,8 @@ class Channel(ChannelBase):
                     raise BlobBusy(core.sending.message)
                 try:
                     sent = core.ack_now(handoff.id)
-                    if sent is None:
-                        ack = Ack(id=core.wire.next_id(), reply_to=handoff.id)
-                        op = ops.transmit_locked(core, ack, (), validate=False)
-                        run_until(op, core.fileno, deadline, limit, "recv_handoff")
-                    elif sent[2] != len(sent[1]):  # the socket is full: wait for room
-                        ack, frame, count = sent
-                        rest = ops.send_frame(core, ack, frame, (), count or 0)
-                        run_until(rest, core.fileno, deadline, limit, "recv_handoff")
+                    if sent is None or sent[2] != len(sent[1]):
+                        self._send_ack(sent, handoff.id, deadline, limit)
                 finally:
                     sending.release()
             except ConnectionClosed:
@@ -434,6 +455,24 @@ class Channel(ChannelBase):
         finally:
             busy.release()
         return Handoff(handoff.token, handoff.meta, MappedRead(mapped, size), handoff.id)
+
+    def _send_ack(
+        self,
+        sent: tuple[Ack, bytearray, int | None] | None,
+        reply_to: int,
+        deadline: float | None,
+        limit: float | None,
+    ) -> None:
+        """`recv_handoff`'s Ack where `ack_now` declined (*sent* None) or sent only part."""
+        core = self._core
+        if sent is None:
+            ack = Ack(id=core.wire.next_id(), reply_to=reply_to)
+            op = ops.transmit_locked(core, ack, (), validate=False)
+            run_until(op, core.fileno, deadline, limit, "recv_handoff")
+        else:  # the socket is full: wait for room
+            ack, frame, count = sent
+            rest = ops.send_frame(core, ack, frame, (), count or 0)
+            run_until(rest, core.fileno, deadline, limit, "recv_handoff")
 
     def _take_handoff(
         self, received: Received, deadline: float | None, limit: float | None
