@@ -11,7 +11,6 @@ the results, the request ids and the fds are the same either way.
 from __future__ import annotations
 
 import math
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -326,65 +325,3 @@ def test_a_nan_timeout_is_refused(pair: tuple[Driven, Channel]) -> None:
     tested, _ = pair
     with pytest.raises(InvalidSize, match="nan"):
         tested.recv(timeout=math.nan)
-
-
-def test_the_fast_lanes_frame_byte_for_byte_as_the_wire(blobs: SharedMemoryBlobs) -> None:
-    """`ChannelCore.handoff_now` and `ack_now` frame inline what `Connection` frames itself.
-
-    A twin `Connection` fed the same traffic frames each message with
-    `frame_handoff` / `frame_ack`: the datagrams on the socket, the messages
-    and the wire's records must be the same.
-    """
-    from blobplane.channel.core import ChannelCore
-
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    right.settimeout(WAIT)
-    core = ChannelCore(left)
-    twin = Connection()
-    try:
-        with sealed(blobs, b"payload") as blob:
-            assert blob.sendable is not None
-            fd, token = blob.sendable
-            for meta in (b"", b"m" * 100):
-                sent = core.handoff_now(token, meta, fd)
-                framed = twin.frame_handoff(token, meta)
-                assert sent is not None
-                assert framed is not None
-                assert sent[2] == len(sent[1])
-                data, fds, _, _ = socket.recv_fds(right, MAX_FRAME_SIZE, 4)
-                for each in fds:
-                    os.close(each)
-                assert len(fds) == 1
-                assert data == bytes(sent[1]) == bytes(framed[1])
-                assert sent[0] == framed[0]
-            # The peer hands a blob over; the core acknowledges it.
-            peer = Connection()
-            handoff = peer.frame_handoff(token, b"")
-            assert handoff is not None
-            socket.send_fds(right, [bytes(handoff[1])], [fd])
-            received = core.wait_received(WAIT)
-            assert received is not None
-            for each in received.fds:
-                os.close(each)
-            mirrored = twin.receive_datagram(bytes(handoff[1]), [os.dup(fd)])
-            assert type(mirrored) is Received
-            for each in mirrored.fds:
-                os.close(each)
-        reply_to = received.message.id
-        sent_ack = core.ack_now(reply_to)
-        framed_ack = twin.frame_ack(reply_to)
-        assert sent_ack is not None
-        assert framed_ack is not None
-        assert right.recv(MAX_FRAME_SIZE) == bytes(sent_ack[1]) == bytes(framed_ack[1])
-        assert sent_ack[0] == framed_ack[0]
-        assert core.wire.open_handoffs == twin.open_handoffs
-        assert core.ack_now(reply_to) is None, "a handoff is acknowledged once"
-        # The records after it: the next message's id.
-        after = core.payload_now(b"next")
-        assert after is not None
-        mirrored_after = twin.frame_payload(b"next")
-        assert mirrored_after is not None
-        assert right.recv(MAX_FRAME_SIZE) == bytes(after[1]) == bytes(mirrored_after[1])
-    finally:
-        core.close()
-        right.close()

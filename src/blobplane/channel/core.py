@@ -75,9 +75,7 @@ from blobplane.wire import (
     Received,
     UserPayload,
 )
-from blobplane.wire.frames import HEADER, HEADER_SIZE, MAGIC, VERSION
-from blobplane.wire.messages import _ENCODER, MAX_ERROR_TEXT
-from blobplane.wire.state import State
+from blobplane.wire.messages import MAX_ERROR_TEXT
 
 __all__ = ["DEFAULT_TIMEOUT", "ChannelCore", "Op", "Wait"]
 
@@ -104,7 +102,6 @@ _TIMEVAL = struct.Struct("@ll")
 _REPLIES = (Ack, ErrorReply)
 _FD = struct.Struct("i")
 _FD_SIZE = _FD.size
-_OPEN = State.OPEN  # read as a module global, as the wire does
 _FD_UNPACK = _FD.unpack
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
 
@@ -598,26 +595,10 @@ class ChannelCore:
             or self._send_failure is not None
         ):
             return None
-        # `wire.frame_handoff(token, meta)`, inline (a Python frame fewer before
-        # the send): the same checks and records on the wire's state, the same frame.
-        wire = self.wire
-        ours = wire._ours
-        if (
-            ours.state is not _OPEN
-            or wire._theirs.state is not _OPEN
-            or wire._max_fds < 1
-            or len(ours.open_handoffs) >= ours.max_open_handoffs
-        ):
+        framed = self.wire.frame_handoff(token, meta)
+        if framed is None:
             return None
-        handoff = BlobHandoff(id=ours.last_id + 1, token=token, meta=meta)
-        frame = bytearray(HEADER_SIZE)
-        _ENCODER.encode_into(handoff, frame, HEADER_SIZE)
-        length = len(frame)
-        if length > wire._max_frame_size:
-            return None
-        HEADER.pack_into(frame, 0, MAGIC, VERSION, 1, length - HEADER_SIZE)
-        ours.last_id = handoff.id
-        ours.open_handoffs.add(handoff.id)
+        handoff, frame = framed
         try:
             sent = self.sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], _NOSIGNAL)
         except (BlockingIOError, InterruptedError):
@@ -639,23 +620,10 @@ class ChannelCore:
             or self._send_failure is not None
         ):
             return None
-        # `wire.frame_ack(reply_to)`, inline (a Python frame fewer on the path to
-        # the Ack): the same checks and records on the wire's state, the same frame.
-        wire = self.wire
-        ours = wire._ours
-        theirs = wire._theirs
-        if (
-            ours.state is not _OPEN
-            or theirs.state is not _OPEN
-            or reply_to not in theirs.open_handoffs
-        ):
+        framed = self.wire.frame_ack(reply_to)
+        if framed is None:
             return None
-        ack = Ack(id=ours.last_id + 1, reply_to=reply_to)
-        frame = bytearray(HEADER_SIZE)
-        _ENCODER.encode_into(ack, frame, HEADER_SIZE)
-        HEADER.pack_into(frame, 0, MAGIC, VERSION, 0, len(frame) - HEADER_SIZE)
-        ours.last_id = ack.id
-        theirs.open_handoffs.discard(reply_to)
+        ack, frame = framed
         try:
             sent = self.sock.send(frame, _NOSIGNAL)
         except (BlockingIOError, InterruptedError):
