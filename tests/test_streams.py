@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -45,6 +46,7 @@ from blobplane.streams.ring import (
     require_ordered_memory,
     ring_entries,
     ring_size,
+    spin,
 )
 from blobplane.wire import UserPayload
 from children import CHILD_TIMEOUT_S
@@ -158,6 +160,24 @@ def test_spinning_sides_deliver_every_frame_once_in_order(socket_path: str) -> N
         assert summary["seqs"] == list(range(1, count + 1))
         assert summary["missed"] == 0
         assert summary["bad"] == 0
+
+
+def test_spin_returns_as_soon_as_its_check_passes_and_gives_up_after_its_budget() -> None:
+    calls = 0
+
+    def third_look() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls == 3
+
+    assert spin(third_look, 10**9)  # a second's budget, left after three looks
+    assert calls == 3
+
+    budget_ns = 2_000_000  # past SPIN_CALM_NS: the yielding part runs too
+    start = time.monotonic_ns()
+    assert not spin(lambda: False, budget_ns)
+    took = time.monotonic_ns() - start
+    assert budget_ns <= took < budget_ns + 1_000_000_000
 
 
 def test_bad_arguments_are_refused_before_anything_is_sent(socket_path: str) -> None:

@@ -38,6 +38,7 @@ from blobplane.streams.ring import (
     PublisherRing,
     answer_bell,
     require_ordered_memory,
+    spin,
 )
 from blobplane.wire import MAX_FDS_PER_MESSAGE, UserPayload
 
@@ -68,7 +69,9 @@ class Publisher:
     asleep on another CPU costs ~30 µs on a VM, and a short spin saves that
     when the publisher and its subscribers each have a CPU of their own, but
     on a machine with fewer free CPUs than spinners the spin only takes the
-    CPU the subscriber needs to release the slot.
+    CPU the subscriber needs to release the slot. Past the first 5 µs the
+    spinner yields its CPU at every look at the clock, so that a subscriber
+    waiting for that CPU gets it.
     """
 
     def __init__(
@@ -299,14 +302,14 @@ class Publisher:
         return held is None or self._revoke(held)
 
     def _spin(self) -> bool:
-        """Look for a release for up to `spin_ns`; whether a slot came free."""
-        end = time.monotonic_ns() + self.spin_ns
-        pool = self._pool
-        while time.monotonic_ns() < end:
-            self._collect()
-            if pool.free_slots:
-                return True
-        return False
+        """Look for a release for up to `spin_ns` (see `ring.spin`); whether a slot came free."""
+        collect, pool = self._collect, self._pool
+
+        def freed() -> bool:
+            collect()
+            return pool.free_slots > 0
+
+        return spin(freed, self.spin_ns)
 
     def _give_back(self, held: tuple[int, int] | None) -> None:
         # A hold on a slot that was since taken back (generation moved on) is void.

@@ -65,6 +65,8 @@ import platform
 import socket
 import stat
 import struct
+import time
+from collections.abc import Callable
 
 from blobplane.backends.checks import (
     F_SEAL_FUTURE_WRITE,
@@ -91,6 +93,7 @@ __all__ = [
     "ring_bell",
     "ring_entries",
     "ring_size",
+    "spin",
 ]
 
 WORD = 8  # every counter is one aligned u64, read and written through a "Q" memoryview
@@ -123,6 +126,36 @@ def require_ordered_memory(machine: str | None = None) -> None:
             f"and load ordering, and this machine is {machine or 'unknown'!r}; pass frames "
             "with a channel and a BlobPool (ch.loan(pool), send_blob) instead"
         )
+
+
+# Spinning (``spin_us=``). A look at a counter costs tens of nanoseconds, the
+# clock about as much again: look at the clock only every SPIN_LOOKS looks.
+SPIN_LOOKS = 32
+# Past this, a spinner yields the CPU at every look at the clock. On two CPUs
+# the publisher and a subscriber often share one (with a third process busy on
+# the other), and a spinner that keeps the CPU keeps its peer from writing what
+# it waits for: each side then spun out its whole budget every frame (a 4 KiB
+# round trip of ~4x spin_us). A back-to-back frame comes well within this, so
+# the common case never makes the system call.
+SPIN_CALM_NS = 5_000
+
+
+def spin(looks: Callable[[], bool], spin_ns: int) -> bool:
+    """Call *looks* (one cheap check, no system call) until it returns True or
+    *spin_ns* have passed; whether it did."""
+    clock = time.monotonic_ns
+    start = clock()
+    end, calm = start + spin_ns, start + SPIN_CALM_NS
+    tries = range(SPIN_LOOKS)
+    while True:
+        for _ in tries:
+            if looks():
+                return True
+        now = clock()
+        if now >= end:
+            return False
+        if now >= calm:
+            os.sched_yield()
 
 
 def _round_up(size: int) -> int:
@@ -366,6 +399,13 @@ class SubscriberRing:
         """Whether the publisher wrote an entry this subscriber has not taken yet."""
         words = self._words
         return words is not None and words[0] != self._consumed
+
+    def spin(self, spin_ns: int) -> bool:
+        """Watch the head for up to *spin_ns* (see `spin`); whether an entry came."""
+        words, consumed = self._words, self._consumed
+        if words is None:
+            return False
+        return spin(lambda: words[0] != consumed, spin_ns)
 
     def take(self) -> tuple[Frame | None, int]:
         """The next entry as a checked `Frame` (None when the ring is empty), and how many
