@@ -34,7 +34,13 @@ counters that long before sleeping: on a busy stream whose processes each
 have a CPU of their own, a 4 KiB round trip drops from ~80 µs to ~15 µs.
 It is off by default because it only pays when there are more free CPUs than
 spinning processes: with a publisher and four spinning subscribers on two
-CPUs it made both latency and throughput worse (bench/streams.py).
+CPUs it made both latency and throughput worse (bench/streams.py). Past its
+first 5 µs a spinner yields its CPU at each look at the clock, so a publisher
+and a subscriber that share a CPU take turns instead of each spinning out its
+budget.
+
+The ring relies on x86's store and load ordering (Python has no fences):
+elsewhere `Publisher` and `Subscriber` raise `NotImplementedError`.
 """
 
 from blobplane.streams.protocol import Backpressure

@@ -439,7 +439,7 @@ class SubscriberRing:
                 position == 0 or again == 0 or position > consumed + 1 or again > consumed + 1
             ):
                 # Overwritten as we read it (seqlock). Its head moves next, and
-                # the eventfd is written after that: wait for it, then look again.
+                # the bell rings after that: wait for it, then look again.
                 return None, lost
             raise RemoteProtocolError(f"ring entry {consumed + 1} holds position {again}")
         problem = ""
