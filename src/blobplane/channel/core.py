@@ -583,17 +583,21 @@ class ChannelCore:
     # Otherwise (message, frame, bytes sent): None bytes if the socket was
     # full, and the caller sends the frame with `ops.send_frame`.
 
+    def sends_now(self) -> bool:
+        """Whether the fast lanes may send: datagrams, nothing owed, neither closed nor failed."""
+        return (
+            self.intact
+            and self._datagram
+            and not self._owed
+            and not self._owed_rest
+            and self._send_failure is None
+        )
+
     def handoff_now(
         self, token: BlobToken, meta: bytes, fd: int
     ) -> tuple[BlobHandoff, bytearray, int | None] | None:
         """Hand *fd* over as the blob *token*: the fast lane of `ops.send_blob`'s send."""
-        if (
-            not self.intact
-            or not self._datagram
-            or self._owed
-            or self._owed_rest
-            or self._send_failure is not None
-        ):
+        if not self.sends_now():
             return None
         framed = self.wire.frame_handoff(token, meta)
         if framed is None:
@@ -612,13 +616,7 @@ class ChannelCore:
 
     def ack_now(self, reply_to: int) -> tuple[Ack, bytearray, int | None] | None:
         """Acknowledge the peer's handoff *reply_to*: the fast lane of `ops.receive_handoff`'s."""
-        if (
-            not self.intact
-            or not self._datagram
-            or self._owed
-            or self._owed_rest
-            or self._send_failure is not None
-        ):
+        if not self.sends_now():
             return None
         framed = self.wire.frame_ack(reply_to)
         if framed is None:
@@ -634,13 +632,7 @@ class ChannelCore:
 
     def payload_now(self, data: bytes) -> tuple[UserPayload, bytearray, int | None] | None:
         """Send *data* as a `UserPayload` without fds: the fast lane of a send of bytes."""
-        if (
-            not self.intact
-            or not self._datagram
-            or self._owed
-            or self._owed_rest
-            or self._send_failure is not None
-        ):
+        if not self.sends_now():
             return None
         framed = self.wire.frame_payload(data)
         if framed is None:
