@@ -154,7 +154,26 @@ _ERRORS: dict[str, type[BlobError]] = {
 # -- what the user holds ------------------------------------------------------------------
 
 
-class BrokerRead(MappedRead):
+class _NamedByEntry:
+    """`id`, `key` and `token` of a blob the broker described in `entry`."""
+
+    __slots__ = ()
+    entry: BlobEntry
+
+    @property
+    def id(self) -> BlobId:
+        return self.entry.blob_id
+
+    @property
+    def key(self) -> str | None:
+        return self.entry.key
+
+    @property
+    def token(self) -> BlobToken:
+        return self.entry.token
+
+
+class BrokerRead(_NamedByEntry, MappedRead):
     """A blob got from the broker, mapped read-only; `close()` releases the reference.
 
     `entry` is the blob as the broker described it (id, key, size, lease...).
@@ -173,24 +192,12 @@ class BrokerRead(MappedRead):
         super().__init__(mapped, entry.size, on_close, owned=owned)
         self.entry = entry
 
-    @property
-    def id(self) -> BlobId:
-        return self.entry.blob_id
-
-    @property
-    def key(self) -> str | None:
-        return self.entry.key
-
-    @property
-    def token(self) -> BlobToken:
-        return self.entry.token
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<BrokerRead {self.id} key={self.key!r} {len(self)} bytes, {state}>"
 
 
-class _Writable:
+class _Writable(_NamedByEntry):
     """The writable mapping of a blob the broker allocated, until it is sealed or closed."""
 
     __slots__ = ("_closed", "_mapped", "_sealed", "entry")
@@ -202,20 +209,8 @@ class _Writable:
         self._closed = False
 
     @property
-    def id(self) -> BlobId:
-        return self.entry.blob_id
-
-    @property
-    def key(self) -> str | None:
-        return self.entry.key
-
-    @property
     def size(self) -> int:
         return self.entry.size
-
-    @property
-    def token(self) -> BlobToken:
-        return self.entry.token
 
     @property
     def sealed(self) -> bool:
