@@ -25,11 +25,12 @@ from blobplane.channel.base import (
     ListenerBase,
     TimeoutArg,
     as_message,
+    channel_pair,
     check_timeout,
 )
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
-from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
+from blobplane.channel.transport import Transport, adopt_fd
 from blobplane.errors import BlobBusy, BlobClosed, BlobError, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import UnixFd
@@ -831,13 +832,7 @@ def socketpair(
     *, transport: Transport | None = None, timeout: float | None = DEFAULT_TIMEOUT
 ) -> tuple[AsyncChannel, AsyncChannel]:
     """Two connected asyncio channels."""
-    left, right = socket_pair(transport or default_transport())
-    try:
-        first = AsyncChannel(left, timeout=timeout)
-    except BaseException:
-        right.close()
-        raise
-    return first, AsyncChannel(right, timeout=timeout)
+    return channel_pair(lambda sock: AsyncChannel(sock, timeout=timeout), transport)
 
 
 def from_socket(

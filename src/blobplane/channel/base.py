@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 import os
 import socket
-from collections.abc import Container
-from typing import TypeAlias
+from collections.abc import Callable, Container
+from typing import TypeAlias, TypeVar
 
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore
 from blobplane.channel.transport import (
@@ -14,11 +14,19 @@ from blobplane.channel.transport import (
     PeerCredentials,
     Transport,
     default_transport,
+    socket_pair,
 )
 from blobplane.errors import InvalidSize
 from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message, UserPayload
 
-__all__ = ["DEFAULT", "ChannelBase", "ListenerBase", "TimeoutArg", "as_message"]
+__all__ = [
+    "DEFAULT",
+    "ChannelBase",
+    "ListenerBase",
+    "TimeoutArg",
+    "as_message",
+    "channel_pair",
+]
 
 
 class _Default(enum.Enum):
@@ -40,6 +48,20 @@ def as_message(message: Message | bytes | bytearray | memoryview) -> Message:
 # Longer than any process lives: a timeout beyond it waits forever, as None does, since
 # the kernel's and poll()'s timeouts overflow well before math.inf.
 FOREVER_S = 10**9
+
+
+C = TypeVar("C")
+
+
+def channel_pair(wrap: Callable[[socket.socket], C], transport: Transport | None) -> tuple[C, C]:
+    """Two connected sockets, each wrapped by *wrap* (a sync or an asyncio channel)."""
+    left, right = socket_pair(transport or default_transport())
+    try:
+        first = wrap(left)
+    except BaseException:
+        right.close()
+        raise
+    return first, wrap(right)
 
 
 def check_timeout(timeout: float | None) -> float | None:

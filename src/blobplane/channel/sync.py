@@ -23,11 +23,12 @@ from blobplane.channel.base import (
     ListenerBase,
     TimeoutArg,
     as_message,
+    channel_pair,
     check_timeout,
 )
 from blobplane.channel.core import DEFAULT_TIMEOUT, Op, Wait
 from blobplane.channel.ops import Handoff
-from blobplane.channel.transport import Transport, adopt_fd, default_transport, socket_pair
+from blobplane.channel.transport import Transport, adopt_fd
 from blobplane.errors import BlobBusy, BlobClosed, ConnectionClosed, Timeout
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobToken
@@ -580,13 +581,7 @@ def socketpair(
     *, transport: Transport | None = None, timeout: float | None = DEFAULT_TIMEOUT
 ) -> tuple[Channel, Channel]:
     """Two connected channels, e.g. to hand one end to a child process (see `from_socket`)."""
-    left, right = socket_pair(transport or default_transport())
-    try:
-        first = Channel(left, timeout=timeout)
-    except BaseException:
-        right.close()
-        raise
-    return first, Channel(right, timeout=timeout)
+    return channel_pair(lambda sock: Channel(sock, timeout=timeout), transport)
 
 
 def from_socket(
