@@ -94,8 +94,12 @@ class BlobToken(_Metadata, frozen=True):
 
     def __post_init__(self) -> None:
         # msgspec checks the annotations only while decoding; constructing a
-        # token in Python must be just as strict.
-        _check_size(self.size)
+        # token in Python must be just as strict. The usual token first: this
+        # runs for every handoff decoded, on the receiver's way to its Ack.
+        size = self.size
+        if self.lease_ms is None and type(size) is int and 0 <= size <= MAX_ENCODABLE_SIZE:
+            return
+        _check_size(size)
         if self.lease_ms is not None and (
             not isinstance(self.lease_ms, int) or isinstance(self.lease_ms, bool)
         ):

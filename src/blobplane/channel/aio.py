@@ -629,6 +629,8 @@ class AsyncChannel(ChannelBase):
                     if count != len(frame):  # the socket is full: wait for room
                         rest = ops.send_frame(core, handoff, frame, (fd,), count or 0)
                         await run(rest, core.fileno, limit, "send_blob", self._waits)
+                    elif wait:  # while the peer works on it (`Connection.expect_ack`)
+                        core.wire.expect_ack(request_id)
             finally:
                 sending.lock.release()
             if not wait:
@@ -660,6 +662,8 @@ class AsyncChannel(ChannelBase):
         try:
             received = core.poll_received()
             if received is None:
+                if core.datagram:
+                    core.wire.prepare_ack()  # while nothing has come (`Connection.prepare_ack`)
                 op: Op[Received] = _arrival(core)
                 received = await run(op, core.fileno, limit, "recv_handoff", self._waits)
             # The sync driver's fast lane (see `Channel.recv_handoff`).

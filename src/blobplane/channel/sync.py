@@ -325,6 +325,8 @@ class Channel(ChannelBase):
                     request_id = self._send_handoff(sent, token, meta, fd, limit)
                 else:
                     request_id = sent[0].id
+                    if wait:  # while the peer works on it (`Connection.expect_ack`)
+                        core.wire.expect_ack(request_id)
             finally:
                 sending.release()
             if not wait:
@@ -401,12 +403,12 @@ class Channel(ChannelBase):
         deadline = None if limit is None else time.monotonic() + limit
         if not core.intact:
             core.check_usable()  # raises: closed or broken beats busy
-        busy = core.receive_lock
-        if not busy.acquire(False):  # `with core.receiving`, inline
+        if not core.receive_lock.acquire(False):  # `with core.receiving`, inline
             raise BlobBusy(core.receiving.message)
         try:
             received = None
             if core.datagram and not core.pending and (limit is None or limit > 0):
+                core.wire.prepare_ack()  # while nothing has come (`Connection.prepare_ack`)
                 received = core.wait_received(limit)  # `_next`'s wait, its checks made above
             if received is None:
                 received = self._next(True, deadline, limit, "recv_handoff")
@@ -454,7 +456,7 @@ class Channel(ChannelBase):
             finally:
                 os.close(fd)
         finally:
-            busy.release()
+            core.receive_lock.release()
         return Handoff(handoff.token, handoff.meta, MappedRead(mapped, size), handoff.id)
 
     def _send_ack(
