@@ -1,7 +1,8 @@
-"""What the benchmarks share: reading every byte, the raw memfd steps, formatting, leak counts.
+"""What the benchmarks share: reading every byte, the raw memfd steps, formatting, leak counts,
+and the result tables of the handoff benchmarks.
 
-`bench/core.py` and `bench/channel.py` import this as ``_common`` (each runs as
-a script from this folder, so the folder is on ``sys.path``).
+The benchmarks import this as ``_common`` (each runs as a script from this
+folder, so the folder is on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 import blobplane
 
@@ -166,3 +169,98 @@ def environment() -> dict[str, Any]:
         except OSError:
             pass
     return info
+
+
+# --------------------------------------------------------------------------- result tables
+
+
+@dataclass
+class Result:
+    """One variant's times for one phase ("latency" or "throughput") and payload size."""
+
+    phase: str
+    size: int
+    variant: str
+    samples_ns: list[int] = field(default_factory=list)
+
+    @property
+    def median_ns(self) -> float:
+        return statistics.median(self.samples_ns)
+
+    @property
+    def p99_ns(self) -> float:
+        if len(self.samples_ns) < 2:
+            return float(self.samples_ns[0])
+        return statistics.quantiles(self.samples_ns, n=100, method="inclusive")[98]
+
+    @property
+    def gbps(self) -> float:
+        return self.size / self.median_ns  # bytes per ns == GB/s
+
+    @property
+    def iqr(self) -> str:
+        q1, q3 = quartiles([float(x) for x in self.samples_ns])
+        return f"{fmt_time(q1)}-{fmt_time(q3)}"
+
+
+def _table(title: str, caption: str, columns: list[str]) -> Table:
+    table = Table(title=title, caption=caption)
+    for name in columns:
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    return table
+
+
+def latency_table(
+    results: list[Result],
+    *,
+    title: str,
+    caption: str,
+    ratios: tuple[str, str],
+    ratio_cells: Callable[[Result], tuple[str, str]],
+    bold: Callable[[Result], bool] = lambda r: False,
+) -> Table:
+    """The latency rows: runs, p50, p99, IQR, and two ratio columns named *ratios*."""
+    table = _table(title, caption, ["variant", "runs", "p50", "p99", "IQR", *ratios])
+    for r in results:
+        if r.phase == "latency":
+            table.add_row(
+                r.variant,
+                str(len(r.samples_ns)),
+                fmt_time(r.median_ns),
+                fmt_time(r.p99_ns),
+                r.iqr,
+                *ratio_cells(r),
+                style="bold" if bold(r) else "",
+            )
+    return table
+
+
+def throughput_table(
+    results: list[Result],
+    *,
+    title: str,
+    caption: str,
+    ratio: str,
+    ratio_cell: Callable[[Result], str],
+    bold: Callable[[Result], bool] = lambda r: False,
+) -> Table:
+    """The throughput rows grouped by size: runs, median, IQR, GB/s and a ratio column."""
+    table = _table(title, caption, ["size", "variant", "runs", "median", "IQR", "GB/s", ratio])
+    by_size: dict[int, list[Result]] = {}
+    for r in results:
+        if r.phase == "throughput":
+            by_size.setdefault(r.size, []).append(r)
+    for size, group in by_size.items():
+        for i, r in enumerate(group):
+            table.add_row(
+                fmt_size(size) if i == 0 else "",
+                r.variant,
+                str(len(r.samples_ns)),
+                fmt_time(r.median_ns),
+                r.iqr,
+                f"{r.gbps:.2f}",
+                ratio_cell(r),
+                style="bold" if bold(r) else "",
+                end_section=i == len(group) - 1,
+            )
+    return table

@@ -74,7 +74,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from _common import KIB, MIB, environment, fmt_size, fmt_time, gc_paused, quartiles
+import _common
+from _common import KIB, MIB, Result, environment, fmt_size, fmt_time, gc_paused, quartiles
 from blobplane import BlobBackend, BlobPool, SharedMemoryBlobs, channel
 from blobplane.broker_demo import BrokerProcess, start_broker
 from blobplane.client import BrokerClient, connect_broker, connect_broker_async
@@ -478,28 +479,6 @@ class RayVariant(Variant):
 # --------------------------------------------------------------------------- measuring
 
 
-@dataclass
-class Result:
-    phase: Mode
-    size: int
-    variant: str
-    samples_ns: list[int] = field(default_factory=list)
-
-    @property
-    def median_ns(self) -> float:
-        return statistics.median(self.samples_ns)
-
-    @property
-    def p99_ns(self) -> float:
-        if len(self.samples_ns) < 2:
-            return float(self.samples_ns[0])
-        return statistics.quantiles(self.samples_ns, n=100, method="inclusive")[98]
-
-    @property
-    def gbps(self) -> float:
-        return self.size / self.median_ns  # bytes per ns == GB/s
-
-
 class Broker:
     """The broker process under test and a watcher connection for its stats."""
 
@@ -652,7 +631,14 @@ def _ray_of(results: list[Result], r: Result) -> Result | None:
 
 
 def latency_table(results: list[Result]) -> Table:
-    table = Table(
+    def to_ray(r: Result) -> tuple[str, str]:
+        ray = _ray_of(results, r)
+        if ray is None:
+            return "-", "-"
+        return f"{ray.median_ns / r.median_ns:.1f}", f"{ray.p99_ns / r.p99_ns:.1f}"
+
+    return _common.latency_table(
+        results,
         title=f"broker: put-then-get latency, {fmt_size(LATENCY_SIZE)} (publish until the "
         "consumer, another process, has mapped and released it)",
         caption=(
@@ -661,36 +647,18 @@ def latency_table(results: list[Result]) -> Table:
             "first call of the publish to the consumer's close; variants interleaved; "
             "x Ray = Ray's percentile / this variant's (> 1: faster than Ray)"
         ),
+        ratios=("x Ray p50", "x Ray p99"),
+        ratio_cells=to_ray,
     )
-    for name, justify in (
-        ("variant", "left"),
-        ("runs", "right"),
-        ("p50", "right"),
-        ("p99", "right"),
-        ("IQR", "right"),
-        ("x Ray p50", "right"),
-        ("x Ray p99", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in results:
-        if r.phase != "latency":
-            continue
-        ray = _ray_of(results, r)
-        q1, q3 = quartiles([float(x) for x in r.samples_ns])
-        table.add_row(
-            r.variant,
-            str(len(r.samples_ns)),
-            fmt_time(r.median_ns),
-            fmt_time(r.p99_ns),
-            f"{fmt_time(q1)}-{fmt_time(q3)}",
-            "-" if ray is None else f"{ray.median_ns / r.median_ns:.1f}",
-            "-" if ray is None else f"{ray.p99_ns / r.p99_ns:.1f}",
-        )
-    return table
 
 
 def throughput_table(results: list[Result]) -> Table:
-    table = Table(
+    def to_ray(r: Result) -> str:
+        ray = _ray_of(results, r)
+        return "-" if ray is None else f"{r.gbps / ray.gbps:.2f}"
+
+    return _common.throughput_table(
+        results,
         title="broker: throughput, one handoff at a time, the consumer (another process) "
         "reads every byte",
         caption=(
@@ -701,36 +669,9 @@ def throughput_table(results: list[Result]) -> Table:
             "random order each round; IQR = 25th-75th percentile; GB/s = size / median (10^9 B/s); "
             "x Ray = this variant's GB/s / Ray's"
         ),
+        ratio="x Ray",
+        ratio_cell=to_ray,
     )
-    for name, justify in (
-        ("size", "right"),
-        ("variant", "left"),
-        ("runs", "right"),
-        ("median", "right"),
-        ("IQR", "right"),
-        ("GB/s", "right"),
-        ("x Ray", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    by_size: dict[int, list[Result]] = {}
-    for r in results:
-        if r.phase == "throughput":
-            by_size.setdefault(r.size, []).append(r)
-    for size, group in by_size.items():
-        for i, r in enumerate(group):
-            ray = _ray_of(results, r)
-            q1, q3 = quartiles([float(x) for x in r.samples_ns])
-            table.add_row(
-                fmt_size(size) if i == 0 else "",
-                r.variant,
-                str(len(r.samples_ns)),
-                fmt_time(r.median_ns),
-                f"{fmt_time(q1)}-{fmt_time(q3)}",
-                f"{r.gbps:.2f}",
-                "-" if ray is None else f"{r.gbps / ray.gbps:.2f}",
-                end_section=i == len(group) - 1,
-            )
-    return table
 
 
 def ops_table(results: list[OpsResult], seconds: float) -> Table:

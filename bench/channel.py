@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -81,12 +81,14 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+import _common
 from _common import (
     KIB,
     MADV_POPULATE_WRITE,
     MFD_FLAGS,
     MIB,
     SEALS,
+    Result,
     environment,
     fmt_size,
     fmt_time,
@@ -629,28 +631,6 @@ class Consumers:
 # --------------------------------------------------------------------------- measuring
 
 
-@dataclass
-class Result:
-    phase: Mode
-    size: int
-    variant: str
-    samples_ns: list[int] = field(default_factory=list)
-
-    @property
-    def median_ns(self) -> float:
-        return statistics.median(self.samples_ns)
-
-    @property
-    def p99_ns(self) -> float:
-        if len(self.samples_ns) < 2:
-            return float(self.samples_ns[0])
-        return statistics.quantiles(self.samples_ns, n=100, method="inclusive")[98]
-
-    @property
-    def gbps(self) -> float:
-        return self.size / self.median_ns  # bytes per ns == GB/s
-
-
 def measure(
     phase: Mode,
     size: int,
@@ -713,7 +693,7 @@ def latency_step(variant: Variant, payload: bytes) -> tuple[int, int]:
 # --------------------------------------------------------------------------- report
 
 
-def paired_ratios(results: list[Result], phase: Mode, size: int, variant: str) -> list[float]:
+def paired_ratios(results: list[Result], phase: str, size: int, variant: str) -> list[float]:
     ours = next(r for r in results if (r.phase, r.size, r.variant) == (phase, size, variant))
     ref = next(r for r in results if (r.phase, r.size, r.variant) == (phase, size, REFERENCE))
     return [a / b for a, b in zip(ours.samples_ns, ref.samples_ns, strict=True)]
@@ -724,8 +704,12 @@ def reference_of(results: list[Result], r: Result) -> Result:
 
 
 def latency_table(results: list[Result]) -> Table:
-    rows = [r for r in results if r.phase == "latency"]
-    table = Table(
+    def to_raw(r: Result) -> tuple[str, str]:
+        ref = reference_of(results, r)
+        return f"{r.median_ns / ref.median_ns:.2f}", f"{r.p99_ns / ref.p99_ns:.2f}"
+
+    return _common.latency_table(
+        results,
         title=f"blobplane channel: handoff latency, {fmt_size(LATENCY_SIZE)} "
         "(send until the consumer acknowledges)",
         caption=(
@@ -733,35 +717,15 @@ def latency_table(results: list[Result]) -> Table:
             "it holds the payload (mapped, received or attached), before reading it; "
             "variants interleaved; x raw = this variant's percentile / the reference's"
         ),
+        ratios=("x raw p50", "x raw p99"),
+        ratio_cells=to_raw,
+        bold=lambda r: r.variant == REFERENCE,
     )
-    for name, justify in (
-        ("variant", "left"),
-        ("runs", "right"),
-        ("p50", "right"),
-        ("p99", "right"),
-        ("IQR", "right"),
-        ("x raw p50", "right"),
-        ("x raw p99", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        ref = reference_of(results, r)
-        q1, q3 = quartiles([float(x) for x in r.samples_ns])
-        table.add_row(
-            r.variant,
-            str(len(r.samples_ns)),
-            fmt_time(r.median_ns),
-            fmt_time(r.p99_ns),
-            f"{fmt_time(q1)}-{fmt_time(q3)}",
-            f"{r.median_ns / ref.median_ns:.2f}",
-            f"{r.p99_ns / ref.p99_ns:.2f}",
-            style="bold" if r is ref else "",
-        )
-    return table
 
 
 def throughput_table(results: list[Result]) -> Table:
-    table = Table(
+    return _common.throughput_table(
+        results,
         title="blobplane channel: throughput, a fresh blob per handoff, the consumer "
         "(another process) reads every byte",
         caption=(
@@ -772,37 +736,10 @@ def throughput_table(results: list[Result]) -> Table:
             "25th-75th percentile; GB/s = size / median (10^9 B/s); x raw = median / the "
             "reference's median"
         ),
+        ratio="x raw",
+        ratio_cell=lambda r: f"{r.median_ns / reference_of(results, r).median_ns:.3f}",
+        bold=lambda r: r.variant == REFERENCE,
     )
-    for name, justify in (
-        ("size", "right"),
-        ("variant", "left"),
-        ("runs", "right"),
-        ("median", "right"),
-        ("IQR", "right"),
-        ("GB/s", "right"),
-        ("x raw", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    by_size: dict[int, list[Result]] = {}
-    for r in results:
-        if r.phase == "throughput":
-            by_size.setdefault(r.size, []).append(r)
-    for size, group in by_size.items():
-        for i, r in enumerate(group):
-            ref = reference_of(results, r)
-            q1, q3 = quartiles([float(x) for x in r.samples_ns])
-            table.add_row(
-                fmt_size(size) if i == 0 else "",
-                r.variant,
-                str(len(r.samples_ns)),
-                fmt_time(r.median_ns),
-                f"{fmt_time(q1)}-{fmt_time(q3)}",
-                f"{r.gbps:.2f}",
-                f"{r.median_ns / ref.median_ns:.3f}",
-                style="bold" if r is ref else "",
-                end_section=i == len(group) - 1,
-            )
-    return table
 
 
 @dataclass
