@@ -15,6 +15,7 @@ from blobplane.broker.tokens import TokenAuthority, load_key
 from blobplane.client import connect_broker
 from blobplane.errors import BlobError, BlobNotFound, ConnectionClosed
 from brokers import DEADLINE_S, broker_folder, read_line, running_broker, spawn, start, wait_until
+from leaks import blob_mappings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,3 +166,41 @@ def test_a_client_waiting_on_a_broker_that_dies_is_told() -> None:
             assert isinstance(outcome[0], ConnectionClosed)
         finally:
             broker.stop()
+
+
+def test_a_killed_producer_s_slots_leave_the_readers_caches() -> None:
+    """Readers keep pool slots mapped for later gets; a producer that dies takes them along."""
+    with (
+        running_broker() as broker,
+        connect_broker(broker.socket_path) as reader,
+        connect_broker(broker.socket_path) as bystander,
+    ):
+        mapped_before = blob_mappings()
+        producer = spawn(
+            """
+            import sys, time
+            from blobplane import BlobPool
+            from blobplane.client import connect_broker
+            broker = connect_broker(sys.argv[1])
+            pool = BlobPool(64 * 1024, 2)
+            for index in range(2):
+                loan = broker.loan(pool, timeout=10)
+                loan.write_all(b"slot %d" % index)
+                broker.put_pooled(loan, key=f"slot-{index}")
+            print("published", flush=True)
+            time.sleep(600)
+            """,
+            broker.socket_path,
+        )
+        assert read_line(producer) == "published"
+        for index in range(2):
+            with reader.get(f"slot-{index}") as read:
+                assert bytes(read.as_slice()[:6]) == b"slot %d" % index
+        assert len(reader._core.slots) == 2
+        assert blob_mappings() == mapped_before + 2  # kept for the next get of each slot
+        producer.send_signal(signal.SIGKILL)
+        producer.communicate(timeout=DEADLINE_S)
+        wait_until(lambda: reader.pump(0.05) > 0 and not reader._core.slots, "ProducerGone")
+        assert blob_mappings() == mapped_before
+        assert bystander.pump(0.2) == 0  # told only if it got the producer's slots
+        assert broker.memfds() == 0

@@ -79,6 +79,7 @@ from blobplane.broker.protocol import (
     ListReply,
     MintToken,
     Ok,
+    ProducerGone,
     Put,
     Refused,
     Release,
@@ -418,7 +419,8 @@ class _SlotMappings:
     the fd is the same memfd (the same inode: the mapping keeps it alive, so
     no other file can take its number) and large enough, and its seals can
     only have grown since. Bounded in slots and in bytes: the least recently
-    used slot is dropped first, and all of them when the client closes.
+    used slot is dropped first, a producer's slots when the broker says it
+    has gone (`ProducerGone`), and all of them when the client closes.
     Dropping never unmaps under a reader: a read made from the mapping keeps
     it until it goes.
     """
@@ -427,13 +429,19 @@ class _SlotMappings:
         self.max_slots = max_slots
         self.max_bytes = physical_memory() // 4 if max_bytes is None else max_bytes
         self.bytes = 0
-        self._maps: OrderedDict[tuple[int, int], tuple[mmap.mmap | None, int]] = OrderedDict()
+        # (st_dev, st_ino) -> (mapping, its length, the producer: `BlobEntry.owner`)
+        self._maps: OrderedDict[tuple[int, int], tuple[mmap.mmap | None, int, int | None]] = (
+            OrderedDict()
+        )
 
     def __len__(self) -> int:
         return len(self._maps)
 
-    def mapping(self, fd: int, size: int) -> mmap.mmap | None:
-        """A read-only mapping of the slot behind *fd* (borrowed), at least *size* bytes long."""
+    def mapping(self, fd: int, size: int, owner: int | None = None) -> mmap.mmap | None:
+        """A read-only mapping of the slot behind *fd* (borrowed), at least *size* bytes long.
+
+        *owner* is the producer that published it, for `forget`.
+        """
         with errors.os_errors("inspecting a pool slot"):
             info = os.fstat(fd)
         identity = (info.st_dev, info.st_ino)
@@ -448,11 +456,16 @@ class _SlotMappings:
         mapped = map_readonly(fd, length)
         if length > self.max_bytes:
             return mapped  # larger than the whole cache: used once, not kept
-        self._maps[identity] = (mapped, length)
+        self._maps[identity] = (mapped, length, owner)
         self.bytes += length
         while len(self._maps) > self.max_slots or self.bytes > self.max_bytes:
             self._drop(next(iter(self._maps)))
         return mapped
+
+    def forget(self, owner: int) -> None:
+        """Drop the slots *owner* published: it has gone, and its pools with it."""
+        for identity in [key for key, kept in self._maps.items() if kept[2] == owner]:
+            self._drop(identity)
 
     def close(self) -> None:
         while self._maps:
@@ -461,7 +474,7 @@ class _SlotMappings:
     def _drop(self, identity: tuple[int, int]) -> None:
         # No close(): reads that borrowed the mapping keep it until they go, and
         # CPython unmaps it the moment the last reference does.
-        _, length = self._maps.pop(identity)
+        _, length, _ = self._maps.pop(identity)
         self.bytes -= length
 
 
@@ -601,7 +614,7 @@ class _Core:
         release = _ReleaseOnce(self._post, Release(rid=self.rid(), id=entry.id, ack=False))
         try:
             if entry.pooled:
-                mapped = self.slots.mapping(fds[0], entry.size)
+                mapped = self.slots.mapping(fds[0], entry.size, entry.owner)
             else:
                 check_received_fd(fds[0], entry.size)
                 mapped = map_readonly(fds[0], entry.size)
@@ -680,6 +693,8 @@ class _Core:
                 held = self.pooled.pop(blob, None)
                 if held is not None and not held[0].closed:
                     held[0].release(held[1])
+            case ProducerGone(client=owner):
+                self.slots.forget(owner)
             case Refused(rid=0):
                 raise_refusal(reply)
             case BlobReply(rid=rid, blob=entry):

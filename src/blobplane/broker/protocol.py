@@ -20,6 +20,8 @@ carries a request id (``rid``) that the client picks, and the reply names it::
     broker -> client   Refused      any request the broker refused: the error's class
                                     name and message (rid 0: the connection, closing)
     broker -> client   SlotFree     unsolicited: a pooled blob is released by everyone
+                       ProducerGone unsolicited: a client whose pool slots this one got
+                                    has disconnected (drop what you keep of its slots)
 
 Which fds ride with which message is part of the protocol: a `Put` carries
 exactly one, every other request none (`fds_expected`). Decoding is strict:
@@ -52,6 +54,7 @@ __all__ = [
     "ListReply",
     "MintToken",
     "Ok",
+    "ProducerGone",
     "Put",
     "Refused",
     "Release",
@@ -72,7 +75,8 @@ __all__ = [
     "target_of",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: the broker may send `ProducerGone`, which a client of version 1 would refuse.
+PROTOCOL_VERSION = 2
 # A ListReply part stays well inside the channel's 64 KiB frame, whatever the keys.
 MAX_LIST_PART_BYTES = 48 * 1024
 MAX_ACCOUNTS_LISTED = 200
@@ -306,8 +310,27 @@ class SlotFree(_Message, frozen=True, tag="slot-free"):
     id: uuid.UUID
 
 
+class ProducerGone(_Message, frozen=True, tag="producer-gone"):
+    """The client *client* (a `BlobEntry.owner`) whose pool slots this client got has gone.
+
+    Its slots will not be published again: a client drops the mappings it
+    keeps of them (`get` reuses a slot's mapping), so that the memory of a
+    pool whose producer exited does not stay mapped in every reader.
+    """
+
+    client: NonNegative
+
+
 Reply: TypeAlias = (
-    Welcome | Ok | BlobReply | ListReply | StatsReply | TokenReply | Refused | SlotFree
+    Welcome
+    | Ok
+    | BlobReply
+    | ListReply
+    | StatsReply
+    | TokenReply
+    | Refused
+    | SlotFree
+    | ProducerGone
 )
 
 _ENCODER = msgspec.msgpack.Encoder(uuid_format="bytes")

@@ -69,6 +69,7 @@ from blobplane.broker.protocol import (
     ListReply,
     MintToken,
     Ok,
+    ProducerGone,
     Put,
     Refused,
     Release,
@@ -410,6 +411,10 @@ class BrokerServer:
             # blobs must not outlive its connection.
             session.close()
             self._sessions.pop(session.client, None)
+            for reader in self._sessions.values():
+                if session.client in reader.pooled_from:
+                    reader.pooled_from.discard(session.client)
+                    reader.post(ProducerGone(client=session.client))
             try:
                 if self.registry.connected(session.client):
                     self._carry_out(self.registry.disconnect(session.client))
@@ -608,6 +613,9 @@ class BrokerServer:
             raise
         if waiter is not None:
             self._unpark(waiter)
+        owner = result.info.owner
+        if result.info.pooled and owner is not None and owner != session.client:
+            session.pooled_from.add(owner)
         session.post(BlobReply(rid=request.rid, blob=_entry(result.info)), (sent,))
 
     def _park(

@@ -58,6 +58,9 @@ class Session:
     wake: asyncio.Future[Create | None] | None = None
     # The reader's end while the task was awake (`wake` already used).
     late_end: Exception | None = None
+    # The producers whose pool slots this client was handed: told `ProducerGone`
+    # when one of them disconnects, as the client keeps those slots mapped.
+    pooled_from: set[ClientId] = field(default_factory=set)
     _outbox: deque[tuple[bytes, tuple[int, ...]]] = field(default_factory=deque)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _drain: asyncio.Task[None] | None = None
