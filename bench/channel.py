@@ -36,7 +36,11 @@ Two measurements, each with fresh consumer processes:
   sealed) before the clock starts; timed from the send until the consumer's
   acknowledgement, which every consumer sends as soon as it holds the
   payload (mapped, received, attached), before reading it; the read and a
-  final "done" reply follow untimed. p50 and p99.
+  final "done" reply follow untimed. p50 and p99. Twice: each handoff cold
+  (every round runs each variant once, so a consumer sleeps while the others
+  run, and wakes with its caches taken by them), then back to back (each
+  round runs each variant ``--burst`` times in a row, as in a busy stream,
+  the first of each burst not counted).
 - throughput: one whole handoff per repetition, a fresh blob (or segment, or
   message) each time: create + fill + seal + send, the consumer maps, reads
   every byte and unmaps, its reply reaches the producer, which releases its
@@ -116,6 +120,11 @@ QUICK_PLAN: dict[int, int] = {4 * KIB: 3, 1 * MIB: 3}
 LATENCY_SIZE = 4 * KIB
 LATENCY_REPS = 2001
 QUICK_LATENCY_REPS = 20
+BURST = 20  # handoffs in a row per round, back to back
+# The two latency phases: the phase name of their results, and their title.
+COLD = "latency"
+BACK_TO_BACK = "latency, back to back"
+LATENCY_PHASES = {COLD: "each handoff cold", BACK_TO_BACK: "back to back"}
 
 REFERENCE = "raw memfd + send_fds (reference)"
 LIBRARY = "blobplane channel"
@@ -632,7 +641,7 @@ class Consumers:
 
 
 def measure(
-    phase: Mode,
+    phase: str,
     size: int,
     reps: int,
     variants: list[Variant],
@@ -643,26 +652,27 @@ def measure(
     """Run *reps* interleaved rounds (after a warm-up) of every variant at *size*.
 
     Each round runs each variant *burst* times in a row (1: every handoff finds
-    its consumer idle since the previous round; more: warm, as in a stream).
+    its consumer idle since the previous round; more: warm, as in a stream,
+    and the first of each burst, which finds it idle, is not counted).
     """
     payload = make_payload(size)
     with memoryview(payload) as view:
         expected = read_every_byte(view)
     results = [Result(phase, size, variant.name) for variant in variants]
     warmup = max(1, min(10, reps // 10))
-    shuffle = random.Random(size + (phase == "latency")).shuffle
+    shuffle = random.Random(f"{phase} {size}").shuffle
     baseline: tuple[int, int] | None = None
     for round_no in range(warmup + reps):
         order = list(range(len(variants)))
         shuffle(order)
         for index in order:
             variant = variants[index]
-            for _ in range(burst):
+            for in_burst in range(burst):
                 with gc_paused():
                     elapsed, checksum = step(variant, payload)
                 if checksum != expected:
                     raise SystemExit(f"{variant.name} at {fmt_size(size)} read back wrong data")
-                if round_no >= warmup:
+                if round_no >= warmup and (burst == 1 or in_burst > 0):
                     results[index].samples_ns.append(elapsed)
             variant.check()
         # Untimed: every variant must have released everything it took this round.
@@ -703,19 +713,24 @@ def reference_of(results: list[Result], r: Result) -> Result:
     return next(x for x in results if (x.phase, x.size, x.variant) == (r.phase, r.size, REFERENCE))
 
 
-def latency_table(results: list[Result]) -> Table:
+def latency_table(results: list[Result], phase: str) -> Table:
     def to_raw(r: Result) -> tuple[str, str]:
         ref = reference_of(results, r)
         return f"{r.median_ns / ref.median_ns:.2f}", f"{r.p99_ns / ref.p99_ns:.2f}"
 
+    how = (
+        "each variant once per round, so each handoff finds its consumer woken cold"
+        if phase == COLD
+        else f"each variant {BURST} times in a row per round, the first not counted"
+    )
     return _common.latency_table(
-        results,
-        title=f"blobplane channel: handoff latency, {fmt_size(LATENCY_SIZE)} "
-        "(send until the consumer acknowledges)",
+        [r for r in results if r.phase == phase],
+        title=f"blobplane channel: handoff latency, {fmt_size(LATENCY_SIZE)}, "
+        f"{LATENCY_PHASES[phase]} (send until the consumer acknowledges)",
         caption=(
             "payload prepared before the clock starts; the consumer acknowledges as soon as "
             "it holds the payload (mapped, received or attached), before reading it; "
-            "variants interleaved; x raw = this variant's percentile / the reference's"
+            f"variants interleaved, {how}; x raw = this variant's percentile / the reference's"
         ),
         ratios=("x raw p50", "x raw p99"),
         ratio_cells=to_raw,
@@ -779,8 +794,9 @@ def verdicts(results: list[Result]) -> list[Verdict]:
         ratios = paired_ratios(results, r.phase, r.size, LIBRARY)
         ref = reference_of(results, r)
         target: float | None
-        if r.phase == "latency":
-            what, target = f"{fmt_size(r.size)} handoff latency (p50)", LATENCY_TARGET
+        if r.phase in LATENCY_PHASES:
+            what = f"{fmt_size(r.size)} handoff latency (p50), {LATENCY_PHASES[r.phase]}"
+            target = LATENCY_TARGET
         else:
             what = f"{fmt_size(r.size)} throughput"
             target = THROUGHPUT_TARGET if r.size >= THROUGHPUT_TARGET_FROM else None
@@ -804,7 +820,9 @@ def overhead_lines(results: list[Result]) -> list[str]:
             continue
         ref = reference_of(results, r)
         diffs = [float(a - b) for a, b in zip(r.samples_ns, ref.samples_ns, strict=True)]
-        what = "handoff latency" if r.phase == "latency" else "throughput run"
+        what = "throughput run"
+        if r.phase in LATENCY_PHASES:
+            what = f"handoff latency, {LATENCY_PHASES[r.phase]}"
         lines.append(
             f"  {fmt_size(r.size):>8} {what}: blobplane minus raw "
             f"{fmt_time(statistics.median(diffs))} a handoff (median of paired differences), "
@@ -864,9 +882,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--burst",
         type=int,
-        default=1,
-        help="handoffs of a variant in a row per round (default 1: each one cold; "
-        "more: warm, as in a stream)",
+        default=BURST,
+        help=f"handoffs of a variant in a row per round, back to back (default {BURST})",
     )
     parser.add_argument("--consumer", choices=sorted(CONSUMERS), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["latency", "throughput"], help=argparse.SUPPRESS)
@@ -887,8 +904,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.latency_reps = QUICK_LATENCY_REPS if args.quick else LATENCY_REPS
     if args.latency_reps < 1:
         parser.error("--latency-reps must be at least 1")
-    if args.burst < 1:
-        parser.error("--burst must be at least 1")
+    if args.burst < 2:
+        parser.error("--burst must be at least 2 (the first of each burst is not counted)")
     return args
 
 
@@ -901,10 +918,15 @@ def run(args: argparse.Namespace, classes: list[type[Variant]], console: Console
     )
     consumers = Consumers(classes, "latency")
     try:
+        results += measure(COLD, LATENCY_SIZE, args.latency_reps, consumers.variants, latency_step)
+        rounds = max(1, args.latency_reps // (args.burst - 1))
+        console.print(
+            f"[dim]back to back: {rounds} rounds of {args.burst} handoffs of each variant…[/dim]"
+        )
         results += measure(
-            "latency",
+            BACK_TO_BACK,
             LATENCY_SIZE,
-            args.latency_reps,
+            rounds,
             consumers.variants,
             latency_step,
             burst=args.burst,
@@ -918,9 +940,7 @@ def run(args: argparse.Namespace, classes: list[type[Variant]], console: Console
             console.print(
                 f"[dim]throughput at {fmt_size(size)}: {reps} runs of each variant…[/dim]"
             )
-            results += measure(
-                "throughput", size, reps, consumers.variants, throughput_step, burst=args.burst
-            )
+            results += measure("throughput", size, reps, consumers.variants, throughput_step)
     finally:
         consumers.close()
     return results
@@ -935,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
     classes, notes = variant_classes()
     results = run(args, classes, console)
 
-    console.print(latency_table(results))
+    for phase in LATENCY_PHASES:
+        console.print(latency_table(results, phase))
     console.print(throughput_table(results))
     for note in notes:
         console.print(f"[yellow]note[/yellow]: {note}")

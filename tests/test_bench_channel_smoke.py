@@ -30,11 +30,13 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
 def test_quick_run_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "channel.json"
     result = run([sys.executable, str(BENCH), "--quick", "--json", str(out)])
-    assert "handoff latency, 4 KiB" in result.stdout
+    assert "handoff latency, 4 KiB, each handoff cold" in result.stdout
+    assert "handoff latency, 4 KiB, back to back" in result.stdout
     assert "throughput, a fresh blob per handoff" in result.stdout
     for variant in VARIANTS:
         assert variant in result.stdout
-    assert "4 KiB handoff latency (p50): paired median" in result.stdout
+    assert "4 KiB handoff latency (p50), each handoff cold: paired median" in result.stdout
+    assert "4 KiB handoff latency (p50), back to back: paired median" in result.stdout
 
     data = json.loads(out.read_text())
     rows = data["results"]
@@ -43,13 +45,16 @@ def test_quick_run_prints_the_tables_and_writes_json(tmp_path: Path) -> None:
     assert ZMQ in names or any("pyzmq" in note for note in data["notes"])
     assert {row["size"] for row in rows if row["phase"] == "throughput"} == {4096, 1 << 20}
     assert {row["size"] for row in rows if row["phase"] == "latency"} == {4096}
+    back_to_back = [row for row in rows if row["phase"] == "latency, back to back"]
+    assert {row["size"] for row in back_to_back} == {4096}
+    assert all(row["runs"] == 19 for row in back_to_back)  # one burst of 20, the first not counted
     for row in rows:
         assert row["runs"] >= 1
         assert row["median_ns"] > 0
         assert row["p99_ns"] >= row["median_ns"] or row["runs"] < 2
         if row["variant"] == VARIANTS[0]:
             assert row["ratio_to_raw"] == pytest.approx(1.0)
-    assert [v["target"] for v in data["verdicts"]] == [1.3, None, None]
+    assert [v["target"] for v in data["verdicts"]] == [1.3, 1.3, None, None]
 
 
 def test_without_pyzmq_the_row_is_skipped_with_a_note() -> None:
