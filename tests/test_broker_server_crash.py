@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -10,9 +11,10 @@ import uuid
 
 import pytest
 
+from blobplane import BlobPool
 from blobplane.backends.private_dir import SHM_ROOT, shm_root, temp_root
 from blobplane.broker.tokens import TokenAuthority, load_key
-from blobplane.client import connect_broker
+from blobplane.client import BrokerClient, connect_broker, connect_broker_async
 from blobplane.errors import BlobError, BlobNotFound, ConnectionClosed
 from brokers import DEADLINE_S, broker_folder, read_line, running_broker, spawn, start, wait_until
 from leaks import blob_mappings
@@ -204,3 +206,33 @@ def test_a_killed_producer_s_slots_leave_the_readers_caches() -> None:
         assert blob_mappings() == mapped_before
         assert bystander.pump(0.2) == 0  # told only if it got the producer's slots
         assert broker.memfds() == 0
+
+
+def test_an_async_reader_keeps_no_slot_of_a_producer_gone_while_it_got_it() -> None:
+    """The asyncio client's reader may take in `ProducerGone` before the task of a get it
+    answered maps the slot: that slot is used once, not kept."""
+
+    async def scenario(path: str, watcher: BrokerClient) -> None:
+        reader = await connect_broker_async(path)
+        try:
+            with BlobPool(64 * 1024, 1) as pool:
+                with connect_broker(path) as producer:
+                    with producer.loan(pool, timeout=DEADLINE_S) as loan:
+                        loan.write_all(b"slot")
+                        producer.put_pooled(loan, key="slot")
+                    mapped_before = blob_mappings()
+                    got = asyncio.create_task(reader.get("slot"))
+                    await asyncio.sleep(0)  # the get goes out; its task awaits the reply
+                    # The loop is held from here on, so the reply and the notice both wait
+                    # in the reader's socket and its reader takes them in one turn.
+                    wait_until(lambda: watcher.stats().references == 1, "the get's answer")
+                wait_until(lambda: watcher.stats().clients == 2, "the producer's end")
+                with await got as read:
+                    assert bytes(read.as_slice()[:4]) == b"slot"
+                assert len(reader._core.slots) == 0
+                assert blob_mappings() == mapped_before
+        finally:
+            await reader.aclose()
+
+    with running_broker() as broker, connect_broker(broker.socket_path) as watcher:
+        asyncio.run(scenario(broker.socket_path, watcher))

@@ -32,6 +32,7 @@ from blobplane.wire import (
     UserPayload,
 )
 from blobplane.wire.frames import Limits
+from blobplane.wire.messages import MAX_REQUEST_ID
 
 Chunk = tuple[bytes, tuple[int, ...]]
 
@@ -660,6 +661,7 @@ def converse(script: list[str], *, prebuilt: bool) -> list[object]:
             framed_handoff = sender.frame_handoff(TOKEN, b"")
             assert framed_handoff is not None
             to_receiver.append((bytes(framed_handoff[1]), fake.new()))
+            seen.append(bytes(framed_handoff[1]))
             if prebuilt:
                 sender.expect_ack(framed_handoff[0].id)
         elif step in ("s:payload", "r:payload"):
@@ -670,6 +672,7 @@ def converse(script: list[str], *, prebuilt: bool) -> list[object]:
                 to_receiver.append((bytes(framed_payload[1]), ()))
             else:
                 to_sender.append(bytes(framed_payload[1]))
+            seen.append(bytes(framed_payload[1]))
         elif step == "r:recv":
             data, fds = to_receiver.pop(0)
             event = receiver.receive_datagram(data, list(fds))
@@ -681,6 +684,7 @@ def converse(script: list[str], *, prebuilt: bool) -> list[object]:
             framed_ack = receiver.frame_ack(handoffs.pop(0))
             assert framed_ack is not None
             to_sender.append(bytes(framed_ack[1]))
+            seen.append(bytes(framed_ack[1]))
         elif step == "s:recv":
             last = to_sender.pop(0)
             sender_takes(last)
@@ -727,16 +731,9 @@ def test_replies_built_ahead_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sender.open_handoffs == frozenset()
 
 
-def wire_ack_frame() -> bytes:
-    """The frame of Ack(id=1, reply_to=1), as a peer's wire sends it."""
-    fake = FakeFds()
-    sender, receiver = connection(fake, "datagram"), connection(fake, "datagram")
-    data, fds = sender.send(BlobHandoff(token=TOKEN), fake.new())
-    receiver.receive_data(data, fds)
-    assert isinstance(receiver.next_event(), Received)
-    framed = receiver.frame_ack(1)
-    assert framed is not None
-    return bytes(framed[1])
+def ack_bytes(request_id: int, reply_to: int) -> bytes:
+    """The frame a peer's wire sends for `Ack(request_id, reply_to)`, byte for byte."""
+    return frame(msgspec.msgpack.encode(Ack(id=request_id, reply_to=reply_to)))
 
 
 @pytest.mark.parametrize("case", ["never sent", "id already used"])
@@ -756,6 +753,55 @@ def test_an_expected_ack_that_is_illegal_is_refused_as_without(case: str) -> Non
             sender.receive_data(frame(payload_bytes()), ())
             assert isinstance(sender.next_event(), Received)
         with pytest.raises(RemoteProtocolError) as refused:
-            sender.receive_datagram(wire_ack_frame(), [])
+            sender.receive_datagram(ack_bytes(1, 1), [])
         outcomes.append(str(refused.value))
     assert outcomes[0] == outcomes[1]
+
+
+# Each case: what happens before the expected Ack arrives, and how it arrives.
+EXPECTED_BUT_ILLEGAL = [
+    "with an fd",
+    "truncated",
+    "after end of stream",
+    "behind a queued datagram",
+    "after a protocol error",
+    "when the peer has used the last id",
+]
+
+
+def expected_ack_outcome(case: str, *, prebuilt: bool) -> list[object]:
+    """Feed the frame `expect_ack` builds, in *case*; return what came of it and the end state."""
+    fake = FakeFds()
+    sender = connection(fake, "datagram")
+    framed = sender.frame_handoff(TOKEN, b"")
+    assert framed is not None
+    ack_id = 1
+    if case == "when the peer has used the last id":
+        last = sender.receive_datagram(frame(payload_bytes(id=MAX_REQUEST_ID)), [])
+        assert isinstance(last, Received)
+        ack_id = MAX_REQUEST_ID + 1  # what the peer's wire would frame next
+    elif case == "after end of stream":
+        sender.receive_data(b"")
+    elif case == "behind a queued datagram":
+        sender.receive_data(frame(payload_bytes()))
+    elif case == "after a protocol error":
+        with pytest.raises(RemoteProtocolError):
+            sender.receive_datagram(b"not a frame at all", [])
+    if prebuilt:
+        sender.expect_ack(framed[0].id)
+    fds = list(fake.new()) if case == "with an fd" else []
+    seen: list[object] = []
+    try:
+        seen.append(
+            sender.receive_datagram(ack_bytes(ack_id, 1), fds, truncated=case == "truncated")
+        )
+        seen.append(sender.next_event())
+    except (LocalProtocolError, RemoteProtocolError) as exc:
+        seen.append((type(exc).__name__, str(exc)))
+    return [*seen, sender.open_handoffs, sender.their_state, fake.closed, sender.owned_fds]
+
+
+@pytest.mark.parametrize("case", EXPECTED_BUT_ILLEGAL)
+def test_an_expected_ack_meets_the_decoder_s_checks(case: str) -> None:
+    """The expected frame, arriving where the decoder would refuse or queue it: the same outcome."""
+    assert expected_ack_outcome(case, prebuilt=True) == expected_ack_outcome(case, prebuilt=False)

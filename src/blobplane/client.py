@@ -139,6 +139,9 @@ __all__ = [
 
 DEFAULT_TIMEOUT = 30.0
 MAX_CACHED_SLOTS = 64  # pool slots a client keeps mapped (see `_SlotMappings`)
+# Producers a client remembers it was told have gone (`_SlotMappings.forget`):
+# only the last few matter, those whose slots a get may still be mapping.
+MAX_GONE_REMEMBERED = 1024
 
 Target: TypeAlias = BlobId | uuid.UUID | str
 R = TypeVar("R", bound=Reply)
@@ -429,6 +432,10 @@ class _SlotMappings:
         self.max_slots = max_slots
         self.max_bytes = physical_memory() // 4 if max_bytes is None else max_bytes
         self.bytes = 0
+        # The asyncio client's reader may take in a producer's `ProducerGone`
+        # before the task of a get it already answered maps that producer's
+        # slot: such a slot is used once and not kept. Client ids are never reused.
+        self._gone: OrderedDict[int, None] = OrderedDict()
         # (st_dev, st_ino) -> (mapping, its length, the producer: `BlobEntry.owner`)
         self._maps: OrderedDict[tuple[int, int], tuple[mmap.mmap | None, int, int | None]] = (
             OrderedDict()
@@ -448,14 +455,16 @@ class _SlotMappings:
         known = self._maps.get(identity)
         if known is not None and known[1] >= size:
             self._maps.move_to_end(identity)
+            if known[2] != owner:  # the same memfd, published by another connection now
+                self._maps[identity] = (known[0], known[1], owner)
             return known[0]
         check_received_fd(fd, size)
         if known is not None:
             self._drop(identity)
         length = info.st_size
         mapped = map_readonly(fd, length)
-        if length > self.max_bytes:
-            return mapped  # larger than the whole cache: used once, not kept
+        if length > self.max_bytes or owner in self._gone:
+            return mapped  # larger than the whole cache, or its producer gone: used once
         self._maps[identity] = (mapped, length, owner)
         self.bytes += length
         while len(self._maps) > self.max_slots or self.bytes > self.max_bytes:
@@ -464,6 +473,9 @@ class _SlotMappings:
 
     def forget(self, owner: int) -> None:
         """Drop the slots *owner* published: it has gone, and its pools with it."""
+        self._gone[owner] = None
+        if len(self._gone) > MAX_GONE_REMEMBERED:
+            self._gone.popitem(last=False)
         for identity in [key for key, kept in self._maps.items() if kept[2] == owner]:
             self._drop(identity)
 

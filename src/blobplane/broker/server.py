@@ -28,7 +28,8 @@ sending, so freeing a blob never pulls an fd from under a reply in flight.
 
 A connection's end, for any reason (SIGKILL included: the kernel closes the
 socket), unparks its gets and calls `registry.disconnect`: its references
-are released and the blobs it never sealed are freed.
+are released and the blobs it never sealed are freed. Every client it handed
+pool slots to is told (`ProducerGone`), as those keep the slots mapped.
 
 Shutdown (SIGINT, SIGTERM): stop accepting and remove the socket file,
 refuse every parked get with `BrokerShutdown`, let requests being handled
@@ -411,14 +412,14 @@ class BrokerServer:
             # blobs must not outlive its connection.
             session.close()
             self._sessions.pop(session.client, None)
-            for reader in self._sessions.values():
-                if session.client in reader.pooled_from:
-                    reader.pooled_from.discard(session.client)
-                    reader.post(ProducerGone(client=session.client))
             try:
                 if self.registry.connected(session.client):
                     self._carry_out(self.registry.disconnect(session.client))
                     self._schedule_expiry()
+                for reader in list(self._sessions.values()):
+                    if session.client in reader.pooled_from:
+                        reader.pooled_from.discard(session.client)
+                        reader.post(ProducerGone(client=session.client))
             except Exception as exc:
                 _log_bug(session.client, exc)
             event("client.disconnected", client=session.client, reason=reason)

@@ -42,6 +42,7 @@ from blobplane.wire.messages import (
     _DECODER,
     _ENCODER,
     FDS_PER_KIND,
+    MAX_REQUEST_ID,
     Ack,
     BlobHandoff,
     ErrorReply,
@@ -166,7 +167,8 @@ class Connection:
         The fast lane of datagram framing: a well-formed frame carrying a
         message that is legal now is decoded straight from *data* (which may
         be a view of a buffer the driver reuses: nothing refers to it after
-        this returns), without the framer's queue and its copies. Anything
+        this returns), without the framer's queue and its copies; the Ack
+        that `expect_ack` built is not even decoded, only compared. Anything
         else (a violation, the end of stream, something already buffered)
         replays through `receive_data()` and `next_event()`, so the checks,
         errors and fd ownership are theirs, exactly.
@@ -253,6 +255,7 @@ class Connection:
             or framer._queue
             or framer._eof
             or ack.id <= theirs.last_id
+            or ack.id > MAX_REQUEST_ID  # a peer that used the last id has none left
             or ack.reply_to not in ours.open_handoffs
         ):
             return None
@@ -454,13 +457,15 @@ class Connection:
     def prepare_ack(self) -> None:
         """Build the frame of our Ack of the peer's next request, if that is a handoff.
 
-        `frame_ack` returns it if nothing was sent or received since but that handoff.
+        `frame_ack` returns it if the ids it was built from still hold: the
+        handoff it answers is the one predicted, and we sent nothing since.
         """
         self._prepared_ack = _ack_frame(self._ours.last_id + 1, self._theirs.last_id + 1)
 
     def frame_ack(self, reply_to: int) -> tuple[Ack, bytearray] | None:
-        """`frame_trusted()` for the Ack of the peer's handoff *reply_to*, built here.
+        """`frame_trusted()` for our Ack of the peer's handoff *reply_to*.
 
+        The frame `prepare_ack` built, if its ids still hold; else built now.
         None, with nothing recorded, if *reply_to* is not a handoff of the
         peer's waiting for its answer or anything else is unusual.
         """
