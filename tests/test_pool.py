@@ -90,6 +90,21 @@ def test_a_slot_returns_only_after_every_reader_released_it() -> None:
             pool.release(loan.slot)
 
 
+def test_the_slot_freed_last_is_loaned_first() -> None:
+    """Its pages are the likeliest still to be in the CPU's caches."""
+    with BlobPool(slot_size=4096, slots=3) as pool:
+        loans = [pool.loan() for _ in range(3)]
+        assert [loan.slot for loan in loans] == [0, 1, 2]
+        for loan in (loans[2], loans[0], loans[1]):
+            loan.close()
+        first = pool.try_loan()
+        assert first is not None
+        again = [first, pool.loan(), pool.loan(timeout=0)]
+        assert [loan.slot for loan in again] == [1, 0, 2]
+        for loan in again:
+            loan.close()
+
+
 def test_loan_waits_for_a_release_from_another_thread() -> None:
     with BlobPool(slot_size=4096, slots=1) as pool:
         loan = pool.loan()
