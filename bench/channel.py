@@ -721,7 +721,7 @@ def latency_table(results: list[Result], phase: str) -> Table:
     how = (
         "each variant once per round, so each handoff finds its consumer woken cold"
         if phase == COLD
-        else f"each variant {BURST} times in a row per round, the first not counted"
+        else "each variant --burst times in a row per round, the first not counted"
     )
     return _common.latency_table(
         [r for r in results if r.phase == phase],
