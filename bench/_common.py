@@ -202,6 +202,21 @@ class Result:
         q1, q3 = quartiles([float(x) for x in self.samples_ns])
         return f"{fmt_time(q1)}-{fmt_time(q3)}"
 
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        """This result for a benchmark's JSON, with *extra* fields before the samples."""
+        return {
+            "phase": self.phase,
+            "size": self.size,
+            "variant": self.variant,
+            "runs": len(self.samples_ns),
+            "median_ns": self.median_ns,
+            "p99_ns": self.p99_ns,
+            "iqr_ns": list(quartiles([float(x) for x in self.samples_ns])),
+            "gb_per_s": self.gbps,
+            **extra,
+            "samples_ns": self.samples_ns,
+        }
+
 
 def _table(title: str, caption: str, columns: list[str]) -> Table:
     table = Table(title=title, caption=caption)

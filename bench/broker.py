@@ -75,7 +75,7 @@ from rich.console import Console
 from rich.table import Table
 
 import _common
-from _common import KIB, MIB, Result, environment, fmt_size, fmt_time, gc_paused, quartiles
+from _common import KIB, MIB, Result, environment, fmt_size, fmt_time, gc_paused
 from blobplane import BlobBackend, BlobPool, SharedMemoryBlobs, channel
 from blobplane.broker_demo import BrokerProcess, start_broker
 from blobplane.client import BrokerClient, connect_broker, connect_broker_async
@@ -778,20 +778,7 @@ def to_json(
         "environment": environment(),
         "wall_seconds": round(seconds, 1),
         "notes": notes,
-        "results": [
-            {
-                "phase": r.phase,
-                "size": r.size,
-                "variant": r.variant,
-                "runs": len(r.samples_ns),
-                "median_ns": r.median_ns,
-                "p99_ns": r.p99_ns,
-                "iqr_ns": list(quartiles([float(x) for x in r.samples_ns])),
-                "gb_per_s": r.gbps,
-                "samples_ns": r.samples_ns,
-            }
-            for r in results
-        ],
+        "results": [r.to_json() for r in results],
         "operations": [
             {
                 "clients": r.clients,

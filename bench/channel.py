@@ -837,18 +837,7 @@ def to_json(results: list[Result], notes: list[str], seconds: float) -> dict[str
         "wall_seconds": round(seconds, 1),
         "notes": notes,
         "results": [
-            {
-                "phase": r.phase,
-                "size": r.size,
-                "variant": r.variant,
-                "runs": len(r.samples_ns),
-                "median_ns": r.median_ns,
-                "p99_ns": r.p99_ns,
-                "iqr_ns": list(quartiles([float(x) for x in r.samples_ns])),
-                "gb_per_s": r.gbps,
-                "ratio_to_raw": r.median_ns / reference_of(results, r).median_ns,
-                "samples_ns": r.samples_ns,
-            }
+            r.to_json(ratio_to_raw=r.median_ns / reference_of(results, r).median_ns)
             for r in results
         ],
         "verdicts": [
