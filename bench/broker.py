@@ -77,7 +77,7 @@ from rich.table import Table
 import _common
 from _common import KIB, MIB, Result, environment, fmt_size, fmt_time, gc_paused
 from blobplane import BlobBackend, BlobPool, SharedMemoryBlobs, channel
-from blobplane.broker_demo import BrokerProcess, start_broker
+from blobplane.broker.process import BrokerProcess, start_broker
 from blobplane.client import BrokerClient, connect_broker, connect_broker_async
 
 Mode = Literal["latency", "throughput"]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from blobplane.broker_demo import BrokerProcess, start_broker
+from blobplane.broker.process import BrokerProcess, start_broker
 
 DEADLINE_S = 20.0
 

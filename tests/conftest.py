@@ -19,6 +19,11 @@ os.environ["BLOBPLANE_DIR"] = os.path.join(_SESSION_DIR, "temp")
 os.environ["BLOBPLANE_SHM_DIR"] = f"/dev/shm/blobplane-tests-{os.getpid()}"
 shm_root()
 temp_root()
+# What the CLI prints (rich tables, wrapped lines) must not depend on the terminal
+# the tests run in: every child process sees the same width, and no colours.
+os.environ["COLUMNS"] = "120"
+os.environ["LINES"] = "40"
+os.environ["NO_COLOR"] = "1"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

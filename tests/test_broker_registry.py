@@ -193,10 +193,10 @@ def test_list_and_stats(clock: Clock) -> None:
         1,
         1,
     )
-    assert (stats.pooled, stats.bytes, stats.pooled_bytes) == (1, 300, 300)
+    assert (stats.pooled, stats.bytes, stats.pooled_bytes) == (1, 600, 300)
     assert (stats.memory_limit, stats.references) == (1 << 20, 1)
     usage = {a.name: a for a in stats.accounts}
-    assert usage[f"client:{PRODUCER}"].bytes == 300
+    assert usage[f"client:{PRODUCER}"].bytes == 600
     assert usage[f"client:{PRODUCER}"].blobs == 3
     assert usage[f"client:{CONSUMER}"].bytes == 0
 
@@ -533,11 +533,11 @@ def test_eviction_never_touches_referenced_unsealed_deleted_or_pooled_blobs(
     withdrawn = published(reg, 20)
     ready(reg, CONSUMER, withdrawn)
     reg.delete(PRODUCER, withdrawn)
-    pooled = published(reg, 1000, pooled=True)
+    pooled = published(reg, 10, pooled=True)
     idle = published(reg, 20)
-    assert reg.stats().bytes == 80
-    # 40 more needs 20 freed: only `idle` may go.
-    placed = reg.put(PRODUCER, 40)
+    assert reg.stats().bytes == 90
+    # 30 more needs 20 freed: only `idle` may go.
+    placed = reg.put(PRODUCER, 30)
     assert frees(placed.actions) == [idle]
     ready(reg, CONSUMER, placed.id)
     # Nothing else is evictable: the request is refused and nothing changes.
@@ -792,7 +792,7 @@ def test_published_blobs_outlive_their_producer(clock: Clock) -> None:
 
 def test_a_pooled_slot_goes_back_to_its_producer_after_the_last_release(clock: Clock) -> None:
     reg = registry(clock, memory_limit=10)
-    slot = published(reg, 1 << 20, "frame", pooled=True)  # outside the memory limit
+    slot = published(reg, 10, "frame", pooled=True)
     ready(reg, CONSUMER, "frame")
     assert reg.release(CONSUMER, slot) == []  # still published: not yet reusable
     ready(reg, CONSUMER, "frame")
@@ -834,12 +834,18 @@ def test_pooled_slots_are_withdrawn_when_their_producer_goes(clock: Clock) -> No
     assert reg.stats().pooled_bytes == 0
 
 
-def test_pooled_slots_count_against_no_quota(clock: Clock) -> None:
+def test_pooled_slots_count_their_whole_slot_against_the_quota(clock: Clock) -> None:
     reg = registry(clock, clients=())
-    reg.connect(PRODUCER, Grant(max_bytes=10))
-    published(reg, 1000, pooled=True)
-    assert reg.stats().bytes == 0
-    assert reg.stats().pooled_bytes == 1000
+    reg.connect(PRODUCER, Grant(max_bytes=1000))
+    slot = reg.put(PRODUCER, 10, pooled=True, charge=600).id  # a 600-byte slot, 10 used
+    assert reg.info(slot).charge == 600
+    assert (reg.stats().bytes, reg.stats().pooled_bytes) == (600, 600)
+    with pytest.raises(ClientQuotaExceeded):
+        reg.put(PRODUCER, 10, pooled=True, charge=600)
+    with pytest.raises(InvalidSize):
+        reg.put(PRODUCER, 10, pooled=True, charge=9)  # less than the payload it holds
+    reg.delete(PRODUCER, slot)
+    assert (reg.stats().bytes, reg.stats().pooled_bytes) == (0, 0)
 
 
 # -- errors say what to do ----------------------------------------------------------------------
@@ -1048,8 +1054,8 @@ class RegistryMachine(RuleBasedStateMachine):
         blobs = self.reg.list(include_deleted=True)
         stats = self.reg.stats()
         assert {info.id for info in blobs} == set(self.fds)
-        assert stats.bytes == sum(info.size for info in blobs if not info.pooled)
-        assert stats.pooled_bytes == sum(info.size for info in blobs if info.pooled)
+        assert stats.bytes == sum(info.charge for info in blobs)
+        assert stats.pooled_bytes == sum(info.charge for info in blobs if info.pooled)
         assert stats.bytes <= self.LIMIT
         held: Counter[BlobId] = Counter()
         for counts in self.holds.values():
@@ -1060,7 +1066,7 @@ class RegistryMachine(RuleBasedStateMachine):
             assert info.pooled == (info.id in self.pooled)
         for account in stats.accounts:
             mine = [info for info in blobs if info.account == account.name]
-            assert account.bytes == sum(info.size for info in mine if not info.pooled)
+            assert account.bytes == sum(info.charge for info in mine)
             assert account.blobs == len(mine)
             assert account.max_bytes is None or account.bytes <= account.max_bytes
         keys = [info.key for info in self.reg.list() if info.key is not None]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from blobplane import BlobBackend, BlobPool, SharedMemoryBlobs
+from blobplane.broker.server import default_memory_limit
 from blobplane.client import BrokerClient, connect_broker, connect_broker_async
 from blobplane.errors import (
     BlobDeleted,
@@ -271,7 +272,7 @@ def test_stats(client: BrokerClient, broker: Broker) -> None:
         assert stats.sealed >= 1
         assert stats.references >= 1
         assert stats.bytes >= 5
-        assert stats.memory_limit is None
+        assert stats.memory_limit == default_memory_limit()  # never unlimited
         assert stats.open_fds >= len(broker.fds()) - 1
         assert not stats.token_required
     client.delete(entry.blob_id)

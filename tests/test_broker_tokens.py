@@ -79,7 +79,10 @@ def test_a_token_round_trips_into_a_grant(authority: TokenAuthority, clock: Wall
         rights=frozenset({Right.GET, Right.PUT, Right.DELETE}),
         max_bytes=1 << 30,
         account=f"token:{claims.id}",
+        expires_at=clock.now + 3600,
+        key_id=authority.key_id,
     )
+    assert grant.key_id is not None
 
 
 def test_tokens_are_compact_and_printable(authority: TokenAuthority) -> None:

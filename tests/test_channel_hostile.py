@@ -337,7 +337,7 @@ def test_the_truncation_attack_from_another_process(flavour: Flavour) -> None:  
         handoff(evil, 1 << 20)
         os.ftruncate(evil, 0)  # the attack: shrink it under the reader
         good = os.memfd_create("good", os.MFD_ALLOW_SEALING)
-        os.ftruncate(good, 1 << 20)
+        os.posix_fallocate(good, 0, 1 << 20)  # every page allocated: a sparse one is refused
         os.pwrite(good, b"good", 0)
         fcntl.fcntl(good, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
                     | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)

@@ -16,10 +16,11 @@ mapping exists, so it raises `BlobBusy` until the views of `buffer` are gone.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -450,18 +451,47 @@ class SharedMemoryBlobs:
         return record
 
 
-def map_descriptor(descriptor: SharedBlobDescriptor, size: int) -> MappedRead:
+def map_descriptor(
+    descriptor: SharedBlobDescriptor,
+    size: int,
+    *,
+    allow_sparse: bool = False,
+    allowed_dirs: Iterable[str | os.PathLike[str]] | None = None,
+) -> MappedRead:
     """Map a blob from another process read-only, after checking it is safe to.
 
     An fd (`UnixFd`) is borrowed, never closed: the mapping keeps a duplicate.
-    It must be a memfd sealed against shrinking and growing (see DESIGN.md).
+    It must be a memfd sealed against shrinking and growing (see DESIGN.md),
+    with every page allocated: reading a hole would allocate the page here and
+    charge it to this process (`SparseBlob`; *allow_sparse* accepts it).
+
+    A `Named` is a name inside this user's shm folder; a `FilePath` must be a
+    file directly inside the temp-file folder, or inside one of
+    *allowed_dirs* when given (`UnsafePath` otherwise). Either is opened
+    without following a symbolic link or waiting, and must be a regular file.
     """
     _check_size(size)
-    with open_for_read(descriptor, size) as fd:
+    with open_for_read(
+        descriptor, size, allow_sparse=allow_sparse, allowed_dirs=allowed_dirs
+    ) as fd:
         return MappedRead(map_readonly(fd, size), size)
 
 
-def read_blob_contents(descriptor: SharedBlobDescriptor, size: int) -> bytes:
-    """Copy a blob's *size* bytes out, for a process that has no allocator records."""
-    with map_descriptor(descriptor, size) as mapped, mapped.as_slice() as view:
+def read_blob_contents(
+    descriptor: SharedBlobDescriptor,
+    size: int,
+    *,
+    allow_sparse: bool = False,
+    allowed_dirs: Iterable[str | os.PathLike[str]] | None = None,
+) -> bytes:
+    """Copy a blob's *size* bytes out, for a process that has no allocator records.
+
+    The same checks as `map_descriptor`, with the same keywords.
+    """
+    with (
+        map_descriptor(
+            descriptor, size, allow_sparse=allow_sparse, allowed_dirs=allowed_dirs
+        ) as mapped,
+        mapped.as_slice() as view,
+    ):
         return view.tobytes()

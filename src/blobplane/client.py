@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import mmap
 import os
 import time
@@ -395,6 +396,32 @@ def _millis(seconds: float | None, what: str) -> int | None:
     return round(seconds * 1000)
 
 
+# The longest ttl the broker's MintToken takes (protocol `Millis`): about 285,000 years.
+_MAX_TTL_MS = 2**53
+
+
+def _ttl_millis(seconds: float | None) -> int | None:
+    """A token's ttl for the wire: whole milliseconds, at least 1 (None: no ttl of its own)."""
+    if seconds is None:
+        return None
+    if (
+        not isinstance(seconds, int | float)
+        or isinstance(seconds, bool)
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise InvalidSize(
+            f"a token's ttl is a positive number of seconds (or None), got {seconds!r}"
+        )
+    millis = max(1, round(seconds * 1000))  # however short, never 0
+    if millis > _MAX_TTL_MS:
+        raise InvalidSize(
+            f"a token's ttl of {seconds!r} s is longer than the broker takes; "
+            "pass None for a token that does not expire"
+        )
+    return millis
+
+
 def _close(fds: tuple[int, ...]) -> None:
     for fd in fds:
         os.close(fd)
@@ -661,7 +688,7 @@ class _Core:
 
     def mint_read_token(self, target: Target, ttl: float | None) -> Op[str]:
         blob, key = _target(target)
-        ttl_ms = _millis(ttl, "a token's ttl") or None
+        ttl_ms = _ttl_millis(ttl)
         reply, fds = yield _Call(MintToken(rid=self.rid(), id=blob, key=key, ttl_ms=ttl_ms))
         return _expect(reply, fds, TokenReply).token
 
@@ -843,7 +870,12 @@ class BrokerClient:
         return get_object(self, key, timeout=timeout, restricted=restricted)
 
     def mint_read_token(self, target: Target, *, ttl: float | None = None) -> str:
-        """A token that lets its bearer get this one blob and do nothing else."""
+        """A token that lets its bearer get this one blob and do nothing else.
+
+        *ttl* (seconds, > 0; rounded to whole milliseconds, at least 1) is how
+        long it is valid; None: no expiry of its own. Either way, a connection
+        that presented a token gets one that expires no later than its own.
+        """
         return self._run(self._core.mint_read_token(target, ttl))
 
     def pump(self, timeout: float = 0.0) -> int:

@@ -51,6 +51,10 @@ class OutOfBounds(BlobError, IndexError):
     """A read or write reaches outside the blob."""
 
 
+class NotBytesLike(BlobError, TypeError):
+    """Data to write is not a buffer of bytes (bytes, bytearray, memoryview, array, ndarray)."""
+
+
 # -- state ------------------------------------------------------------------
 
 
@@ -87,6 +91,17 @@ class NotSealed(UnsafeDescriptor):
 
 class DescriptorTooShort(UnsafeDescriptor):
     """The object behind the descriptor is smaller than its token says."""
+
+
+class SparseBlob(UnsafeDescriptor):
+    """The memfd's pages are not all allocated: reading it would allocate them in the reader.
+
+    Refused unless the call was made with ``allow_sparse=True``.
+    """
+
+
+class UnsafePath(UnsafeDescriptor):
+    """A `FilePath` or `Named` leads outside the blob folders, or through a symbolic link."""
 
 
 # -- resources of the host -------------------------------------------------------
@@ -262,6 +277,11 @@ class MemoryLimitExceeded(QuotaExceeded):
 
 class ClientQuotaExceeded(QuotaExceeded):
     """The client's own byte quota (max_bytes of its token) leaves no room for the blob."""
+
+
+class BrokerLimitReached(QuotaExceeded):
+    """A bound on what clients may make the broker hold was reached: connections,
+    waiting gets, or the fds the broker keeps in reserve for the clients it serves."""
 
 
 class TokenRefused(BlobError):

@@ -40,6 +40,7 @@ from blobplane.backends.mapping import (
     write_into,
 )
 from blobplane.backends.memfd import create_sealable_memfd
+from blobplane.backends.memlimit import check_can_allocate
 from blobplane.errors import (
     BlobBusy,
     BlobClosed,
@@ -65,12 +66,15 @@ def sealed_memfd(name: str, size: int, seals: int = POOL_SEALS) -> tuple[int, mm
     """A pre-faulted writable mapping of a new memfd, then sealed with *seals*.
 
     With the default (`POOL_SEALS`) nobody else can ever map it writable, and
-    nobody can shrink or grow it, while this mapping stays writable.
+    nobody can shrink or grow it, while this mapping stays writable. Its pages
+    are allocated (posix_fallocate) before it is mapped, so a reader finds
+    no hole to fault in at its own expense (`checks.check_allocated`), even
+    on kernels that cannot pre-fault.
     """
     fd = create_sealable_memfd(name)
     try:
-        with os_errors(f"sizing pool memory to {size} bytes"):
-            os.ftruncate(fd, size)
+        with os_errors(f"allocating {size} bytes of pool memory"):
+            os.posix_fallocate(fd, 0, size)
         mapped = map_writable(fd, size, prefault=True)
         assert mapped is not None  # size > 0: pools round up to whole pages
         try:
@@ -109,6 +113,8 @@ class BlobPool:
         mapped_size = _round_up(slot_size, mmap.PAGESIZE)
         if mapped_size * slots > physical_memory():
             raise InvalidSize(f"{slots} slots of {slot_size} bytes exceed this host's memory")
+        control_size = _round_up(GENERATION_SIZE * slots, mmap.PAGESIZE)
+        check_can_allocate(mapped_size * slots + control_size, f"a pool of {slots} slots")
         self.id = BlobId.new()
         self.slot_size = slot_size
         self._lock = threading.Condition()
@@ -119,7 +125,6 @@ class BlobPool:
         self._free: deque[int] = deque()
         self._closed = False
         try:
-            control_size = _round_up(GENERATION_SIZE * slots, mmap.PAGESIZE)
             self._control_fd, self._control = sealed_memfd(
                 f"blobplane-pool:{self.id}:control", control_size
             )

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 
 from blobplane.backends.base import Allocation, Backend
-from blobplane.backends.checks import check_received_fd, check_regular_and_size
-from blobplane.backends.files import (
-    PosixShmBackend,
-    TempFileBackend,
-    named_path,
-    open_file_for_read,
-)
+from blobplane.backends.checks import check_received_fd
+from blobplane.backends.files import PosixShmBackend, TempFileBackend, open_file_for_read
 from blobplane.backends.memfd import MemfdBackend, memfd_available
 from blobplane.backends.windows import UNSUPPORTED as WINDOWS_UNSUPPORTED
 from blobplane.backends.windows import WindowsBackend
+from blobplane.errors import MalformedMetadata
 from blobplane.types import (
     BlobBackend,
     FilePath,
@@ -69,26 +66,31 @@ class ReadableFd:
         self.fd = -1
 
 
-def open_for_read(descriptor: SharedBlobDescriptor, size: int) -> ReadableFd:
+def open_for_read(
+    descriptor: SharedBlobDescriptor,
+    size: int,
+    *,
+    allow_sparse: bool = False,
+    allowed_dirs: Iterable[str | os.PathLike[str]] | None = None,
+) -> ReadableFd:
     """Open and check a descriptor from elsewhere, ready to map *size* bytes read-only.
 
-    An fd must be a size-sealed memfd (see `checks`); files must be regular
-    and at least *size* bytes long.
+    An fd must be a size-sealed memfd with its pages allocated (see
+    `checks`); a name or path must lead to a regular file of at least *size*
+    bytes inside a blob folder (see `files.open_file_for_read`).
+    *allow_sparse* accepts blobs whose pages are not all allocated (reading
+    them allocates pages in this process); *allowed_dirs* lists the folders a
+    `FilePath` may name a file in (None: the temp-file folder).
     """
     match descriptor:
         case UnixFd(fd=fd):
-            check_received_fd(fd, size)
+            check_received_fd(fd, size, allow_sparse=allow_sparse)
             return ReadableFd(fd, owned=False)
-        case Named(name=name):
-            path = named_path(name)
-        case FilePath(path=path):
-            pass
+        case Named() | FilePath():
+            fd = open_file_for_read(
+                descriptor, size, allow_sparse=allow_sparse, allowed_dirs=allowed_dirs
+            )
+            return ReadableFd(fd, owned=True)
         case WindowsHandle():
             raise NotImplementedError(WINDOWS_UNSUPPORTED)
-    readable = ReadableFd(open_file_for_read(path), owned=True)
-    try:
-        check_regular_and_size(readable.fd, size, path)
-    except BaseException:
-        readable.__exit__()
-        raise
-    return readable
+    raise MalformedMetadata(f"not a SharedBlobDescriptor: {descriptor!r}")

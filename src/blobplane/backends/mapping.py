@@ -10,7 +10,7 @@ import errno
 import mmap
 import os
 
-from blobplane.errors import OutOfBounds, os_errors
+from blobplane.errors import NotBytesLike, OutOfBounds, os_errors
 
 # MADV_POPULATE_WRITE (Linux 5.14): fault every page in one syscall instead of
 # one fault per 4 KiB page during the fill; it also turns a full tmpfs into an
@@ -62,8 +62,18 @@ def unmap_when_unused(mapped: mmap.mmap | None) -> None:
 
 
 def byte_view(data: object) -> memoryview:
-    """Any buffer as a flat view of bytes (strided input is packed once)."""
-    view = memoryview(data)  # type: ignore[arg-type]
+    """Any buffer as a flat view of bytes (strided input is packed once).
+
+    Anything else is `NotBytesLike`: a str (which has no one byte form), an
+    int, a list, a released memoryview.
+    """
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise NotBytesLike(
+            f"cannot write an object of type {type(data).__name__} ({exc}); write a "
+            "bytes-like object: bytes, bytearray, memoryview, array.array, a numpy array"
+        ) from exc
     if view.format == "B" and view.ndim == 1:
         return view
     if not view.c_contiguous:

@@ -7,6 +7,7 @@ import fcntl
 import os
 
 from blobplane.backends.base import Allocation, Backend
+from blobplane.backends.memlimit import check_can_allocate
 from blobplane.errors import BlobBusy, os_errors
 from blobplane.types import BlobBackend, BlobId, UnixFd
 
@@ -43,8 +44,12 @@ def allocate_memfd(size: int, name: str) -> int:
     posix_fallocate sizes the memfd and allocates its pages in one pass: a
     pre-fault that follows only maps them (3-5% faster than faulting fresh
     pages in), and a full /dev/shm or memory cgroup fails here with
-    `OutOfSharedMemory`, not with SIGBUS in whoever fills it.
+    `OutOfSharedMemory`, not with SIGBUS in whoever fills it. A size larger
+    than the memory left (the cgroup's limit, MemAvailable) is refused before
+    anything is allocated: a memory cgroup would OOM-kill rather than fail the
+    fallocate (see `memlimit`).
     """
+    check_can_allocate(size, "a memfd blob")
     fd = create_sealable_memfd(name)
     try:
         if size:

@@ -16,29 +16,57 @@ import os
 
 from blobplane.backends.checks import (
     F_SEAL_FUTURE_WRITE,
+    check_allocated,
     SIZE_SEALS,
     check_received_fd,
     check_regular_and_size,
     get_seals,
 )
 from blobplane.backends.memfd import allocate_memfd, reopen_readonly, seal_memfd
-from blobplane.errors import NotSealed, os_errors
+from blobplane.errors import DescriptorTooShort, InvalidSize, NotSealed, os_errors
 from blobplane.types import BlobId
 
 __all__ = ["FdTable", "allocate", "check_put", "reopen_readonly", "seal"]
 
 
 def allocate(size: int, blob_id: BlobId) -> int:
-    """A new sealable memfd of *size* bytes for a client to fill; the caller owns it."""
-    return allocate_memfd(size, f"blobplane-broker:{blob_id}")
+    """A new memfd of *size* bytes for a client to fill; the caller owns it.
+
+    Sealed against shrinking and growing at once: the client gets a writable
+    fd, and the bytes the broker accounts for must stay the bytes it holds.
+    """
+    fd = allocate_memfd(size, f"blobplane-broker:{blob_id}")
+    try:
+        with os_errors(f"sealing the size of blob {blob_id}"):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SIZE_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def seal(fd: int, blob_id: BlobId) -> None:
-    """Apply every seal; `BlobBusy` while anyone (the client) still maps it writable."""
+def seal(fd: int, blob_id: BlobId, size: int) -> None:
+    """Apply every seal; `BlobBusy` while anyone (the client) still maps it writable.
+
+    The size seals were there from the start, so the size is what the create
+    declared; it is checked all the same, as the one thing a seal publishes.
+    """
     seal_memfd(fd, f"blob {blob_id}")
+    _check_exact_size(fd, size, f"blob {blob_id}")
 
 
-def check_put(fd: int, size: int, *, pooled: bool) -> None:
+def _check_exact_size(fd: int, size: int, what: str) -> int:
+    with os_errors(f"inspecting {what}"):
+        actual = os.fstat(fd).st_size
+    if actual != size:
+        raise InvalidSize(
+            f"{what} holds {actual} bytes but was declared as {size}; the declared size "
+            "must be the memfd's size exactly"
+        )
+    return actual
+
+
+def check_put(fd: int, size: int, *, pooled: bool) -> int:
     """Refuse a client's fd unless it is a memfd the broker may hand to readers as it is.
 
     The checks of `recv_blob` (a regular file of at least *size* bytes, sealed
@@ -47,6 +75,11 @@ def check_put(fd: int, size: int, *, pooled: bool) -> None:
     needs F_SEAL_WRITE (immutable for good); a pool slot F_SEAL_FUTURE_WRITE
     at least (only its producer, who keeps its mapping, writes to it, and
     only after the broker said the slot is free).
+
+    Returns the bytes the memfd holds, which is what the blob is charged:
+    exactly *size* for a plain blob (anything else is refused, so no client
+    hides memory behind a small declared size), the whole slot for a pool
+    slot, whose payload may be shorter than the slot.
     """
     # The checks of `check_received_fd`, with one read of the seals for both.
     check_regular_and_size(fd, 0, f"fd {fd}")
@@ -70,6 +103,16 @@ def check_put(fd: int, size: int, *, pooled: bool) -> None:
             "change under readers. Seal it (ProducerBlob.seal()) before put, or publish a "
             "pool slot with put_pooled"
         )
+    # Every page there: a sparse memfd would be filled in by whoever reads it,
+    # charged to their memory, and hide its real cost from the limit.
+    check_allocated(fd, size, f"fd {fd}")
+    if pooled:
+        with os_errors(f"inspecting fd {fd}"):
+            held = os.fstat(fd).st_size
+        if held < size:  # pragma: no cover - check_regular_and_size refused it already
+            raise DescriptorTooShort(f"fd {fd} holds {held} bytes, fewer than {size}")
+        return held
+    return _check_exact_size(fd, size, f"the memfd of a put of {size} bytes")
 
 
 class FdTable:

@@ -32,12 +32,23 @@ is freed. A client's disconnect releases its references and frees the blobs
 it never sealed; what it sealed stays until deleted, its lease ends or it is
 evicted.
 
+A blob belongs to the connection that placed it (its *owner*, which alone
+may seal it) and to that connection's account. Delete and renew need their
+right, except of one's own blob: one placed by this connection, or under
+this connection's named account (`Grant.account`, a token's id), that is by
+any connection presenting the same token, now or later, after the placing
+one has gone. A connection without a named account gets one of its own that
+no other connection shares; a grant bound to one blob owns nothing.
+
 A pooled blob is a slot of a producer's `BlobPool`, published with
-`put(pooled=True)`. Its memory belongs to the producer, so it counts against
-no quota and is never evicted. It stays published until it is deleted, its
-lease ends or its producer disconnects; once it is withdrawn and its last
-reference is released, `NotifyProducer` hands the slot back (only then may the
-producer write to it again).
+`put(pooled=True)`. Its memory is the producer's, but the broker pins it for
+as long as it is published, so the whole slot (its memfd's size, which may
+exceed the payload's) counts against the memory limit and the producer's
+quota like any blob; it is never evicted, since the producer owns it. It
+stays published until it is deleted, its lease ends or its producer
+disconnects; once it is withdrawn and its last reference is released,
+`NotifyProducer` hands the slot back (only then may the producer write to it
+again).
 
 Eviction (when enabled) takes sealed, non-pooled blobs that nobody
 references, least recently used first (use = put, seal, get, release). It is
@@ -167,13 +178,14 @@ class BlobInfo:
     size: int
     state: BlobState
     owner: ClientId | None  # None once the creator disconnected
-    account: str
+    account: str  # whose quota it counts against; with a token's, whose blob it is
     pooled: bool
     lease_ms: int | None
     expires_at: float | None
     references: int
     created_at: float
     last_used: float
+    charge: int  # bytes counted against the limit and the quota (a pool slot's whole size)
 
     @property
     def token(self) -> BlobToken:
@@ -226,8 +238,8 @@ class BrokerStats:
     sealed: int
     deleted: int  # withdrawn but still referenced
     pooled: int
-    bytes: int  # accounted against the memory limit (pooled blobs are not)
-    pooled_bytes: int
+    bytes: int  # accounted against the memory limit, pooled slots included
+    pooled_bytes: int  # the part of `bytes` held by pooled slots
     memory_limit: int | None
     references: int
     evictions: int  # for memory since the start
@@ -270,6 +282,9 @@ class _Blob:
     expires_at: float | None
     created_at: float
     last_used: float
+    # Bytes held against the limit and the account: the memfd's real size,
+    # which for a pool slot may exceed `size` (the payload).
+    charge: int = 0
     holders: dict[ClientId, int] = field(default_factory=dict)
     references: int = 0
     deadline_entry: int = -1  # the tiebreak of its one valid entry in the deadline heap
@@ -288,6 +303,7 @@ class _Blob:
             references=self.references,
             created_at=self.created_at,
             last_used=self.last_used,
+            charge=self.charge,
         )
 
     def expired(self, now: float) -> bool:
@@ -399,6 +415,10 @@ class BlobRegistry:
     def connected(self, client: ClientId) -> bool:
         return client in self._clients
 
+    def grant(self, client: ClientId) -> Grant:
+        """The grant *client* connected with."""
+        return self._client(client).grant
+
     # -- placing blobs -----------------------------------------------------------------
 
     def create(
@@ -414,7 +434,9 @@ class BlobRegistry:
         The server allocates the memfd after this returns; if that fails, it
         calls `discard()`.
         """
-        return self._place(client, Right.CREATE, size, key, lease_ms, sealed=False, pooled=False)
+        return self._place(
+            client, Right.CREATE, size, key, lease_ms, sealed=False, pooled=False, charge=size
+        )
 
     def put(
         self,
@@ -424,14 +446,22 @@ class BlobRegistry:
         key: str | None = None,
         lease_ms: int | None = None,
         pooled: bool = False,
+        charge: int | None = None,
     ) -> Placed:
         """Publish a blob *client* made and sealed itself (the server has checked its fd).
 
-        With *pooled*, it is a slot of the client's `BlobPool`: not counted
-        against quotas, and handed back with `NotifyProducer` once withdrawn
-        and released by everyone.
+        With *pooled*, it is a slot of the client's `BlobPool`: never evicted,
+        and handed back with `NotifyProducer` once withdrawn and released by
+        everyone. *charge* is the bytes the blob's memory really holds, as the
+        server measured it (default *size*; a slot may be larger than its
+        payload): that is what counts against the limit and the quota.
         """
-        return self._place(client, Right.PUT, size, key, lease_ms, sealed=True, pooled=pooled)
+        charge = size if charge is None else charge
+        if not isinstance(charge, int) or isinstance(charge, bool) or charge < size:
+            raise InvalidSize(f"a blob's charge must be an int, at least its size, got {charge!r}")
+        return self._place(
+            client, Right.PUT, size, key, lease_ms, sealed=True, pooled=pooled, charge=charge
+        )
 
     def check_seal(self, client: ClientId, blob_id: BlobId) -> BlobInfo:
         """Raise what `seal()` would raise, change nothing.
@@ -663,15 +693,31 @@ class BlobRegistry:
             )
 
     def _require_control(self, state: _Client, blob: _Blob, right: Right, verb: str) -> None:
-        """The creator may always delete or renew its own blob; others need the right."""
-        if blob.owner == state.id and state.grant.blob is None:
+        """A client may always delete or renew its own blob (`_owns`); others need the right."""
+        if self._owns(state, blob):
             return
         try:
             self._require(state, right)
         except RightMissing as exc:
             raise RightMissing(
-                f"{exc}; without it a client may only {verb} the blobs it created itself"
+                f"{exc}; without it a client may only {verb} the blobs it created, itself "
+                "or with the same token"
             ) from None
+
+    @staticmethod
+    def _owns(state: _Client, blob: _Blob) -> bool:
+        """Whether *blob* is the client's: placed by this connection or under its named account.
+
+        Only a named account (`Grant.account`, a token's) is shared between
+        connections; one of the per-connection accounts of clients without
+        one never matches another connection. A grant bound to one blob owns
+        nothing.
+        """
+        if state.grant.blob is not None:
+            return False
+        if blob.owner == state.id:
+            return True
+        return state.grant.account is not None and blob.account.name == state.grant.account
 
     def _place(
         self,
@@ -683,6 +729,7 @@ class BlobRegistry:
         *,
         sealed: bool,
         pooled: bool,
+        charge: int,
     ) -> Placed:
         state = self._client(client)
         self._require(state, right)
@@ -699,7 +746,7 @@ class BlobRegistry:
                 f"the key {key!r} already names live {holder.describe()}; delete it first "
                 "or choose another key"
             )
-        victims = [] if pooled else self._make_room(state.account, size, due)
+        victims = self._make_room(state.account, charge, due)
 
         actions = self._sweep(now)
         for victim in victims:
@@ -716,31 +763,31 @@ class BlobRegistry:
             expires_at=None,
             created_at=now,
             last_used=now,
+            charge=charge,
         )
         self._blobs[blob.id] = blob
         if key is not None:
             self._keys[key] = blob
         state.owned[blob.id] = None
         state.account.blobs += 1
+        state.account.bytes += charge
+        self._bytes += charge
         if pooled:
-            self._pooled_bytes += size
-        else:
-            self._bytes += size
-            state.account.bytes += size
-            if sealed:
-                self._idle[blob.id] = blob
+            self._pooled_bytes += charge
+        elif sealed:
+            self._idle[blob.id] = blob
         self._set_deadline(blob, now)
         return Placed(blob.info(), actions)
 
     def _make_room(self, account: _Account, size: int, due: dict[BlobId, _Blob]) -> list[_Blob]:
         """The blobs to evict so that *size* more bytes fit; raises when they cannot."""
         # Expired blobs nobody holds are freed by the sweep that precedes placing.
-        reclaimed = [b for b in due.values() if b.references == 0 and not b.pooled]
+        reclaimed = [b for b in due.values() if b.references == 0]
         over_limit = over_quota = 0
         if self.memory_limit is not None:
-            over_limit = self._bytes - sum(b.size for b in reclaimed) + size - self.memory_limit
+            over_limit = self._bytes - sum(b.charge for b in reclaimed) + size - self.memory_limit
         if account.max_bytes is not None:
-            mine = sum(b.size for b in reclaimed if b.account is account)
+            mine = sum(b.charge for b in reclaimed if b.account is account)
             over_quota = account.bytes - mine + size - account.max_bytes
         if over_limit <= 0 and over_quota <= 0:
             return []
@@ -765,15 +812,15 @@ class BlobRegistry:
                     break
                 if blob.account is account:
                     victims.append(blob)
-                    over_quota -= blob.size
-                    over_limit -= blob.size
+                    over_quota -= blob.charge
+                    over_limit -= blob.charge
             taken = {blob.id for blob in victims}
             for blob in candidates:
                 if over_limit <= 0 or over_quota > 0:
                     break
                 if blob.id not in taken:
                     victims.append(blob)
-                    over_limit -= blob.size
+                    over_limit -= blob.charge
         if over_quota > 0:
             raise ClientQuotaExceeded(
                 f"a blob of {format_size(size)} would take this client's account "
@@ -829,11 +876,10 @@ class BlobRegistry:
         del self._blobs[blob.id]
         self._idle.pop(blob.id, None)
         blob.account.blobs -= 1
+        blob.account.bytes -= blob.charge
+        self._bytes -= blob.charge
         if blob.pooled:
-            self._pooled_bytes -= blob.size
-        else:
-            self._bytes -= blob.size
-            blob.account.bytes -= blob.size
+            self._pooled_bytes -= blob.charge
         self._drop_if_unused(blob.account)
         actions: list[Action] = [FreeBlob(blob.id)]
         producer = None if blob.owner is None else self._clients.get(blob.owner)

@@ -2,9 +2,11 @@
 
 A `Grant` is what a token turns into (or the full grant that a process of the
 broker's own uid gets when no token is required). Rights reach every blob;
-on top of them, a client may always delete and renew the blobs it created
-itself. A grant bound to one blob (a per-blob read token) allows `get` of that
-blob and nothing else.
+on top of them, a client may always delete and renew its own blobs: those
+placed under its token's account (by any connection that presented the same
+token), or, for a connection without a token, those it placed itself. A
+grant bound to one blob (a per-blob read token) allows `get` of that blob and
+nothing else.
 """
 
 from __future__ import annotations
@@ -61,17 +63,26 @@ class Grant:
     """The rights and byte quota of one connection.
 
     *max_bytes* (None: no limit of its own) bounds the bytes of the blobs it
-    created or put that are still accounted. *account* names whose quota that
-    is: connections that share an account (the same token) share one quota,
-    and blobs published before a reconnect still count against it. None
-    gives each connection an account of its own. *blob* binds the grant to
-    one blob: only `get` of that blob is allowed.
+    created or put that are still accounted. *account* names whose quota and
+    whose blobs those are: connections that share an account (the same token)
+    share one quota and own the same blobs (each may delete and renew them),
+    and blobs published before a reconnect still count against it and still
+    belong to it. None gives each connection an account of its own, which
+    no other connection can take over. *blob* binds the grant to one blob:
+    only `get` of that blob is allowed.
+
+    A grant made from a token also says when that token lapses, *expires_at*
+    (wall-clock seconds, `time.time`; None: never), and which key verified
+    it, *key_id* (`TokenAuthority.check_current` refuses the grant once the
+    broker's key is another); both are None for a grant made without a token.
     """
 
     rights: frozenset[Right] = ALL_RIGHTS
     max_bytes: int | None = None
     account: str | None = None
     blob: BlobId | None = None
+    expires_at: float | None = None
+    key_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_bytes is not None and (

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blobplane.backends.mapping import physical_memory
+from blobplane.backends.memlimit import memory_ceiling
 from blobplane.backends.private_dir import ensure_private_dir
 from blobplane.broker import memory
 from blobplane.broker.address import key_path_for
@@ -102,7 +103,7 @@ from blobplane.broker.registry import (
 )
 from blobplane.broker.rights import Grant
 from blobplane.broker.session import Session, Waiter
-from blobplane.broker.tokens import TokenAuthority, load_or_create_key
+from blobplane.broker.tokens import TokenAuthority
 from blobplane.channel import aio
 from blobplane.errors import (
     BlobBusy,
@@ -110,6 +111,7 @@ from blobplane.errors import (
     BlobDeleted,
     BlobError,
     BlobNotFound,
+    BrokerLimitReached,
     BrokerShutdown,
     ConnectionClosed,
     InvalidSize,
@@ -128,18 +130,37 @@ __all__ = ["BrokerConfig", "BrokerServer", "serve"]
 # Allocating (and zeroing) a large memfd takes milliseconds: in a thread, so
 # that the other clients are not kept waiting.
 THREAD_ALLOCATION_BYTES = 8 << 20
-MAX_WAITING_GETS = 1024  # per connection
+# What one peer may make the broker hold, by default. Each bound refuses with
+# `BrokerLimitReached` (or, for a client that does not read, drops it), so
+# whatever one client does, the others keep being served.
+MAX_CONNECTIONS = 1024
+MAX_WAITING_GETS = 256  # per connection
+MAX_WAITING_GETS_PER_ACCOUNT = 1024  # over all the connections of one token (or one client)
+# Kept free below RLIMIT_NOFILE: new connections and new blobs stop short of
+# it, so the clients already served can still be handed fds.
+MIN_FD_RESERVE = 64
+# The share of the memory ceiling (the cgroup's limit, else RAM) a broker takes
+# by default: room for its clients' own memory, and no OOM kill of the broker.
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+def default_memory_limit() -> int:
+    """Half the memory this broker may use: its cgroup's limit where it has one, else RAM."""
+    return int(memory_ceiling() * DEFAULT_MEMORY_SHARE)
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
     socket_path: str
-    memory_limit: int | None = None
+    memory_limit: int | None = None  # None: `default_memory_limit()`
     require_token: bool = False
     evict: bool = False
     key_path: str | None = None  # default: beside the socket (`key_path_for`)
     hello_timeout: float = 10.0
     shutdown_grace: float = 2.0
+    max_connections: int = MAX_CONNECTIONS
+    max_waiting_gets: int = MAX_WAITING_GETS
+    max_waiting_gets_per_account: int = MAX_WAITING_GETS_PER_ACCOUNT
 
 
 class _EndSession(Exception):
@@ -151,17 +172,26 @@ class BrokerServer:
 
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
-        self.registry = BlobRegistry(memory_limit=config.memory_limit, evict=config.evict)
+        self.memory_limit = (
+            default_memory_limit() if config.memory_limit is None else config.memory_limit
+        )
+        self.registry = BlobRegistry(memory_limit=self.memory_limit, evict=config.evict)
         # The listener would make the socket's folder too; the key file beside it needs it first.
         ensure_private_dir(os.path.dirname(os.path.abspath(config.socket_path)))
         self.key_path = config.key_path or key_path_for(config.socket_path)
-        self.authority = TokenAuthority(load_or_create_key(self.key_path))
+        self.authority = TokenAuthority.from_key_file(self.key_path)
         self.fds = memory.FdTable()
         self._max_blob = physical_memory()
         self._sessions: dict[ClientId, Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._by_id: dict[BlobId, dict[Waiter, None]] = {}
         self._by_key: dict[str, dict[Waiter, None]] = {}
+        self._waiting_by_account: dict[str, int] = {}
+        self._fd_limit = _raise_fd_limit()
+        self._fd_reserve = max(MIN_FD_RESERVE, self._fd_limit // 16)
+        # fds open before serving (stdio, logs, the listener, the key file's): the rest
+        # is counted as it is taken (`_fds_in_use`).
+        self._fd_baseline = 0
         self._client_ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -173,16 +203,19 @@ class BrokerServer:
 
     async def run(self, ready: Callable[[str], None] | None = None) -> None:
         """Listen, call *ready* with the socket path, serve until `stop()`, shut down."""
-        _raise_fd_limit()
         loop = asyncio.get_running_loop()
         listener = aio.listen(self.config.socket_path, timeout=None)
+        self._fd_baseline = _count_open_fds()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self.stop)
         event(
             "broker.started",
             socket=listener.path,
             pid=os.getpid(),
-            memory_limit=self.config.memory_limit,
+            memory_limit=self.memory_limit,
+            max_connections=self.config.max_connections,
+            fd_limit=self._fd_limit,
+            fd_reserve=self._fd_reserve,
             require_token=self.config.require_token,
             evict=self.config.evict,
             key_file=self.key_path,
@@ -208,6 +241,9 @@ class BrokerServer:
 
     async def _accept(self, listener: aio.AsyncListener) -> None:
         while True:
+            # An accept the backlog can answer returns without a wait: yield first, so
+            # that a flood of connections cannot keep the loop from the clients it has.
+            await asyncio.sleep(0)
             try:
                 channel = await listener.accept(timeout=None)
             except BlobClosed:
@@ -218,12 +254,55 @@ class BrokerServer:
                 await asyncio.sleep(0.05)
                 continue
             client = next(self._client_ids)
-            session = Session(client, channel)
+            session = Session(client, channel, account=f"client:{client}")
+            if refusal := self._connection_refusal():
+                event("client.rejected", logging.WARNING, client=client, reason=refusal)
+                session.post(_refusal(0, refusal))
+                session.close()
+                continue
             self._sessions[client] = session
             task = asyncio.get_running_loop().create_task(self._serve(session))
             session.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _connection_refusal(self) -> BrokerLimitReached | None:
+        if len(self._sessions) >= self.config.max_connections and not self._displace_silent():
+            return BrokerLimitReached(
+                f"the broker serves {len(self._sessions)} connections, its maximum "
+                "(blobplane serve --max-connections); try again later"
+            )
+        return self._fd_refusal("a new connection")
+
+    def _displace_silent(self) -> bool:
+        """Make room by ending the oldest connection that has not said hello yet.
+
+        A flood of connections that never speak then costs the flood its own
+        places, never those of the clients being served.
+        """
+        for session in self._sessions.values():  # oldest first
+            if not session.welcomed and not session.displaced and session.task is not None:
+                session.displaced = "displaced: no hello yet, and the connections were all taken"
+                session.task.cancel()
+                self._sessions.pop(session.client)
+                return True
+        return False
+
+    def _fd_refusal(self, what: str) -> BrokerLimitReached | None:
+        """Refuse *what* once the fds in use reach the reserve kept for existing clients."""
+        if self._fds_in_use() < self._fd_limit - self._fd_reserve:
+            return None
+        return BrokerLimitReached(
+            f"the broker has {self._fds_in_use()} of its {self._fd_limit} fds in use and keeps "
+            f"the last {self._fd_reserve} for the clients it serves; {what} must wait until "
+            "blobs are freed or clients leave"
+        )
+
+    def _fds_in_use(self) -> int:
+        # One per blob and per connection, and those queued with replies; the fds of
+        # a request in hand are closed before the next one is read.
+        queued = sum(session.queued_fds for session in self._sessions.values())
+        return self._fd_baseline + len(self.fds) + len(self._sessions) + queued
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -282,7 +361,7 @@ class BrokerServer:
             session.post(_refusal(0, exc))
             await _flush_briefly(session)
         except asyncio.CancelledError:
-            reason = "broker shutting down"
+            reason = session.displaced or "broker shutting down"
         except BlobError as exc:
             reason = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
@@ -341,6 +420,7 @@ class BrokerServer:
             raise _EndSession("no hello within the hello timeout") from None
         request = _decode(message, fds)
         if not isinstance(request, Hello):
+            _close(fds)  # a hello takes none, so these came with a request refused here
             raise RemoteProtocolError(
                 f"the first request must be a hello, not {type(request).__name__}"
             )
@@ -367,6 +447,11 @@ class BrokerServer:
             raise _EndSession(f"refused: {type(exc).__name__}") from None
         self.registry.connect(session.client, grant)
         session.bound_to = grant.blob
+        session.welcomed = True
+        if grant.key_id is not None or grant.expires_at is not None:
+            session.token_grant = grant
+        if grant.account is not None:
+            session.account = grant.account
         event(
             "client.connected",
             client=session.client,
@@ -401,6 +486,11 @@ class BrokerServer:
         return Grant()
 
     async def _end(self, session: Session, reason: str) -> None:
+        if session.overflowed:
+            reason = (
+                "overflowed: the client did not read its replies (more than "
+                f"{session.max_queued_replies} replies or {session.max_queued_fds} fds queued)"
+            )
         for waiter in list(session.waiters):
             self._unpark(waiter)
         try:
@@ -432,6 +522,14 @@ class BrokerServer:
         if isinstance(request, Hello):
             _close(fds)
             raise RemoteProtocolError("the client said hello twice")
+        if session.token_grant is not None:
+            try:
+                # A token that expired or was revoked since the hello ends the connection.
+                self.authority.check_current(session.token_grant)
+            except TokenRefused as exc:
+                _close(fds)
+                session.post(_refusal(0, exc))
+                raise _EndSession(f"{type(exc).__name__}: {exc}") from None
         if isinstance(request, Create):
             return request  # no fds ride with it: `_decode` saw to that
         try:
@@ -499,9 +597,15 @@ class BrokerServer:
                         f"client {client}'s token grants a get of blob {session.bound_to} only; "
                         "it cannot hand the blob on with tokens of its own"
                     )
+                if ttl_ms is not None and ttl_ms <= 0:
+                    raise InvalidSize(f"a token's ttl must be at least 1 ms, got {ttl_ms} ms")
+                # A token's bearer hands on no more than it holds: not once its token
+                # lapsed or was revoked, and never for longer than its token lasts.
+                grant = self.registry.grant(client)
+                self.authority.check_current(grant)
                 info = self.registry.check_get(client, target_of(request))
                 ttl = None if ttl_ms is None else ttl_ms / 1000
-                token = self.authority.mint_for_blob(info.id, ttl=ttl)
+                token = self.authority.mint_for_blob(info.id, ttl=ttl, not_after=grant.expires_at)
                 event("token.minted", logging.DEBUG, client=client, blob=info.id, ttl_ms=ttl_ms)
                 session.post(TokenReply(rid=request.rid, token=token, id=info.id.uuid))
             case _:  # pragma: no cover - _handle takes Hello, Put and Create itself
@@ -509,6 +613,8 @@ class BrokerServer:
 
     async def _create(self, session: Session, request: Create) -> None:
         client, size = session.client, request.size
+        if refusal := self._fd_refusal("a new blob"):
+            raise refusal
         if size > self._max_blob:
             raise InvalidSize(
                 f"a blob of {format_size(size)} is larger than this host's "
@@ -548,7 +654,7 @@ class BrokerServer:
         if blob_id not in self.fds:
             raise BlobBusy(f"blob {blob_id} is still being allocated; seal it once create returned")
         fd = self.fds.get(blob_id)
-        memory.seal(fd, blob_id)
+        memory.seal(fd, blob_id, self.registry.info(blob_id).size)
         self.fds.replace(blob_id, memory.reopen_readonly(fd))
         self._carry_out(self.registry.seal(session.client, blob_id))
         session.post(Ok(rid=rid))
@@ -556,7 +662,9 @@ class BrokerServer:
 
     def _put(self, session: Session, request: Put, fd: int) -> None:
         try:
-            memory.check_put(fd, request.size, pooled=request.pooled)
+            if refusal := self._fd_refusal("a new blob"):
+                raise refusal
+            charge = memory.check_put(fd, request.size, pooled=request.pooled)
             readonly = memory.reopen_readonly(fd)
         finally:
             os.close(fd)
@@ -567,6 +675,7 @@ class BrokerServer:
                 key=request.key,
                 lease_ms=request.lease_ms,
                 pooled=request.pooled,
+                charge=charge,
             )
         except BaseException:
             os.close(readonly)
@@ -588,8 +697,17 @@ class BrokerServer:
 
     # -- gets that wait --------------------------------------------------------------------
 
-    def _get(self, session: Session, request: Get, waiter: Waiter | None = None) -> None:
-        """Answer the get, or park it (again) on what it waits for."""
+    def _get(
+        self,
+        session: Session,
+        request: Get,
+        waiter: Waiter | None = None,
+        woken_by: BlobId | None = None,
+    ) -> None:
+        """Answer the get, or park it (again) on what it waits for.
+
+        *woken_by*: the unsealed blob the get waited for, now sealed or gone.
+        """
         target = target_of(request)
         try:
             result = self.registry.get(session.client, target)
@@ -597,6 +715,13 @@ class BrokerServer:
             # A key nobody has used yet may still come, if the client is willing to wait.
             if type(exc) is not BlobNotFound or not isinstance(target, str):
                 raise
+            if woken_by is not None:
+                # The blob it waited for went unsealed: that is the answer, not a reason
+                # to wait out the timeout for another.
+                raise BlobDeleted(
+                    f"blob {woken_by} with the key {target!r} was withdrawn before it was "
+                    "sealed (its producer disconnected or deleted it, or its lease ran out)"
+                ) from None
             if not request.timeout_ms:
                 raise
             self._park(session, request, target, waiter)
@@ -623,12 +748,19 @@ class BrokerServer:
         self, session: Session, request: Get, on: BlobId | str, waiter: Waiter | None
     ) -> None:
         if waiter is None:
-            if len(session.waiters) >= MAX_WAITING_GETS:
-                raise BlobBusy(
-                    f"this connection already has {MAX_WAITING_GETS} gets waiting; "
+            if len(session.waiters) >= self.config.max_waiting_gets:
+                raise BrokerLimitReached(
+                    f"this connection already has {len(session.waiters)} gets waiting; "
                     "wait for their answers before asking for more"
                 )
+            waiting = self._waiting_by_account.get(session.account, 0)
+            if waiting >= self.config.max_waiting_gets_per_account:
+                raise BrokerLimitReached(
+                    f"the account {session.account!r} already has {waiting} gets waiting over "
+                    "all its connections; wait for their answers before asking for more"
+                )
             waiter = Waiter(session, request)
+            self._waiting_by_account[session.account] = waiting + 1
             if request.timeout_ms is not None:
                 loop = asyncio.get_running_loop()
                 waiter.timer = loop.call_later(
@@ -646,7 +778,13 @@ class BrokerServer:
             waiter.timer.cancel()
             waiter.timer = None
         self._off_table(waiter)
-        waiter.session.waiters.pop(waiter, None)
+        session = waiter.session
+        if session.waiters.pop(waiter, False) is None:
+            left = self._waiting_by_account[session.account] - 1
+            if left:
+                self._waiting_by_account[session.account] = left
+            else:
+                del self._waiting_by_account[session.account]
 
     def _off_table(self, waiter: Waiter) -> None:
         on, waiter.on = waiter.on, None
@@ -665,10 +803,11 @@ class BrokerServer:
 
     def _wake(self, on: BlobId | str) -> None:
         parked = self._by_key.pop(on, None) if isinstance(on, str) else self._by_id.pop(on, None)
+        woken_by = None if isinstance(on, str) else on
         for waiter in parked or ():
             waiter.on = None
             try:
-                self._get(waiter.session, waiter.request, waiter)
+                self._get(waiter.session, waiter.request, waiter, woken_by)
             except BlobError as exc:
                 self._unpark(waiter)
                 waiter.session.post(_refusal(waiter.request.rid, exc))
@@ -876,14 +1015,26 @@ async def _flush_briefly(session: Session) -> None:
         pass
 
 
-def _raise_fd_limit() -> None:
-    """Every blob holds one fd in the broker: allow as many as the hard limit does."""
+def _raise_fd_limit() -> int:
+    """Every blob holds one fd in the broker: allow as many as the hard limit does.
+
+    Returns the limit in force.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
         except (ValueError, OSError):
             pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _count_open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
 
 
 def serve(config: BrokerConfig, ready: Callable[[str], None] | None = None) -> None:

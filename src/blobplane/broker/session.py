@@ -7,23 +7,34 @@ flushes: the connection's task after the request that queued them (its reader
 paused until then), or a drain task for what is posted while the reader idles.
 Every fd posted with a reply belongs to the session from then on and is closed
 once sent, or when the session closes.
+
+What waits is bounded (`max_queued_replies`, `max_queued_fds`): a client that
+lets more pile up (gets parked and answered while it does not read, say) is
+disconnected, its queued fds closed, rather than pinning the broker's fds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 
 from blobplane.broker.protocol import Create, Get, Reply, encode
 from blobplane.broker.registry import ClientId
+from blobplane.broker.rights import Grant
 from blobplane.channel.aio import AsyncChannel, ChannelReader
 from blobplane.errors import BlobBusy, BlobError
 from blobplane.types import BlobId
 from blobplane.wire import UserPayload
 
-__all__ = ["Session", "Waiter"]
+__all__ = ["MAX_QUEUED_FDS", "MAX_QUEUED_REPLIES", "Session", "Waiter"]
+
+# Per connection. A reply carries at most one fd, and a client that reads its
+# socket never has more than a few queued: these bound only a client that does not.
+MAX_QUEUED_REPLIES = 4096
+MAX_QUEUED_FDS = 64
 
 
 @dataclass(eq=False)
@@ -46,6 +57,14 @@ class Session:
     client: ClientId
     channel: AsyncChannel
     name: str = ""
+    account: str = ""  # whose quota (and waiting gets) this connection counts against
+    max_queued_replies: int = MAX_QUEUED_REPLIES
+    max_queued_fds: int = MAX_QUEUED_FDS
+    # Set once the client let too much pile up: the connection is being dropped.
+    overflowed: bool = False
+    welcomed: bool = False  # said a hello the broker accepted
+    token_grant: Grant | None = None  # what a token granted: checked again at each request
+    displaced: str = ""  # why the broker ended it to make room for a newer connection
     bound_to: BlobId | None = None  # a per-blob token's one blob
     # Set while the reader handles a request: it flushes what is queued afterwards.
     busy: bool = False
@@ -65,6 +84,7 @@ class Session:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _drain: asyncio.Task[None] | None = None
     _closed: bool = False
+    _queued_fds: int = 0
 
     def post(self, reply: Reply, fds: tuple[int, ...] = ()) -> None:
         """Send *reply* with *fds* (now the session's) at once, or queue it.
@@ -73,7 +93,7 @@ class Session:
         takes it. What has to wait is sent by the reader's flush after the
         request it is handling, or else by a drain task, in order.
         """
-        if self._closed:
+        if self._closed or self.overflowed:
             _close_all(fds)
             return
         try:
@@ -91,7 +111,15 @@ class Session:
             if sent is not None:
                 _close_all(fds)
                 return
+        if (
+            len(self._outbox) >= self.max_queued_replies
+            or self._queued_fds + len(fds) > self.max_queued_fds
+        ):
+            _close_all(fds)
+            self._overflow()
+            return
         self._outbox.append((data, fds))
+        self._queued_fds += len(fds)
         if not self.busy and not self._lock.locked() and self._drain is None:
             self._drain = asyncio.get_running_loop().create_task(self._drain_now())
 
@@ -102,6 +130,7 @@ class Session:
         async with self._lock:
             while self._outbox:
                 data, fds = self._outbox.popleft()
+                self._queued_fds -= len(fds)
                 try:
                     # Encoded from a reply the broker built: no need to check it once more.
                     await self.channel._send_built(UserPayload(data=data), fds, timeout=None)
@@ -120,12 +149,36 @@ class Session:
     def pending(self) -> int:
         return len(self._outbox)
 
+    @property
+    def queued_fds(self) -> int:
+        return self._queued_fds
+
+    def _overflow(self) -> None:
+        """Drop a client that does not read its replies: shut its socket down.
+
+        Its pending send (if the task waits in one) fails and its reader sees
+        the end, so the session ends by the usual path, which closes the rest.
+        """
+        if self.overflowed:
+            return
+        self.overflowed = True
+        self._discard_outbox()
+        try:
+            with socket.socket(fileno=os.dup(self.channel.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, BlobError):
+            pass  # already closed or broken: its end is on the way
+
+    def _discard_outbox(self) -> None:
+        while self._outbox:
+            _close_all(self._outbox.popleft()[1])
+        self._queued_fds = 0
+
     def close(self) -> None:
         """Close the connection and every fd still queued; closing twice is fine."""
         self._closed = True
         self.channel.close()
-        while self._outbox:
-            _close_all(self._outbox.popleft()[1])
+        self._discard_outbox()
         drain, self._drain = self._drain, None
         if drain is not None and drain is not asyncio.current_task():
             drain.cancel()

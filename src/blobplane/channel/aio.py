@@ -672,7 +672,7 @@ class AsyncChannel(ChannelBase):
                 return await self._settle(received, _left(limit, started))
             fd = received.fds[0]  # the wire checked: a memfd handoff has exactly one
             size = handoff.token.size
-            mapped = ops.map_sealed(fd, size)
+            mapped = ops.map_sealed(fd, size, core.allow_sparse)
             if mapped is None:
                 return await self._settle(received, _left(limit, started))
             try:

@@ -105,6 +105,19 @@ class ChannelBase:
         return "seqpacket" if self._core.framing == "datagram" else "stream"
 
     @property
+    def allow_sparse(self) -> bool:
+        """Whether received blobs may have pages not allocated yet (default: False, refused).
+
+        Reading such a page allocates it in this process, charged to its
+        memory limit; refused blobs raise `SparseBlob` and the sender is told.
+        """
+        return self._core.allow_sparse
+
+    @allow_sparse.setter
+    def allow_sparse(self, allow: bool) -> None:
+        self._core.allow_sparse = bool(allow)
+
+    @property
     def closed(self) -> bool:
         return self._core.closed
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import array
 import enum
 import errno
+import functools
 import math
 import os
 import resource
@@ -221,8 +222,7 @@ class ChannelCore:
         self._datagram = framing == "datagram"
         self.datagram = self._datagram  # read-only for the drivers: `wait_received` applies
         self._fd = sock.fileno()
-        self._buffer = bytearray(max_frame_size if framing == "datagram" else _STREAM_CHUNK)
-        self._view = memoryview(self._buffer)
+        self._buffer_size = max_frame_size if framing == "datagram" else _STREAM_CHUNK
         # One slot more than allowed, to tell "too many fds" from "the kernel dropped some".
         self._fd_capacity = max_fds + 1
         self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * array.array("i").itemsize)
@@ -254,11 +254,20 @@ class ChannelCore:
         # the slots we received, mapped once each, with the replies owed for them.
         self.pooled_out: dict[int, tuple[BlobPool, int]] = {}
         self.slot_cache = SlotCache()
+        # Whether handed-over memfds may have unallocated pages (`checks.check_allocated`).
+        self.allow_sparse = False
         self._owed: deque[Message] = deque()
         self._owed_rest = memoryview(b"")
         self._finalizer = weakref.finalize(self, _release, sock, self.wire, self._unread)
 
     # -- state -------------------------------------------------------------------
+
+    @functools.cached_property
+    def _view(self) -> memoryview:
+        # Made on the first receive, then an ordinary instance attribute (so receiving
+        # pays nothing for the laziness): a server holds one channel per connection,
+        # and a connection never heard from costs no buffer.
+        return memoryview(bytearray(self._buffer_size))
 
     def fileno(self) -> int:
         return -1 if self._released else self._fd

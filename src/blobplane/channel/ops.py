@@ -21,7 +21,7 @@ from stat import S_ISREG
 from types import TracebackType
 from typing import Self
 
-from blobplane.backends.checks import SIZE_SEALS, check_received_fd
+from blobplane.backends.checks import SIZE_SEALS, check_received_fd, fully_allocated
 from blobplane.backends.mapping import map_readonly
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel.core import ChannelCore, Op, Wait
@@ -294,14 +294,20 @@ def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> Mappe
         size = handoff.token.size
         if handoff.slot is not None:
             owed = Ack(reply_to=handoff.id)
-            return core.slot_cache.view(handoff.slot, fds[0], size, lambda: core.owe_reply(owed))
+            return core.slot_cache.view(
+                handoff.slot,
+                fds[0],
+                size,
+                lambda: core.owe_reply(owed),
+                allow_sparse=core.allow_sparse,
+            )
         fd = fds[0]
-        mapped = map_sealed(fd, size)
+        mapped = map_sealed(fd, size, core.allow_sparse)
         if mapped is not None:
             return MappedRead(mapped, size)
         # What map_descriptor(UnixFd(fd), size) does, minus its layers: the
         # token's size was checked when it was decoded.
-        check_received_fd(fd, size)
+        check_received_fd(fd, size, allow_sparse=core.allow_sparse)
         return MappedRead(map_readonly(fd, size), size)
     except BlobError as exc:
         return exc
@@ -322,11 +328,12 @@ _mmap = mmap.mmap
 _ACCESS_READ = mmap.ACCESS_READ
 
 
-def map_sealed(fd: int, size: int) -> mmap.mmap | None:
+def map_sealed(fd: int, size: int, allow_sparse: bool = False) -> mmap.mmap | None:
     """*size* bytes of *fd* mapped read-only if it passes the sealing checks; else None.
 
     The checks of `check_received_fd` as one predicate: a regular file of at
-    least *size* (> 0) bytes, sealed against resizing. None for anything
+    least *size* (> 0) bytes, sealed against resizing, its pages allocated
+    (unless *allow_sparse*). None for anything
     else (or any OSError): the full path (`_map`) then checks again and
     says precisely what is wrong. The caller still owns and closes *fd*.
     """
@@ -336,7 +343,11 @@ def map_sealed(fd: int, size: int) -> mmap.mmap | None:
             # could be shrunk by the sender in between.
             if _fcntl(fd, _F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS:
                 info = _fstat(fd)
-                if S_ISREG(info.st_mode) and info.st_size >= size:
+                if (
+                    S_ISREG(info.st_mode)
+                    and info.st_size >= size
+                    and (allow_sparse or fully_allocated(fd, info))
+                ):
                     return _mmap(fd, size, access=_ACCESS_READ)
         except (OSError, ValueError, OverflowError):
             pass

@@ -43,7 +43,13 @@ class SlotCache:
         return len(self._entries)
 
     def view(
-        self, slot: SlotRef, fd: int, size: int, on_close: Callable[[], None] | None = None
+        self,
+        slot: SlotRef,
+        fd: int,
+        size: int,
+        on_close: Callable[[], None] | None = None,
+        *,
+        allow_sparse: bool = False,
     ) -> MappedRead:
         """A read-only view of *size* bytes of the slot behind *fd* (borrowed: not closed)."""
         key = (slot.pool, slot.index)
@@ -52,7 +58,7 @@ class SlotCache:
         identity = (info.st_dev, info.st_ino)
         entry = self._entries.get(key)
         if entry is None or entry.identity != identity or entry.size < size:
-            check_received_fd(fd, size)
+            check_received_fd(fd, size, allow_sparse=allow_sparse)
             if entry is not None:
                 self._drop(key)
             entry = _Entry(map_readonly(fd, info.st_size), identity, info.st_size)

@@ -14,7 +14,7 @@ from stat import S_ISREG
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from blobplane.backends.checks import SIZE_SEALS
+from blobplane.backends.checks import SIZE_SEALS, fully_allocated
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel import ops
 from blobplane.channel.base import (
@@ -53,6 +53,7 @@ T = TypeVar("T")
 _BACKOFF_S = 0.002
 # `recv_handoff`'s inline sealing checks read these as module globals, as `ops.map_sealed` does.
 _fstat = os.fstat
+_fully_allocated = fully_allocated
 _fcntl = fcntl.fcntl
 _F_GET_SEALS = fcntl.F_GET_SEALS
 _SIZE_SEALS = SIZE_SEALS
@@ -430,6 +431,7 @@ class Channel(ChannelBase):
                     and _fcntl(fd, _F_GET_SEALS) & _SIZE_SEALS == _SIZE_SEALS
                     and _S_ISREG((info := _fstat(fd)).st_mode)
                     and info.st_size >= size
+                    and (core.allow_sparse or _fully_allocated(fd, info))
                 ):
                     mapped = _mmap(fd, size, access=_ACCESS_READ)
                 else:

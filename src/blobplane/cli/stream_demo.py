@@ -132,7 +132,7 @@ def run(
             for index in range(subscribers):
                 delay = 0.01 if slow_last and index == subscribers - 1 and index else 0.0
                 child = subprocess.Popen(
-                    [sys.executable, "-m", "blobplane.stream_demo", path, str(delay)],
+                    [sys.executable, "-m", "blobplane.cli.stream_demo", path, str(delay)],
                     stdout=subprocess.PIPE,
                     text=True,
                 )

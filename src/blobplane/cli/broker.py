@@ -1,4 +1,4 @@
-"""The broker's commands of `blobplane`: serve, put, get, ls, rm, stats, token create, demo-broker.
+"""The broker's commands of `blobplane`: serve, put, get, ls, rm, stats, token, demo-broker.
 
 Every command but `serve` is a client of a running broker: ``--socket``
 (default ``$BLOBPLANE_BROKER``, else the default socket) says which one, and
@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from blobplane.broker.address import ENV_SOCKET, ENV_TOKEN, key_path_for, resolve_socket
-from blobplane.broker.protocol import StatsEntry
+from blobplane.cli.tables import stats_table
 from blobplane.durations import format_duration, parse_duration
 from blobplane.errors import BlobError, BlobNotFound
 from blobplane.sizes import format_size, parse_size
@@ -150,7 +150,18 @@ def _targets(text: str, by_id: bool) -> list[str | BlobId]:
     callback=_size,
     default=None,
     metavar="SIZE",
-    help="Bytes all blobs together may use (e.g. 4GiB); default: no limit but the host's.",
+    help=(
+        "Bytes all blobs together may use (e.g. 4GiB); default: half of the memory "
+        "this broker may use (its memory cgroup's limit, else the host's RAM). "
+        "Pool slots count too."
+    ),
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Clients served at once; more are refused with BrokerLimitReached.",
 )
 @click.option("--require-token", is_flag=True, help="Serve only clients that present a token.")
 @click.option(
@@ -176,6 +187,7 @@ def serve(
     *,
     socket_path: str | None,
     memory_limit: int | None,
+    max_connections: int,
     require_token: bool,
     evict: bool,
     key_file: str | None,
@@ -194,6 +206,7 @@ def serve(
     config = BrokerConfig(
         socket_path=resolve_socket(socket_path),
         memory_limit=memory_limit,
+        max_connections=max_connections,
         require_token=require_token,
         evict=evict,
         key_path=key_file,
@@ -391,42 +404,6 @@ def stats(as_json: bool, socket_path: str | None, token: str | None) -> None:
     Console().print(stats_table(totals))
 
 
-def stats_table(totals: StatsEntry) -> Table:
-    """The broker's stats for people."""
-    limit = "none" if totals.memory_limit is None else format_size(totals.memory_limit)
-    table = Table(
-        title=f"broker pid {totals.pid}, up {format_duration(totals.uptime_s)}",
-        show_header=False,
-    )
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    rows = [
-        ("clients connected", str(totals.clients)),
-        (
-            "blobs",
-            f"{totals.blobs} ({totals.sealed} sealed, {totals.allocated} being filled, "
-            f"{totals.deleted} deleted but still read, {totals.pooled} pooled)",
-        ),
-        ("bytes", f"{format_size(totals.bytes)} of {limit}"),
-        ("pooled bytes (producers' memory)", format_size(totals.pooled_bytes)),
-        ("references held", str(totals.references)),
-        ("gets waiting", str(totals.waiting_gets)),
-        ("evictions / expired leases", f"{totals.evictions} / {totals.expirations}"),
-        ("open fds in the broker", str(totals.open_fds)),
-        ("tokens required / evict", f"{totals.token_required} / {totals.evict}"),
-    ]
-    for label, value in rows:
-        table.add_row(label, value)
-    for account in totals.accounts:
-        quota = "" if account.max_bytes is None else f" of {format_size(account.max_bytes)}"
-        table.add_row(
-            f"account {account.name}",
-            f"{format_size(account.bytes)}{quota} in {account.blobs} blobs, "
-            f"{account.clients} clients",
-        )
-    return table
-
-
 # -- tokens ------------------------------------------------------------------------------
 
 
@@ -494,6 +471,31 @@ def create_token(
         click.echo(f"valid for {format_duration(seconds)}", err=True)
 
 
+@token.command(name="revoke-all")
+@_socket_option
+@click.option(
+    "--key-file",
+    default=None,
+    metavar="PATH",
+    help="The broker's secret key (default: the socket path + '.key').",
+)
+@_one_line_errors
+def revoke_all(*, socket_path: str | None, key_file: str | None) -> None:
+    """Revoke every token: replace the broker's secret key with a fresh one.
+
+    The new key replaces the old file in one rename (mode 0600). A running
+    broker takes it up at once: a client that connects with a token minted
+    before is refused, and a connection opened with one is refused its next
+    request and closed. Mint new tokens with `token create`. Run it as the
+    broker's user.
+    """
+    from blobplane.broker.tokens import replace_key
+
+    path = key_file or key_path_for(resolve_socket(socket_path))
+    replace_key(path)
+    click.echo(f"new secret key in {path}: every token minted before is revoked", err=True)
+
+
 # -- the demo ----------------------------------------------------------------------------
 
 
@@ -501,7 +503,7 @@ def create_token(
 @_one_line_errors
 def demo_broker() -> None:
     """A broker, a producer and two consumers of frames."""
-    from blobplane import broker_demo
+    from blobplane.cli import broker_demo
 
     broker_demo.run(Console())
 

@@ -12,27 +12,26 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
+from blobplane.broker.process import start_broker
+from blobplane.cli.tables import stats_table
 from blobplane.sizes import format_size
 
-__all__ = ["BrokerProcess", "expected_crc", "fill_frame", "run", "start_broker"]
+__all__ = ["expected_crc", "fill_frame", "run"]
 
 FRAMES = 24
 FRAME_SIZE = 4 << 20
-_BLOCK = 64 << 10
 _TIMEOUT_S = 60.0
+_BLOCK = 64 << 10
 
 
 def _block(frame: int) -> bytes:
@@ -56,53 +55,9 @@ def expected_crc(size: int, frame: int) -> int:
     return crc
 
 
-@dataclass
-class BrokerProcess:
-    """A `blobplane serve` child, ready (its socket listens) once `start_broker` returns."""
-
-    process: subprocess.Popen[bytes]
-    socket_path: str
-    log_path: str
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then wait; returns its exit status (SIGKILL after *timeout*)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-        finally:
-            if self.process.stdout is not None:
-                self.process.stdout.close()
-
-
-def start_broker(socket_path: str, *args: str, timeout: float = _TIMEOUT_S) -> BrokerProcess:
-    """Start `blobplane serve --socket socket_path *args` and wait for its ready line."""
-    log_path = socket_path + ".log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "blobplane.cli", "serve", "--socket", socket_path, *args],
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-    broker = BrokerProcess(process, socket_path, log_path)
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    line = process.stdout.readline() if ready else b""
-    if not line.startswith(b"ready "):
-        broker.stop()
-        with open(log_path, "rb") as log:
-            raise RuntimeError(
-                f"the broker did not start: {line!r}\n{log.read().decode(errors='replace')}"
-            )
-    return broker
-
-
 def _role(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "blobplane.broker_demo", *args],
+        [sys.executable, "-m", "blobplane.cli.broker_demo", *args],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -118,7 +73,6 @@ def _finish(process: subprocess.Popen[str], name: str) -> dict[str, float]:
 
 def run(console: Console, *, frames: int = FRAMES, frame_size: int = FRAME_SIZE) -> None:
     """Run the whole demo and print what happened."""
-    from blobplane.cli_broker import stats_table
     from blobplane.client import connect_broker
 
     folder = tempfile.mkdtemp(prefix="blobplane-demo-")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from blobplane.cli_broker import COMMANDS as BROKER_COMMANDS
+from blobplane.cli.broker import COMMANDS as BROKER_COMMANDS
 from blobplane.sizes import parse_size
 from blobplane.streams.protocol import Backpressure
 from blobplane.types import BlobBackend
@@ -80,7 +80,7 @@ def demo(
     latency percentiles and missed frames live.
     """
     if stream:
-        from blobplane import stream_demo
+        from blobplane.cli import stream_demo
 
         if seconds <= 0 or subscribers <= 0:
             raise click.BadParameter("--seconds and --subscribers must be positive")
@@ -88,7 +88,7 @@ def demo(
             Console(), seconds=seconds, subscribers=subscribers, policy=Backpressure(policy)
         )
         return
-    from blobplane import demo as demo_module
+    from blobplane.cli import demo as demo_module
 
     if total <= 0 or blob_size <= 0:
         raise click.BadParameter("--total and --blob-size must be positive")

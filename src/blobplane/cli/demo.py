@@ -1,7 +1,7 @@
 """`make demo`: a producer streams blobs to a consumer process over a Unix socket channel.
 
 The producer listens at a socket in a private temporary folder and starts the
-consumer, a second interpreter (``python -m blobplane.demo consume PATH``),
+consumer, a second interpreter (``python -m blobplane.cli.demo consume PATH``),
 which connects. For every blob the producer creates a memfd blob, fills it in
 place, computes its CRC-32 in place, seals it and hands it over with
 ``send_blob`` (the fd travels with ``SCM_RIGHTS``, the index, size and CRC in
@@ -112,7 +112,7 @@ def fill(blob: ProducerBlob, pattern: bytes, index: int) -> int:
 
 
 def _start_consumer(path: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "blobplane.demo", "consume", path])
+    return subprocess.Popen([sys.executable, "-m", "blobplane.cli.demo", "consume", path])
 
 
 def _accept(listener: channel.Listener, consumer: subprocess.Popen[bytes]) -> channel.Channel:
@@ -289,7 +289,7 @@ def consume(path: str) -> int:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "consume":
         sys.exit(consume(sys.argv[2]))
-    raise SystemExit("usage: python -m blobplane.demo consume SOCKET_PATH")
+    raise SystemExit("usage: python -m blobplane.cli.demo consume SOCKET_PATH")
 
 
 if __name__ == "__main__":
