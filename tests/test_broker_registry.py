@@ -30,7 +30,8 @@ from blobplane.broker import (
     Right,
     WakeWaiters,
 )
-from blobplane.broker.registry import MAX_KEY_BYTES, Action
+from blobplane.broker.protocol import MAX_KEY_BYTES
+from blobplane.broker.registry import Action
 from blobplane.errors import (
     BlobDeleted,
     BlobError,

@@ -15,13 +15,11 @@ from blobplane import BlobPool
 from blobplane.broker.protocol import BlobEntry, BlobReply, Create, Get, Refused, Request, SlotFree
 from blobplane.client import (
     BrokerClient,
-    _Call,
-    _Core,
-    _SlotMappings,
     connect_broker,
     connect_broker_async,
     raise_refusal,
 )
+from blobplane.client.core import Call, ClientCore
 from blobplane.errors import (
     BlobBusy,
     BlobClosed,
@@ -37,6 +35,7 @@ from blobplane.errors import (
     PeerRefused,
     Timeout,
 )
+from blobplane.slot_cache import SlotCache
 from brokers import Broker, broker_folder, running_broker, wait_until
 from leaks import blob_mappings
 
@@ -186,7 +185,7 @@ def test_loan_times_out_when_no_slot_comes_back(client: BrokerClient) -> None:
 def test_late_replies_are_undone() -> None:
     """A reply that comes after its caller gave up must not leak a reference or a blob."""
     posted: list[Request] = []
-    core = _Core(posted.append)
+    core = ClientCore(posted.append)
     entry = BlobEntry(
         id=uuid.uuid4(),
         key=None,
@@ -202,9 +201,9 @@ def test_late_replies_are_undone() -> None:
         owner=None,
     )
     read_fd, write_fd = os.pipe()
-    core.abandon(_Call(Get(rid=7, key="k")))
+    core.abandon(Call(Get(rid=7, key="k")))
     core.unsolicited(BlobReply(rid=7, blob=entry), (read_fd,))
-    core.abandon(_Call(Create(rid=8, size=1)))
+    core.abandon(Call(Create(rid=8, size=1)))
     core.unsolicited(BlobReply(rid=8, blob=entry), (write_fd,))
     assert [type(request).__name__ for request in posted] == ["Release", "Delete"]
     with pytest.raises(OSError, match="Bad file descriptor"):
@@ -250,7 +249,7 @@ def test_a_pooled_slot_is_mapped_once_per_client(broker: Broker, no_leaks: None)
 def test_cached_slots_are_checked_bounded_and_never_unmapped_under_a_reader() -> None:
     with BlobPool(4096, 3) as pool:
         loans = [pool.loan() for _ in range(3)]
-        slots = _SlotMappings(max_slots=2)
+        slots = SlotCache(max_slots=2)
         first = slots.mapping(loans[0].fileno(), 4096)
         assert slots.mapping(loans[0].fileno(), 4096) is first  # same memfd: reused
         assert first is not None
@@ -271,7 +270,7 @@ def test_cached_slots_are_checked_bounded_and_never_unmapped_under_a_reader() ->
     try:
         os.ftruncate(unsealed, 4096)
         with pytest.raises(NotSealed):
-            _SlotMappings().mapping(unsealed, 4096)  # a slot is checked like recv_blob
+            SlotCache().mapping(unsealed, 4096)  # a slot is checked like recv_blob
     finally:
         os.close(unsealed)
 

@@ -12,7 +12,6 @@ import pytest
 
 from blobplane import BlobPool
 from blobplane.client import connect_broker, connect_broker_async
-from blobplane.objects import put_object, put_object_async
 from brokers import running_broker, spawn, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -20,9 +19,8 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 READER = """
 import json, sys
 from blobplane.client import connect_broker
-from blobplane.objects import get_object
 with connect_broker(sys.argv[1]) as client:
-    obj = get_object(client, sys.argv[2], timeout=20, restricted=True)
+    obj = client.get_object(sys.argv[2], timeout=20, restricted=True)
     print(json.dumps({
         "sum": int(obj["array"].sum()),
         "writeable": bool(obj["array"].flags.writeable),
@@ -45,7 +43,7 @@ def test_put_object_then_get_object_in_another_process(pooled: bool) -> None:
         connect_broker(broker.socket_path) as client,
         BlobPool(slot_size=16 << 20, slots=1) as pool,
     ):
-        put_object(client, "weights", _payload(), pool=pool if pooled else None)
+        client.put_object(_payload(), key="weights", pool=pool if pooled else None)
         reader = spawn(READER, broker.socket_path, "weights")
         out, _ = reader.communicate(timeout=30)
         assert reader.returncode == 0, out
@@ -62,7 +60,7 @@ def test_put_object_then_get_object_in_another_process(pooled: bool) -> None:
 
 def test_the_reference_is_released_with_the_last_array() -> None:
     with running_broker() as broker, connect_broker(broker.socket_path) as client:
-        client.put_object("a", np.ones(200_000))  # the method form of put_object
+        client.put_object(np.ones(200_000), key="a")
         array = client.get_object("a")
         assert client.stats().references == 1
         view = array[10:20]
@@ -79,7 +77,7 @@ def test_asyncio_put_and_get_object() -> None:
         with running_broker() as broker:
             client = await connect_broker_async(broker.socket_path)
             try:
-                await put_object_async(client, "k", {"x": np.arange(100_000)})
+                await client.put_object({"x": np.arange(100_000)}, key="k")
                 obj = await client.get_object("k", restricted=True)
                 assert int(obj["x"].sum()) == int(np.arange(100_000).sum())
                 assert not obj["x"].flags.writeable

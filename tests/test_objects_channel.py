@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 RECEIVER = """
 import asyncio, json, sys
 from blobplane import channel
-from blobplane.objects import recv_obj
+from blobplane.objects import recv_obj, recv_obj_async
 
 def in_blob_mapping(array):
     address = array.__array_interface__["data"][0]
@@ -55,7 +55,7 @@ else:
     async def main():
         ch = await channel.aio.connect(path)
         try:
-            return [describe(await ch.recv_obj(restricted=True)) for _ in range(count)]
+            return [describe(await recv_obj_async(ch, restricted=True)) for _ in range(count)]
         finally:
             ch.close()
     results = asyncio.run(main())

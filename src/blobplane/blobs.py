@@ -49,6 +49,7 @@ from blobplane.types import (
     SharedBlobDescriptor,
     UnixFd,
     _check_size,
+    is_int,
 )
 
 __all__ = [
@@ -386,7 +387,7 @@ class SharedMemoryBlobs:
 
     def renew(self, token: BlobToken, lease_ms: int) -> None:
         """Extend a live blob's lease to *lease_ms* from now."""
-        if not isinstance(lease_ms, int) or isinstance(lease_ms, bool) or lease_ms <= 0:
+        if not is_int(lease_ms) or lease_ms <= 0:
             raise InvalidSize(f"lease_ms must be a positive int, got {lease_ms!r}")
         record = self._lookup(token)
         with self._lock:

@@ -50,7 +50,7 @@ from blobplane.errors import (
     os_errors,
 )
 from blobplane.slot_claims import try_claim_exclusive, unclaim
-from blobplane.types import BlobId, BlobToken, UnixFd
+from blobplane.types import BlobId, BlobToken, UnixFd, is_int
 
 __all__ = ["GENERATION_SIZE", "POOL_SEALS", "BlobPool", "PoolLoan", "sealed_memfd"]
 
@@ -106,9 +106,9 @@ class BlobPool:
     """
 
     def __init__(self, slot_size: int, slots: int) -> None:
-        if not isinstance(slot_size, int) or isinstance(slot_size, bool) or slot_size <= 0:
+        if not is_int(slot_size) or slot_size <= 0:
             raise InvalidSize(f"slot_size must be a positive int, got {slot_size!r}")
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots <= 0:
+        if not is_int(slots) or slots <= 0:
             raise InvalidSize(f"slots must be a positive int, got {slots!r}")
         mapped_size = _round_up(slot_size, mmap.PAGESIZE)
         if mapped_size * slots > physical_memory():

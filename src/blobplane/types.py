@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from typing import Annotated, Any, Literal, TypeAlias, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeAlias, TypeGuard, TypeVar, cast
 
 import msgspec
 
@@ -26,11 +26,24 @@ __all__ = [
     "UnixFd",
     "WindowsHandle",
     "decode_descriptor",
+    "is_int",
+    "is_number",
 ]
 
 # A blob larger than this cannot be addressed by mmap on any 64-bit host we
 # run on; the allocator applies a tighter, host-specific limit on top.
 MAX_ENCODABLE_SIZE = 2**62
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """An int, and not a bool (which Python counts as one): the test behind every count."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float, and not a bool: the test behind every duration."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -100,9 +113,7 @@ class BlobToken(_Metadata, frozen=True):
         if self.lease_ms is None and type(size) is int and 0 <= size <= MAX_ENCODABLE_SIZE:
             return
         _check_size(size)
-        if self.lease_ms is not None and (
-            not isinstance(self.lease_ms, int) or isinstance(self.lease_ms, bool)
-        ):
+        if self.lease_ms is not None and not is_int(self.lease_ms):
             raise InvalidSize(f"lease_ms must be a positive int or None, got {self.lease_ms!r}")
         if self.lease_ms is not None and self.lease_ms <= 0:
             raise InvalidSize(f"lease_ms must be positive, got {self.lease_ms}")
@@ -114,7 +125,7 @@ class UnixFd(_Metadata, frozen=True, tag=True):
     fd: NonNegative
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fd, int) or isinstance(self.fd, bool) or self.fd < 0:
+        if not is_int(self.fd) or self.fd < 0:
             raise MalformedMetadata(f"UnixFd needs a non-negative int, got {self.fd!r}")
 
 
@@ -161,7 +172,7 @@ _decoders: dict[tuple[Any, str], Any] = {}
 
 
 def _check_size(size: object) -> None:
-    if not isinstance(size, int) or isinstance(size, bool):
+    if not is_int(size):
         raise InvalidSize(f"a blob size must be an int, got {type(size).__name__}")
     if size < 0:
         raise InvalidSize(f"a blob size cannot be negative, got {size}")

@@ -11,6 +11,7 @@ import mmap
 import os
 
 from blobplane.errors import NotBytesLike, OutOfBounds, os_errors
+from blobplane.types import is_int
 
 # MADV_POPULATE_WRITE (Linux 5.14): fault every page in one syscall instead of
 # one fault per 4 KiB page during the fill; it also turns a full tmpfs into an
@@ -95,7 +96,7 @@ def write_into(mapped: mmap.mmap | None, size: int, data: object, offset: int, w
     The one bounds check behind every `write_all` (blobs, pool loans, broker blobs).
     """
     view = byte_view(data)
-    if not isinstance(offset, int) or isinstance(offset, bool):
+    if not is_int(offset):
         raise OutOfBounds(f"offset must be an int, got {type(offset).__name__}")
     end = offset + view.nbytes
     if offset < 0 or end > size:

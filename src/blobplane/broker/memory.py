@@ -16,8 +16,8 @@ import os
 
 from blobplane.backends.checks import (
     F_SEAL_FUTURE_WRITE,
-    check_allocated,
     SIZE_SEALS,
+    check_allocated,
     check_received_fd,
     check_regular_and_size,
     get_seals,

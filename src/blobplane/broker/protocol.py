@@ -36,11 +36,12 @@ from typing import Annotated, TypeAlias
 
 import msgspec
 
-from blobplane.errors import RemoteProtocolError
+from blobplane.errors import InvalidKey, RemoteProtocolError
 from blobplane.types import MAX_ENCODABLE_SIZE, BlobId, BlobToken
 
 __all__ = [
     "MAX_ACCOUNTS_LISTED",
+    "MAX_KEY_BYTES",
     "MAX_LIST_PART_BYTES",
     "PROTOCOL_VERSION",
     "AccountEntry",
@@ -68,6 +69,7 @@ __all__ = [
     "StatsReply",
     "TokenReply",
     "Welcome",
+    "check_key",
     "decode_reply",
     "decode_request",
     "encode",
@@ -80,7 +82,8 @@ PROTOCOL_VERSION = 2
 # A ListReply part stays well inside the channel's 64 KiB frame, whatever the keys.
 MAX_LIST_PART_BYTES = 48 * 1024
 MAX_ACCOUNTS_LISTED = 200
-MAX_KEY_CHARS = 1024  # the registry then checks the UTF-8 length
+MAX_KEY_CHARS = 1024  # the decoder's bound; `check_key` then checks the UTF-8 length
+MAX_KEY_BYTES = 1024
 MAX_TOKEN_CHARS = 2048
 MAX_TEXT = 4096
 MAX_REQUEST_ID = 2**63 - 1
@@ -181,6 +184,25 @@ Request: TypeAlias = (
 def fds_expected(request: Request) -> int:
     """How many fds must ride with *request*."""
     return 1 if isinstance(request, Put) else 0
+
+
+def check_key(key: object) -> str:
+    """*key* if it is a valid blob key, else `InvalidKey`: the one rule for keys.
+
+    1 to `MAX_KEY_BYTES` bytes of UTF-8 without NUL. A string with a lone
+    surrogate is no UTF-8 (and cannot travel in a frame): refused too. The
+    clients check before sending, the registry on every request.
+    """
+    if isinstance(key, str) and key and "\0" not in key:
+        try:
+            if len(key.encode()) <= MAX_KEY_BYTES:
+                return key
+        except UnicodeEncodeError:
+            pass
+    shown = f"{key!r:.80}" if isinstance(key, str) else type(key).__name__
+    raise InvalidKey(
+        f"a blob key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8 without NUL, got {shown}"
+    )
 
 
 def target_of(request: Get | Delete | Renew | MintToken) -> BlobId | str:

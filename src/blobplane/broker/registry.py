@@ -71,6 +71,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from blobplane.broker.protocol import check_key
 from blobplane.broker.rights import Grant, Right
 from blobplane.errors import (
     BlobDeleted,
@@ -78,7 +79,6 @@ from blobplane.errors import (
     BlobSealed,
     ClientQuotaExceeded,
     DuplicateClient,
-    InvalidKey,
     InvalidSize,
     KeyInUse,
     LeaseExpired,
@@ -89,10 +89,9 @@ from blobplane.errors import (
     UnknownClient,
 )
 from blobplane.sizes import format_size
-from blobplane.types import BlobId, BlobToken
+from blobplane.types import BlobId, BlobToken, is_int
 
 __all__ = [
-    "MAX_KEY_BYTES",
     "AccountUsage",
     "Action",
     "BlobInfo",
@@ -112,7 +111,6 @@ __all__ = [
 ]
 
 ClientId: TypeAlias = int
-MAX_KEY_BYTES = 1024
 
 
 class BlobState(enum.StrEnum):
@@ -313,16 +311,6 @@ class _Blob:
         return f"blob {self.id}" + (f" (key {self.key!r})" if self.key is not None else "")
 
 
-def _check_key(key: object) -> str:
-    if not isinstance(key, str):
-        raise InvalidKey(f"a blob key must be a string, got {type(key).__name__}")
-    if not key or "\0" in key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-        raise InvalidKey(
-            f"a blob key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8 without NUL, got {key!r:.80}"
-        )
-    return key
-
-
 class BlobRegistry:
     """Every blob the broker holds, with references, leases and quotas; see the module doc.
 
@@ -338,9 +326,7 @@ class BlobRegistry:
         evict: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if memory_limit is not None and (
-            not isinstance(memory_limit, int) or isinstance(memory_limit, bool) or memory_limit < 0
-        ):
+        if memory_limit is not None and (not is_int(memory_limit) or memory_limit < 0):
             raise InvalidSize(
                 f"memory_limit must be a non-negative int or None, got {memory_limit!r}"
             )
@@ -457,7 +443,7 @@ class BlobRegistry:
         payload): that is what counts against the limit and the quota.
         """
         charge = size if charge is None else charge
-        if not isinstance(charge, int) or isinstance(charge, bool) or charge < size:
+        if not is_int(charge) or charge < size:
             raise InvalidSize(f"a blob's charge must be an int, at least its size, got {charge!r}")
         return self._place(
             client, Right.PUT, size, key, lease_ms, sealed=True, pooled=pooled, charge=charge
@@ -643,7 +629,7 @@ class BlobRegistry:
     def _live(self, target: BlobId | str) -> _Blob:
         """The blob named by id or key, refusing withdrawn ones."""
         if isinstance(target, str):
-            blob = self._keys.get(_check_key(target))
+            blob = self._keys.get(check_key(target))
             if blob is None:
                 raise BlobNotFound(
                     f"no live blob has the key {target!r}; check `list` for the keys in use"
@@ -735,7 +721,7 @@ class BlobRegistry:
         self._require(state, right)
         token = BlobToken(BlobId.new(), size, lease_ms)  # checks size and lease like everywhere
         if key is not None:
-            _check_key(key)
+            check_key(key)
         now = self._clock()
         # Everything that can refuse runs before anything changes, so a refusal
         # loses no action; leases that already ran out count as reclaimed.

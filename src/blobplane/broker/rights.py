@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blobplane.errors import InvalidRights, InvalidSize
-from blobplane.types import BlobId
+from blobplane.types import BlobId, is_int
 
 __all__ = ["ALL_RIGHTS", "Grant", "Right", "parse_rights"]
 
@@ -85,11 +85,7 @@ class Grant:
     key_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_bytes is not None and (
-            not isinstance(self.max_bytes, int)
-            or isinstance(self.max_bytes, bool)
-            or self.max_bytes < 0
-        ):
+        if self.max_bytes is not None and (not is_int(self.max_bytes) or self.max_bytes < 0):
             raise InvalidSize(
                 f"max_bytes must be a non-negative int or None, got {self.max_bytes!r}"
             )

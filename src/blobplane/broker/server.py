@@ -121,6 +121,7 @@ from blobplane.errors import (
     Timeout,
     TokenRefused,
 )
+from blobplane.fds import close_fds
 from blobplane.sizes import format_size
 from blobplane.types import BlobId
 from blobplane.wire import Message, UserPayload
@@ -388,7 +389,7 @@ class BrokerServer:
         if self._stopping or wake.done():
             # Shutting down: requests not taken in before are not answered, as when
             # the task stopped reading; its end is on the way.
-            _close(fds)
+            close_fds(fds)
             reader.pause()
             return
         session.busy = True
@@ -420,7 +421,7 @@ class BrokerServer:
             raise _EndSession("no hello within the hello timeout") from None
         request = _decode(message, fds)
         if not isinstance(request, Hello):
-            _close(fds)  # a hello takes none, so these came with a request refused here
+            close_fds(fds)  # a hello takes none, so these came with a request refused here
             raise RemoteProtocolError(
                 f"the first request must be a hello, not {type(request).__name__}"
             )
@@ -520,14 +521,14 @@ class BrokerServer:
         """Carry out a request, or return a `Create` for `_handle_create` (it awaits)."""
         request = _decode(message, fds)
         if isinstance(request, Hello):
-            _close(fds)
+            close_fds(fds)
             raise RemoteProtocolError("the client said hello twice")
         if session.token_grant is not None:
             try:
                 # A token that expired or was revoked since the hello ends the connection.
                 self.authority.check_current(session.token_grant)
             except TokenRefused as exc:
-                _close(fds)
+                close_fds(fds)
                 session.post(_refusal(0, exc))
                 raise _EndSession(f"{type(exc).__name__}: {exc}") from None
         if isinstance(request, Create):
@@ -541,7 +542,7 @@ class BrokerServer:
         except BlobError as exc:
             self._refuse(session, request, exc)
         finally:
-            _close(fds)
+            close_fds(fds)
             self._schedule_expiry()
         return None
 
@@ -950,7 +951,7 @@ def _decode(message: Message, fds: tuple[int, ...]) -> Request:
                 f"{wanted} fds, {len(fds)} came with it"
             )
     except BaseException:
-        _close(fds)
+        close_fds(fds)
         raise
     return request
 
@@ -961,11 +962,6 @@ def _dup(fds: memory.FdTable, blob_id: BlobId) -> int:
         return os.dup(fds.get(blob_id))
     except OSError:
         return fds.dup(blob_id)  # fails again, now with the message
-
-
-def _close(fds: tuple[int, ...]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def _refusal(rid: int, error: BlobError) -> Refused:

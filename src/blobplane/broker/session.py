@@ -26,6 +26,7 @@ from blobplane.broker.registry import ClientId
 from blobplane.broker.rights import Grant
 from blobplane.channel.aio import AsyncChannel, ChannelReader
 from blobplane.errors import BlobBusy, BlobError
+from blobplane.fds import close_fds
 from blobplane.types import BlobId
 from blobplane.wire import UserPayload
 
@@ -45,11 +46,6 @@ class Waiter:
     request: Get
     timer: asyncio.TimerHandle | None = None
     on: BlobId | str | None = None  # what it is parked on right now
-
-
-def _close_all(fds: tuple[int, ...]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -94,12 +90,12 @@ class Session:
         request it is handling, or else by a drain task, in order.
         """
         if self._closed or self.overflowed:
-            _close_all(fds)
+            close_fds(fds)
             return
         try:
             data = encode(reply)
         except BaseException:
-            _close_all(fds)
+            close_fds(fds)
             raise
         if not self._outbox and not self._lock.locked():
             try:
@@ -109,13 +105,13 @@ class Session:
             except BlobError:
                 sent = -1  # the peer is gone or broke: the reader finds out and ends the session
             if sent is not None:
-                _close_all(fds)
+                close_fds(fds)
                 return
         if (
             len(self._outbox) >= self.max_queued_replies
             or self._queued_fds + len(fds) > self.max_queued_fds
         ):
-            _close_all(fds)
+            close_fds(fds)
             self._overflow()
             return
         self._outbox.append((data, fds))
@@ -135,7 +131,7 @@ class Session:
                     # Encoded from a reply the broker built: no need to check it once more.
                     await self.channel._send_built(UserPayload(data=data), fds, timeout=None)
                 finally:
-                    _close_all(fds)
+                    close_fds(fds)
 
     async def _drain_now(self) -> None:
         try:
@@ -171,7 +167,7 @@ class Session:
 
     def _discard_outbox(self) -> None:
         while self._outbox:
-            _close_all(self._outbox.popleft()[1])
+            close_fds(self._outbox.popleft()[1])
         self._queued_fds = 0
 
     def close(self) -> None:

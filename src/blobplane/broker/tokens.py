@@ -52,7 +52,7 @@ from blobplane.errors import (
     TokenRefused,
     os_errors,
 )
-from blobplane.types import BlobId
+from blobplane.types import BlobId, is_number
 
 __all__ = [
     "KEY_BYTES",
@@ -173,7 +173,7 @@ class TokenAuthority:
         now = self._clock()
         expires_at = None if ttl is None else now + ttl
         if not_after is not None:
-            if not _is_number(not_after) or not math.isfinite(not_after):
+            if not is_number(not_after) or not math.isfinite(not_after):
                 raise InvalidSize(f"not_after must be a finite wall-clock time, got {not_after!r}")
             if now >= not_after:
                 raise TokenExpired(
@@ -362,19 +362,10 @@ def _hmac(key: bytes, signed: str) -> bytes:
     return hmac.new(key, signed.encode("ascii"), hashlib.sha256).digest()
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _check_ttl(ttl: float | None) -> None:
     if ttl is None:
         return
-    if (
-        not isinstance(ttl, int | float)
-        or isinstance(ttl, bool)
-        or not math.isfinite(ttl)
-        or ttl <= 0
-    ):
+    if not is_number(ttl) or not math.isfinite(ttl) or ttl <= 0:
         raise InvalidSize(
             f"a token's ttl must be a positive number of seconds (or None: no expiry), got {ttl!r}"
         )

@@ -29,10 +29,6 @@ from blobplane.objects.codec import (
     unpack,
 )
 from blobplane.objects.transfer import (
-    get_object,
-    get_object_async,
-    put_object,
-    put_object_async,
     recv_obj,
     recv_obj_async,
     send_obj,
@@ -46,12 +42,8 @@ __all__ = [
     "ObjectHeader",
     "UnpicklingRefused",
     "dumps",
-    "get_object",
-    "get_object_async",
     "loads",
     "pack",
-    "put_object",
-    "put_object_async",
     "recv_obj",
     "recv_obj_async",
     "send_obj",

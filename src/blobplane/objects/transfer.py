@@ -1,4 +1,5 @@
-"""Objects over channels (`send_obj`, `recv_obj`) and the broker (`put_object`, `get_object`).
+"""Objects over channels: `send_obj` and `recv_obj` (the broker clients' `put_object` and
+`get_object` pack and unpack the same way).
 
 Each object travels as one packed blob (see `codec.pack`): a fresh sealed
 memfd by default, or a slot of a `BlobPool`. The receiver's rebuilt object
@@ -12,20 +13,15 @@ import threading
 from typing import Any
 
 from blobplane.blobs import SharedMemoryBlobs
-from blobplane.broker.protocol import BlobEntry
 from blobplane.channel.aio import AsyncChannel
 from blobplane.channel.sync import Channel
-from blobplane.client import AsyncBrokerClient, BrokerClient
 from blobplane.objects.allowlist import AllowList
 from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
 from blobplane.pool import BlobPool
 from blobplane.types import BlobBackend
 
 __all__ = [
-    "get_object",
-    "get_object_async",
-    "put_object",
-    "put_object_async",
+    "fresh_blobs",
     "recv_obj",
     "recv_obj_async",
     "send_obj",
@@ -36,7 +32,7 @@ _allocator: SharedMemoryBlobs | None = None
 _allocator_lock = threading.Lock()
 
 
-def _blobs() -> SharedMemoryBlobs:
+def fresh_blobs() -> SharedMemoryBlobs:
     """A process-wide memfd allocator for fresh object blobs (each lives only while it travels)."""
     global _allocator
     with _allocator_lock:
@@ -59,7 +55,7 @@ def send_obj(
             pack(obj, loan, threshold=threshold)
             channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    blob = pack(obj, _blobs(), threshold=threshold)
+    blob = pack(obj, fresh_blobs(), threshold=threshold)
     try:
         channel.send_blob(blob, timeout=timeout)
     finally:
@@ -87,7 +83,7 @@ async def send_obj_async(
             pack(obj, loan, threshold=threshold)
             await channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    blob = pack(obj, _blobs(), threshold=threshold)
+    blob = pack(obj, fresh_blobs(), threshold=threshold)
     try:
         await channel.send_blob(blob, timeout=timeout)
     finally:
@@ -99,70 +95,3 @@ async def recv_obj_async(
 ) -> Any:
     """`recv_obj` for an asyncio channel."""
     return unpack(await channel.recv_blob(timeout=timeout), restricted=restricted)
-
-
-# -- through the broker --------------------------------------------------------------------
-
-
-def put_object(
-    client: BrokerClient,
-    key: str,
-    obj: object,
-    *,
-    pool: BlobPool | None = None,
-    lease_ms: int | None = None,
-    threshold: int = DEFAULT_THRESHOLD,
-) -> BlobEntry:
-    """Publish *obj* under *key*: packed into a fresh memfd, or into a slot of *pool*."""
-    if pool is not None:
-        with client.loan(pool) as loan:
-            pack(obj, loan, threshold=threshold)
-            return client.put_pooled(loan, key=key, lease_ms=lease_ms)
-    blob = pack(obj, _blobs(), threshold=threshold)
-    try:
-        return client.put(blob, key=key, lease_ms=lease_ms)
-    finally:
-        blob.cleanup()  # the broker holds its own fd now
-
-
-def get_object(
-    client: BrokerClient,
-    key: str,
-    *,
-    timeout: float | None = None,
-    restricted: bool | AllowList = False,
-) -> Any:
-    """The object published under *key*; the broker reference is released with its last buffer."""
-    return unpack(client.get(key, timeout=timeout), restricted=restricted)
-
-
-async def put_object_async(
-    client: AsyncBrokerClient,
-    key: str,
-    obj: object,
-    *,
-    pool: BlobPool | None = None,
-    lease_ms: int | None = None,
-    threshold: int = DEFAULT_THRESHOLD,
-) -> BlobEntry:
-    """`put_object` for an asyncio broker client."""
-    if pool is not None:
-        with await client.loan(pool) as loan:
-            pack(obj, loan, threshold=threshold)
-            return await client.put_pooled(loan, key=key, lease_ms=lease_ms)
-    blob = pack(obj, _blobs(), threshold=threshold)
-    try:
-        return await client.put(blob, key=key, lease_ms=lease_ms)
-    finally:
-        blob.cleanup()
-
-
-async def get_object_async(
-    client: AsyncBrokerClient,
-    key: str,
-    *,
-    timeout: float | None = None,
-    restricted: bool | AllowList = False,
-) -> Any:
-    """`get_object` for an asyncio broker client."""
-    return unpack(await client.get(key, timeout=timeout), restricted=restricted)

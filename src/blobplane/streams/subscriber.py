@@ -34,6 +34,7 @@ from blobplane.errors import (
     StreamEnded,
     Timeout,
 )
+from blobplane.fds import close_fds
 from blobplane.pool import GENERATION_SIZE
 from blobplane.slot_claims import try_claim_shared, unclaim
 from blobplane.streams.protocol import (
@@ -51,11 +52,6 @@ from blobplane.types import UnixFd
 from blobplane.wire import Message, UserPayload
 
 __all__ = ["AsyncReceipt", "AsyncSubscriber", "Receipt", "Subscriber", "SubscriberCore"]
-
-
-def _close_fds(fds: tuple[int, ...]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 class SubscriberCore:
@@ -118,7 +114,7 @@ class SubscriberCore:
                 for fd in fds:
                     self._slots.append(map_descriptor(UnixFd(fd), self.slot_size))
         finally:
-            _close_fds(fds)
+            close_fds(fds)
 
     def _on_hello(self, hello: Hello, fds: tuple[int, ...]) -> None:
         self.policy = hello.policy
@@ -138,7 +134,7 @@ class SubscriberCore:
 
     def on_message(self, message: Message, fds: tuple[int, ...]) -> None:
         """A message on the channel once set up: only End may come."""
-        _close_fds(fds)
+        close_fds(fds)
         decoded = self._decode(message)
         if isinstance(decoded, End):
             self.end(decoded.reason or "the publisher closed the stream")
