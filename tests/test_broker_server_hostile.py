@@ -120,7 +120,8 @@ def refused(answer: tuple[Reply, tuple[int, ...]], error: str) -> str:
 def sealed_memfd(size: int, seals: int = FULL_SEALS, *, sealing: bool = True) -> int:
     flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0)
     fd = os.memfd_create("hostile", flags)
-    os.ftruncate(fd, size)
+    if size:
+        os.posix_fallocate(fd, 0, size)  # every page there: a sparse memfd is refused
     if seals:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return fd

@@ -197,6 +197,10 @@ class BlobPool:
         self._check_open()
         return self._slots[slot].fd
 
+    def slot_mapping(self, slot: int) -> mmap.mmap:
+        """The producer's writable mapping of *slot* (what a loan's `buffer` views)."""
+        return self._slots[slot].mapped
+
     def retain(self, slot: int) -> None:
         """One more reader holds *slot*; it stays out of the free list until released."""
         with self._lock:
@@ -276,7 +280,8 @@ class BlobPool:
         self._generations[slot] = generation
         return generation
 
-    def _return_loan(self, slot: int) -> None:
+    def return_loan(self, slot: int) -> None:
+        """Take back a loaned slot (`PoolLoan.close` calls it); it is free once nobody holds it."""
         with self._lock:
             if self._closed:
                 return
@@ -326,7 +331,7 @@ class PoolLoan:
     def buffer(self) -> memoryview:
         """A writable, page-aligned view of the whole slot; write in place for full speed."""
         self._check_open()
-        return memoryview(self._pool._slots[self.slot].mapped)[: self._pool.slot_size]
+        return memoryview(self._pool.slot_mapping(self.slot))[: self._pool.slot_size]
 
     @property
     def id(self) -> BlobId:
@@ -352,7 +357,7 @@ class PoolLoan:
     def write_all(self, data: object, offset: int = 0) -> None:
         """Copy *data* into the slot at *offset*, bounds-checked."""
         self._check_open()
-        write_into(self._pool._slots[self.slot].mapped, self._pool.slot_size, data, offset, "slot")
+        write_into(self._pool.slot_mapping(self.slot), self._pool.slot_size, data, offset, "slot")
 
     def set_length(self, length: int) -> None:
         """Hand over only the first *length* bytes of the slot."""
@@ -366,7 +371,7 @@ class PoolLoan:
         if self._closed:
             return
         self._closed = True
-        self._pool._return_loan(self.slot)
+        self._pool.return_loan(self.slot)
 
     def _check_open(self) -> None:
         if self._closed:

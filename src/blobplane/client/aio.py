@@ -25,7 +25,14 @@ from blobplane.client.core import (
     payload_of,
 )
 from blobplane.client.handles import AsyncBrokerBlob, BrokerRead
-from blobplane.errors import BlobClosed, BlobError, BrokenResource, ConnectionRefused, Timeout
+from blobplane.errors import (
+    BlobClosed,
+    BlobError,
+    BrokenResource,
+    ConnectionClosed,
+    ConnectionRefused,
+    Timeout,
+)
 from blobplane.objects.allowlist import AllowList
 from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
 from blobplane.objects.transfer import fresh_blobs
@@ -249,7 +256,13 @@ class AsyncBrokerClient:
         self._pending[rid] = future
         self._check_usable()  # after the future exists: a failure from now on reaches it
         if call.send:
-            await self._send(payload_of(call.request), call.fds)
+            try:
+                await self._send(payload_of(call.request), call.fds)
+            except ConnectionClosed:
+                # The broker may have said why before it hung up: the reader takes it in.
+                await asyncio.sleep(0)
+                self._check_usable()
+                raise
         limit = self.timeout if call.wait is DEFAULT else call.wait
         # A timer only, not `asyncio.timeout()`: the reply usually beats it by far.
         timer = None if limit is None else self._loop.call_later(limit, _expire, future)

@@ -24,7 +24,14 @@ from blobplane.client.core import (
     no_broker,
 )
 from blobplane.client.handles import BrokerBlob, BrokerRead
-from blobplane.errors import BlobBusy, BlobClosed, BlobError, ConnectionRefused, Timeout
+from blobplane.errors import (
+    BlobBusy,
+    BlobClosed,
+    BlobError,
+    ConnectionClosed,
+    ConnectionRefused,
+    Timeout,
+)
 from blobplane.objects.allowlist import AllowList
 from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
 from blobplane.objects.transfer import fresh_blobs
@@ -237,8 +244,12 @@ class BrokerClient:
             raise BlobClosed("this broker client is closed")
         if call.send:
             self._send_deferred()
-            # Bytes: checked by `_checked`, so the channel need not decode them again.
-            self._channel.send(checked(call.request), call.fds, timeout=self.timeout)
+            try:
+                # Bytes: checked by `checked`, so the channel need not decode them again.
+                self._channel.send(checked(call.request), call.fds, timeout=self.timeout)
+            except ConnectionClosed:
+                self._raise_farewell()
+                raise
         limit = self.timeout if call.wait is DEFAULT else call.wait
         deadline = None if limit is None else time.monotonic() + limit
         while True:
@@ -251,6 +262,15 @@ class BrokerClient:
             if getattr(reply, "rid", 0) == call.request.rid:
                 return reply, fds
             self._core.unsolicited(reply, fds)
+
+    def _raise_farewell(self) -> None:
+        """Raise what the broker said before it hung up (a refusal of this connection), if any."""
+        while True:
+            try:
+                message, fds = self._channel.recv(timeout=0)
+            except BlobError:
+                return
+            self._core.unsolicited(self._core.decode(message, fds), fds)
 
     def _post(self, request: Request) -> None:
         """Send a request that gets no reply, now if possible (from `MappedRead.close()`)."""
