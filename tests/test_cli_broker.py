@@ -182,3 +182,88 @@ def test_the_broker_demo() -> None:
     assert "consumer B" in result.stdout
     assert "broker stopped" in result.stdout
     assert "socket file removed" in result.stdout
+
+
+# -- what trips people up ------------------------------------------------------------------------
+
+
+def test_files_that_cannot_be_read_or_written_are_one_line_errors(
+    at: dict[str, str], tmp_path: Path
+) -> None:
+    missing = one_line_error(blobplane("put", str(tmp_path / "missing.bin"), env=at))
+    assert "No such file or directory" in missing
+    assert "missing.bin" in missing
+    ok(blobplane("put", "-", "--key", "for-nowhere", env=at, stdin=b"bytes"))
+    nowhere = one_line_error(
+        blobplane("get", "for-nowhere", "-o", str(tmp_path / "no-dir" / "x"), env=at)
+    )
+    assert "No such file or directory" in nowhere
+    ok(blobplane("rm", "for-nowhere", env=at))
+    usage = blobplane("get", env=at)
+    assert usage.returncode == 2  # a usage error: click's status
+
+
+def test_inputs_without_a_size_are_read_to_the_end(at: dict[str, str], tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    payload = os.urandom(300_000)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", f"open({str(fifo)!r}, 'wb').write(bytes.fromhex({payload.hex()!r}))"]
+    )
+    ok(blobplane("put", str(fifo), "--key", "from-a-fifo", env=at))
+    assert writer.wait(DEADLINE_S) == 0
+    ok(blobplane("put", "/proc/self/status", "--key", "from-proc", env=at))
+    assert blobplane("get", "from-a-fifo", "-o", "-", env=at).stdout == payload
+    assert b"Name:" in blobplane("get", "from-proc", env=at).stdout
+    for key in ("from-a-fifo", "from-proc"):
+        ok(blobplane("rm", key, env=at))
+
+
+def test_get_writes_a_file_whole_or_not_at_all(at: dict[str, str], tmp_path: Path) -> None:
+    payload = os.urandom(1 << 20)
+    ok(blobplane("put", "-", "--key", "whole", env=at, stdin=payload))
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old contents")
+    ok(blobplane("get", "whole", "-o", str(target), env=at))
+    assert target.read_bytes() == payload
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"]  # no temporary file left
+    failed = blobplane("get", "nothing-here", "-o", str(tmp_path / "other.bin"), env=at)
+    assert failed.returncode == 1
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"]
+    ok(blobplane("rm", "whole", env=at))
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_ls_never_cuts_an_id(at: dict[str, str], columns: str) -> None:
+    key = "a-rather-long-key-" * 4
+    blob_id = ok(blobplane("put", "-", "--key", key, env=at, stdin=b"x")).strip()
+    listing = ok(blobplane("ls", env={**at, "COLUMNS": columns}))
+    assert blob_id in listing
+    wide = ok(blobplane("ls", "--wide", env={**at, "COLUMNS": columns}))
+    assert blob_id in wide
+    assert key in wide
+    entries = json.loads(ok(blobplane("ls", "--json", env=at)))
+    mine = [entry for entry in entries if entry["id"] == blob_id]
+    assert len(mine) == 1
+    assert {"id", "key", "size", "state", "pooled", "references", "lease_ms"} <= set(mine[0])
+    ok(blobplane("rm", key, env=at))
+
+
+def test_a_put_that_evicts_says_so(tmp_path: Path) -> None:
+    with running_broker("--memory-limit", "64KiB", "--evict") as evicting:
+        at = {"BLOBPLANE_BROKER": evicting.socket_path}
+        ok(blobplane("put", "-", "--key", "first", env=at, stdin=b"x" * 40_000))
+        second = blobplane("put", "-", "--key", "second", env=at, stdin=b"y" * 40_000)
+        ok(second)
+        assert "evicted 1 idle blobs to make room" in second.stderr.decode()
+
+
+def test_python_dash_m_blobplane_is_the_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blobplane", "--help"],
+        capture_output=True,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert b"Usage: blobplane" in result.stdout

@@ -85,7 +85,7 @@ else:
     import asyncio
     from blobplane.streams import AsyncSubscriber
     async def main():
-        async with await AsyncSubscriber.connect(path, check=True) as sub:
+        async with await AsyncSubscriber.connect(path, check=True, spin_us=spin) as sub:
             print("ready", flush=True)
             async for receipt in sub:
                 async with receipt:
@@ -152,7 +152,10 @@ def test_blocking_stream_delivers_every_frame_once_in_order(
 def test_spinning_sides_deliver_every_frame_once_in_order(socket_path: str) -> None:
     count = 500
     with Publisher(socket_path, slot_size=4096, slots=2, spin_us=50) as pub:
-        children = [_start_subscriber(socket_path, spin_us=50) for _ in range(2)]
+        children = [
+            _start_subscriber(socket_path, flavour=flavour, spin_us=50)
+            for flavour in ("sync", "asyncio")
+        ]
         pub.wait_for_subscribers(2, timeout=CHILD_TIMEOUT_S)
         _publish(pub, count, 4096)
     for child in children:

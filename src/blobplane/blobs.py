@@ -462,7 +462,7 @@ def map_descriptor(
     """Map a blob from another process read-only, after checking it is safe to.
 
     An fd (`UnixFd`) is borrowed, never closed: the mapping keeps a duplicate.
-    It must be a memfd sealed against shrinking and growing (see DESIGN.md),
+    It must be a memfd sealed against shrinking and growing (`backends.checks`),
     with every page allocated: reading a hole would allocate the page here and
     charge it to this process (`SparseBlob`; *allow_sparse* accepts it).
 

@@ -77,8 +77,9 @@ __all__ = [
     "target_of",
 ]
 
-# 2: the broker may send `ProducerGone`, which a client of version 1 would refuse.
-PROTOCOL_VERSION = 2
+# Version 3: `BlobEntry.evicted`. Clients and brokers of other versions refuse each
+# other at the hello, since both decode with unknown fields forbidden.
+PROTOCOL_VERSION = 3
 # A ListReply part stays well inside the channel's 64 KiB frame, whatever the keys.
 MAX_LIST_PART_BYTES = 48 * 1024
 MAX_ACCOUNTS_LISTED = 200
@@ -231,6 +232,9 @@ class BlobEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     idle_ms: NonNegative
     account: str
     owner: int | None
+    # In the reply to a put or a create: how many idle blobs the broker evicted
+    # (with --evict) to make room for this one.
+    evicted: NonNegative = 0
 
     @property
     def blob_id(self) -> BlobId:

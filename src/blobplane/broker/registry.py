@@ -632,7 +632,7 @@ class BlobRegistry:
             blob = self._keys.get(check_key(target))
             if blob is None:
                 raise BlobNotFound(
-                    f"no live blob has the key {target!r}; check `list` for the keys in use"
+                    f"no live blob has the key {target!r}; `blobplane ls` lists the keys in use"
                 )
             return blob
         blob = self._blob(target)

@@ -96,6 +96,7 @@ from blobplane.broker.registry import (
     BlobState,
     ClientId,
     Evicted,
+    EvictReason,
     FreeBlob,
     NotifyProducer,
     Pending,
@@ -481,8 +482,9 @@ class BrokerServer:
             return self.authority.grant(token)
         if self.config.require_token:
             raise TokenRefused(
-                "this broker requires a token: ask its owner for one "
-                "(`blobplane token create --rights ...`) and pass it as token= or $BLOBPLANE_TOKEN"
+                "this broker requires a token: ask its owner for one (`blobplane token "
+                "create --rights ...`) and pass it with --token, $BLOBPLANE_TOKEN, or the "
+                "client's token argument"
             )
         return Grant()
 
@@ -643,7 +645,8 @@ class BrokerServer:
             self._carry_out(self.registry.discard(client, blob_id))
             self.fds.close(blob_id)
             raise
-        session.post(BlobReply(rid=request.rid, blob=_entry(self.registry.info(blob_id))), (sent,))
+        entry = _entry(self.registry.info(blob_id), evicted=_evictions(placed.actions))
+        session.post(BlobReply(rid=request.rid, blob=entry), (sent,))
         event(
             "blob.created", logging.DEBUG, client=client, blob=blob_id, size=size, key=request.key
         )
@@ -685,7 +688,9 @@ class BrokerServer:
         self._carry_out(placed.actions)
         if request.key is not None:
             self._wake(request.key)  # the readers waiting for it first: they are the hurry
-        session.post(BlobReply(rid=request.rid, blob=_entry(placed.info)))
+        session.post(
+            BlobReply(rid=request.rid, blob=_entry(placed.info, evicted=_evictions(placed.actions)))
+        )
         event(
             "blob.put",
             logging.DEBUG,
@@ -968,7 +973,15 @@ def _refusal(rid: int, error: BlobError) -> Refused:
     return Refused(rid=rid, error=type(error).__name__, message=str(error)[:MAX_TEXT])
 
 
-def _entry(info: BlobInfo) -> BlobEntry:
+def _evictions(actions: list[Action]) -> int:
+    return sum(
+        1
+        for action in actions
+        if isinstance(action, Evicted) and action.reason is EvictReason.MEMORY
+    )
+
+
+def _entry(info: BlobInfo, *, evicted: int = 0) -> BlobEntry:
     now = time.monotonic()
     return BlobEntry(
         id=info.id.uuid,
@@ -983,6 +996,7 @@ def _entry(info: BlobInfo) -> BlobEntry:
         idle_ms=max(0, round((now - info.last_used) * 1000)),
         account=info.account,
         owner=info.owner,
+        evicted=evicted,
     )
 
 

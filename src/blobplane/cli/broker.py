@@ -8,11 +8,13 @@ becomes one line on stderr and exit status 1, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import io
 import logging
 import os
+import stat
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,7 +92,10 @@ def _client_options(function: Callable[P, T]) -> Callable[P, T]:
 
 
 def _one_line_errors(function: Callable[P, T]) -> Callable[P, T]:
-    """A `BlobError` is a message for people: one line on stderr, exit status 1."""
+    """A `BlobError` or an `OSError` is a message for people: one line on stderr, status 1.
+
+    (Usage errors stay click's: its message and status 2.)
+    """
 
     @functools.wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -98,6 +103,11 @@ def _one_line_errors(function: Callable[P, T]) -> Callable[P, T]:
             return function(*args, **kwargs)
         except BlobError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+            where = f": {exc.filename}" if exc.filename is not None else ""
+            click.echo(f"error: {what}{where}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -248,29 +258,36 @@ def put(
     from blobplane.client import connect_broker
     from blobplane.types import BlobBackend
 
-    with connect_broker(socket_path, token, name="blobplane put") as broker:
-        if file == "-":
-            entry = broker.put_bytes(sys.stdin.buffer.read(), key=key, lease_ms=lease_ms)
+    # Opened before connecting: a file that cannot be read costs the broker nothing.
+    with (
+        contextlib.nullcontext(sys.stdin.buffer) if file == "-" else open(file, "rb") as source,
+        connect_broker(socket_path, token, name="blobplane put") as broker,
+    ):
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            # A pipe, a terminal, /proc/cpuinfo, <(cmd): no size to trust, read to the end.
+            entry = broker.put_bytes(source.read(), key=key, lease_ms=lease_ms)
         else:
             # Filled here and put, rather than created by the broker: a token with the
-            # 'put' right is enough, and a file that cannot be read costs the broker nothing.
+            # 'put' right is enough.
             with (
-                open(file, "rb") as source,
                 SharedMemoryBlobs(BlobBackend.MEMFD) as blobs,
-                blobs.create(os.fstat(source.fileno()).st_size) as blob,
+                blobs.create(info.st_size) as blob,
             ):
                 with blob.buffer as view:
                     _read_into(source, view, os.path.basename(file))
                 blob.seal()
                 entry = broker.put(blob, key=key, lease_ms=lease_ms)
+    if entry.evicted:
+        click.echo(f"note: the broker evicted {entry.evicted} idle blobs to make room", err=True)
     click.echo(str(entry.id))
 
 
-def _read_into(source: io.BufferedReader, view: memoryview, label: str) -> None:
+def _read_into(source: BinaryIO, view: memoryview, label: str) -> None:
     with _progress(len(view), f"put {label}") as advance:
         offset = 0
         while offset < len(view):
-            count = source.readinto(view[offset : offset + _CHUNK])
+            count = os.readv(source.fileno(), [view[offset : offset + _CHUNK]])
             if not count:
                 raise click.ClickException(
                     f"{label} shrank while it was read ({offset} of {len(view)} bytes)"
@@ -284,10 +301,9 @@ def _read_into(source: io.BufferedReader, view: memoryview, label: str) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, allow_dash=True, writable=True),
-    default="-",
-    show_default=True,
-    help="Where to write the blob (- for stdout).",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default=None,
+    help="Where to write the blob; - for stdout (the default, unless stdout is a terminal).",
 )
 @click.option("--id", "by_id", is_flag=True, help="KEY is a blob id.")
 @click.option(
@@ -301,15 +317,26 @@ def _read_into(source: io.BufferedReader, view: memoryview, label: str) -> None:
 def get(
     *,
     key: str,
-    output: str,
+    output: str | None,
     by_id: bool,
     timeout: float | None,
     socket_path: str | None,
     token: str | None,
 ) -> None:
-    """Write the blob under KEY (or with that id) to a file."""
+    """Write the blob under KEY (or with that id) to a file, or to stdout.
+
+    A file appears whole or not at all: the blob goes to a temporary file in
+    the same folder, renamed into place once complete.
+    """
     from blobplane.client import connect_broker
 
+    if output is None:
+        if sys.stdout.isatty():
+            raise click.UsageError(
+                "stdout is a terminal: write the blob to a file with -o FILE "
+                "(or pass -o - to print it anyway)"
+            )
+        output = "-"
     with connect_broker(socket_path, token, name="blobplane get") as broker:
         mapped = _first_found(lambda target: broker.get(target, timeout=timeout), key, by_id)
         with mapped, mapped.as_slice() as view:
@@ -317,8 +344,30 @@ def get(
                 _write_from(sys.stdout.buffer, view, key)
                 sys.stdout.buffer.flush()
             else:
-                with open(output, "wb") as sink:
-                    _write_from(sink, view, key)
+                _write_file(output, view, key)
+
+
+def _write_file(path: str, view: memoryview, label: str) -> None:
+    """Write *view* to *path* through a temporary file beside it, renamed when complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            _write_from(sink, view, label)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.chmod(partial, 0o666 & ~_umask())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_found(action: Callable[[str | BlobId], T], text: str, by_id: bool) -> T:
@@ -341,11 +390,23 @@ def _write_from(sink: BinaryIO, view: memoryview, label: str) -> None:
 
 @click.command(name="ls")
 @click.option("--all", "include_deleted", is_flag=True, help="Also deleted blobs still read.")
-@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="For scripts: a JSON array of objects, one per blob, with the fields of `BlobEntry`.",
+)
+@click.option("--wide", is_flag=True, help="Never wrap: as wide as the table needs.")
 @_client_options
 @_one_line_errors
-def ls(include_deleted: bool, as_json: bool, socket_path: str | None, token: str | None) -> None:
-    """List the broker's blobs."""
+def ls(
+    include_deleted: bool,
+    as_json: bool,
+    wide: bool,
+    socket_path: str | None,
+    token: str | None,
+) -> None:
+    """List the broker's blobs (ids are never cut: other columns wrap first)."""
     from blobplane.client import connect_broker
 
     with connect_broker(socket_path, token, name="blobplane ls") as broker:
@@ -354,7 +415,9 @@ def ls(include_deleted: bool, as_json: bool, socket_path: str | None, token: str
         click.echo(msgspec.json.encode(entries))
         return
     table = Table(title=f"{len(entries)} blobs")
-    for column in ("key", "id", "size", "state", "refs", "lease left", "idle"):
+    table.add_column("key", overflow="fold")
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("size", "state", "refs", "lease left", "idle"):
         table.add_column(column, justify="right" if column in ("size", "refs") else "left")
     for entry in entries:
         left = "-"
@@ -369,7 +432,10 @@ def ls(include_deleted: bool, as_json: bool, socket_path: str | None, token: str
             left,
             format_duration(entry.idle_ms / 1000),
         )
-    Console().print(table)
+    console = Console()
+    if wide:
+        console = Console(width=max(console.width, console.measure(table).maximum))
+    console.print(table)
 
 
 @click.command()

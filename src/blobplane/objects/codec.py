@@ -267,10 +267,13 @@ def loads(
                     raise MalformedMetadata("the pickle stream lies outside the blob")
                 stream = bytes(whole[header.stream_offset : stream_end])
             tracked, buffers = _exported_buffers(whole, header, owned=mapped.owns_mapping)
-        allow = DEFAULT_ALLOW_LIST if restricted is True else restricted or None
-        if allow is None:
+        # Only an explicit False loads unrestricted; anything else restricts or is refused.
+        if restricted is False:
             obj = pickle.Unpickler(io.BytesIO(stream), buffers=buffers).load()
         else:
+            allow = DEFAULT_ALLOW_LIST if restricted is True else restricted
+            if not isinstance(allow, AllowList):
+                raise TypeError(f"restricted is True, False or an AllowList, not {allow!r}")
             obj = RestrictedUnpickler(io.BytesIO(stream), buffers, allow).load()
     except BaseException as exc:
         buffers.clear()

@@ -39,6 +39,7 @@ from blobplane.streams.ring import (
     answer_bell,
     require_ordered_memory,
     spin,
+    spin_ns_of,
 )
 from blobplane.wire import MAX_FDS_PER_MESSAGE, UserPayload
 
@@ -87,12 +88,10 @@ class Publisher:
     ) -> None:
         if isinstance(slots, int) and slots > MAX_STREAM_SLOTS:
             raise InvalidSize(f"a stream pool has at most {MAX_STREAM_SLOTS} slots, not {slots}")
-        if spin_us < 0:
-            raise ValueError(f"spin_us must be >= 0, not {spin_us}")
         require_ordered_memory()
         self.policy = Backpressure(policy)
         self.timeout = timeout
-        self.spin_ns = int(spin_us * 1000)
+        self.spin_ns = spin_ns_of(spin_us)
         self._pool = BlobPool(slot_size, slots)
         try:
             self._listener = channel.listen(path, timeout=timeout, allowed_uids=allowed_uids)

@@ -78,6 +78,7 @@ from blobplane.backends.mapping import map_readonly, map_writable, unmap_when_un
 from blobplane.errors import RemoteProtocolError, WrongKind, os_errors
 from blobplane.pool import sealed_memfd
 from blobplane.streams.protocol import MAX_HEADER, Frame
+from blobplane.types import is_number
 
 __all__ = [
     "ENTRIES_AT",
@@ -480,3 +481,10 @@ class SubscriberRing:
         unmap_when_unused(self._ring)
         unmap_when_unused(self._release)
         self._ring = self._release = None
+
+
+def spin_ns_of(spin_us: float) -> int:
+    """The ``spin_us=`` of a publisher or subscriber, checked, in nanoseconds."""
+    if not is_number(spin_us) or not spin_us >= 0:
+        raise ValueError(f"spin_us must be a number >= 0, not {spin_us!r}")
+    return int(spin_us * 1000)

@@ -47,7 +47,12 @@ from blobplane.streams.protocol import (
     StreamMessage,
     decode,
 )
-from blobplane.streams.ring import SubscriberRing, answer_bell, require_ordered_memory
+from blobplane.streams.ring import (
+    SubscriberRing,
+    answer_bell,
+    require_ordered_memory,
+    spin_ns_of,
+)
 from blobplane.types import UnixFd
 from blobplane.wire import Message, UserPayload
 
@@ -326,10 +331,8 @@ class Subscriber:
         allowed_uids: Container[int] | None = None,
         spin_us: float = 0.0,
     ) -> None:
-        if spin_us < 0:
-            raise ValueError(f"spin_us must be >= 0, not {spin_us}")
         self.timeout = timeout
-        self.spin_ns = int(spin_us * 1000)
+        self.spin_ns = spin_ns_of(spin_us)
         self._core = SubscriberCore(check=check)
         self._channel = sync_channel.connect(path, timeout=timeout, allowed_uids=allowed_uids)
         try:
@@ -460,12 +463,19 @@ class AsyncSubscriber:
 
     The loop watches the ring's bell (a reader callback) and the
     channel (one `recv` task for the stream's life, which only End or the
-    publisher's hang-up completes).
+    publisher's hang-up completes). ``spin_us`` is `Subscriber`'s; the spin
+    runs in the event loop's thread, which it holds for up to that long.
     """
 
     def __init__(
-        self, core: SubscriberCore, channel: aio.AsyncChannel, timeout: float | None = 30.0
+        self,
+        core: SubscriberCore,
+        channel: aio.AsyncChannel,
+        timeout: float | None = 30.0,
+        *,
+        spin_us: float = 0.0,
     ) -> None:
+        self.spin_ns = spin_ns_of(spin_us)
         self._core = core
         self._channel = channel
         self.timeout = timeout
@@ -485,7 +495,9 @@ class AsyncSubscriber:
         check: bool = False,
         timeout: float | None = 30.0,
         allowed_uids: Container[int] | None = None,
+        spin_us: float = 0.0,
     ) -> AsyncSubscriber:
+        spin_ns_of(spin_us)  # refused before connecting
         channel = await aio.connect(path, timeout=timeout, allowed_uids=allowed_uids)
         core = SubscriberCore(check=check)
         try:
@@ -495,7 +507,7 @@ class AsyncSubscriber:
             channel.close()
             core.close()
             raise
-        return cls(core, channel, timeout)
+        return cls(core, channel, timeout, spin_us=spin_us)
 
     @property
     def policy(self) -> Backpressure | None:
@@ -540,6 +552,8 @@ class AsyncSubscriber:
                 return AsyncReceipt(core, frame, core.take_missed())
             if core.ended is not None:
                 raise core.ended
+            if self.spin_ns and core.spin(self.spin_ns):
+                continue  # a frame came (or an entry is being rewritten: take() says which)
             # No await between the look at the ring and here: a frame published
             # since makes the bell readable, and _on_bell runs once we wait.
             self._waiter = waiter = self._loop.create_future()
