@@ -149,14 +149,16 @@ def environment() -> dict[str, Any]:
     }
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            info["cpu"] = next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in cpuinfo
-                    if line.startswith("model name")
-                ),
-                "",
-            )
+            lines = cpuinfo.read().splitlines()
+        info["cpu"] = next(
+            (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+            "",
+        )
+        # The CPU says whether it runs under a hypervisor (a virtual machine).
+        flags = next(
+            (line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []
+        )
+        info["virtual_machine"] = "hypervisor" in flags
     except OSError:
         pass
     for key, path in (
@@ -234,19 +236,18 @@ def latency_table(
     ratio_cells: Callable[[Result], tuple[str, str]],
     bold: Callable[[Result], bool] = lambda r: False,
 ) -> Table:
-    """The latency rows: runs, p50, p99, IQR, and two ratio columns named *ratios*."""
+    """A row per result (the caller picks the phase): runs, p50, p99, IQR, two ratio columns."""
     table = _table(title, caption, ["variant", "runs", "p50", "p99", "IQR", *ratios])
     for r in results:
-        if r.phase == "latency":
-            table.add_row(
-                r.variant,
-                str(len(r.samples_ns)),
-                fmt_time(r.median_ns),
-                fmt_time(r.p99_ns),
-                r.iqr,
-                *ratio_cells(r),
-                style="bold" if bold(r) else "",
-            )
+        table.add_row(
+            r.variant,
+            str(len(r.samples_ns)),
+            fmt_time(r.median_ns),
+            fmt_time(r.p99_ns),
+            r.iqr,
+            *ratio_cells(r),
+            style="bold" if bold(r) else "",
+        )
     return table
 
 

@@ -638,7 +638,7 @@ def latency_table(results: list[Result]) -> Table:
         return f"{ray.median_ns / r.median_ns:.1f}", f"{ray.p99_ns / r.p99_ns:.1f}"
 
     return _common.latency_table(
-        results,
+        [r for r in results if r.phase == "latency"],
         title=f"broker: put-then-get latency, {fmt_size(LATENCY_SIZE)} (publish until the "
         "consumer, another process, has mapped and released it)",
         caption=(

@@ -34,6 +34,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from _common import environment
 from blobplane import BlobPool, SharedMemoryBlobs, channel
 from blobplane.objects import recv_obj, send_obj
 from blobplane.types import BlobBackend
@@ -276,18 +277,38 @@ def report(results: dict[str, dict[str, list[float]]], console: Console) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small payloads, 2 rounds")
-    parser.add_argument("--json", help="write the raw timings here")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--no-ray", action="store_true", help="skip Ray even if installed")
     args = parser.parse_args()
     if args.quick:
         names, rounds = ["1 MiB", "64 MiB"], 2
     else:
         names, rounds = ["1 MiB", "64 MiB", "512 MiB", "DataFrame 10M rows"], 5
+    started = time.monotonic()
     results = run(names, rounds, use_ray=not args.no_ray and not args.quick)
     report(results, Console(width=120))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+            json.dump(to_json(results, time.monotonic() - started), out, indent=2)
+
+
+def to_json(results: dict[str, dict[str, list[float]]], seconds: float) -> dict[str, Any]:
+    """The runs as the other benchmarks write them: the machine, then one row per variant."""
+    rows = []
+    for name, timings in results.items():
+        size = nbytes(make_payload(name))
+        for label, values in timings.items():
+            rows.append(
+                {
+                    "payload": name,
+                    "size": size,
+                    "variant": label,
+                    "runs": len(values),
+                    "median_ns": statistics.median(values) * 1e9,
+                    "samples_ns": [round(value * 1e9) for value in values],
+                }
+            )
+    return {"environment": environment(), "wall_seconds": round(seconds, 1), "results": rows}
 
 
 if __name__ == "__main__":

@@ -168,8 +168,7 @@ def test_an_immediate_send_that_would_wait_sends_nothing() -> None:
         async with tested, peer:
             sent: list[int] = []
             for index in range(100_000):
-                request = tested._try_send_built(UserPayload(data=index.to_bytes(4, "little")))
-                if request is None:
+                if not tested.try_send_payload(index.to_bytes(4, "little")):
                     break
                 sent.append(index)
             else:

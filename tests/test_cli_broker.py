@@ -207,9 +207,9 @@ def test_inputs_without_a_size_are_read_to_the_end(at: dict[str, str], tmp_path:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     payload = os.urandom(300_000)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", f"open({str(fifo)!r}, 'wb').write(bytes.fromhex({payload.hex()!r}))"]
-    )
+    source = tmp_path / "source.bin"
+    source.write_bytes(payload)
+    writer = subprocess.Popen(["sh", "-c", 'cat "$0" > "$1"', str(source), str(fifo)])
     ok(blobplane("put", str(fifo), "--key", "from-a-fifo", env=at))
     assert writer.wait(DEADLINE_S) == 0
     ok(blobplane("put", "/proc/self/status", "--key", "from-proc", env=at))
@@ -235,7 +235,7 @@ def test_get_writes_a_file_whole_or_not_at_all(at: dict[str, str], tmp_path: Pat
 
 @pytest.mark.parametrize("columns", ["80", "200"])
 def test_ls_never_cuts_an_id(at: dict[str, str], columns: str) -> None:
-    key = "a-rather-long-key-" * 4
+    key = f"a-rather-long-key-for-{columns}-columns-" * 2
     blob_id = ok(blobplane("put", "-", "--key", key, env=at, stdin=b"x")).strip()
     listing = ok(blobplane("ls", env={**at, "COLUMNS": columns}))
     assert blob_id in listing

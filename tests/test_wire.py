@@ -616,192 +616,128 @@ def test_any_datagrams_decode_or_raise_remote_protocol_error(
     assert accounted(feed(connection(fake, "datagram"), chunks), fake)
 
 
-# -- replies built ahead ------------------------------------------------------------------------
-
-# Steps of a conversation between a sender S and a receiver R over datagrams. "r:prepare" and
-# the expectation that "s:handoff" sets up run only when replies are built ahead.
-PREBUILT_SCRIPTS = {
-    "the usual round trip": ["r:prepare", "s:handoff", "r:recv", "r:ack", "s:recv"],
-    "a payload before the ack": ["s:handoff", "r:recv", "r:payload", "r:ack", "s:recv", "s:recv"],
-    "the receiver spoke after preparing": [
-        *("r:prepare", "r:payload", "s:handoff", "r:recv", "r:ack", "s:recv", "s:recv"),
-    ],
-    "another request before the handoff": [
-        *("r:prepare", "s:payload", "s:handoff", "r:recv", "r:recv", "r:ack", "s:recv"),
-    ],
-    "two handoffs, the later one expected": [
-        *("s:handoff", "s:handoff", "r:recv", "r:recv", "r:ack", "r:ack", "s:recv", "s:recv"),
-    ],
-    "the expected ack replayed": [
-        *("r:prepare", "s:handoff", "r:recv", "r:ack", "s:recv", "s:replay"),
-    ],
-}
+# -- receive_datagram: receive_data() and next_event() in one step ------------------------------
 
 
-def converse(script: list[str], *, prebuilt: bool) -> list[object]:
-    """Run *script*; return every frame sent, every event or error received, and the end state."""
-    fake = FakeFds()
-    sender, receiver = connection(fake, "datagram"), connection(fake, "datagram")
-    to_receiver: list[tuple[bytes, tuple[int, ...]]] = []
-    to_sender: list[bytes] = []
-    handoffs: list[int] = []
+def take_datagrams(
+    conn: Connection, datagrams: Iterable[tuple[bytes, tuple[int, ...], bool]], *, whole: bool
+) -> list[object]:
+    """Feed *datagrams* (data, fds, cut short) with `receive_datagram` if *whole*, else with
+    `receive_data` and `next_event`; every event and error that came of it."""
     seen: list[object] = []
-    last = b""
-
-    def sender_takes(data: bytes) -> None:
+    for data, fds, truncated in datagrams:
         try:
-            seen.append(sender.receive_datagram(data, []))
-        except RemoteProtocolError as exc:
-            seen.append(("remote error", str(exc)))
-
-    for step in script:
-        if step == "r:prepare" and prebuilt:
-            receiver.prepare_ack()
-        elif step == "s:handoff":
-            framed_handoff = sender.frame_handoff(TOKEN, b"")
-            assert framed_handoff is not None
-            to_receiver.append((bytes(framed_handoff[1]), fake.new()))
-            seen.append(bytes(framed_handoff[1]))
-            if prebuilt:
-                sender.expect_ack(framed_handoff[0].id)
-        elif step in ("s:payload", "r:payload"):
-            side = sender if step == "s:payload" else receiver
-            framed_payload = side.frame_payload(b"news")
-            assert framed_payload is not None
-            if side is sender:
-                to_receiver.append((bytes(framed_payload[1]), ()))
+            if whole:
+                seen.append(conn.receive_datagram(data, list(fds), truncated=truncated))
             else:
-                to_sender.append(bytes(framed_payload[1]))
-            seen.append(bytes(framed_payload[1]))
-        elif step == "r:recv":
-            data, fds = to_receiver.pop(0)
-            event = receiver.receive_datagram(data, list(fds))
-            assert isinstance(event, Received)
-            if isinstance(event.message, BlobHandoff):
-                handoffs.append(event.message.id)
-            seen.append(event)
-        elif step == "r:ack":
-            framed_ack = receiver.frame_ack(handoffs.pop(0))
-            assert framed_ack is not None
-            to_sender.append(bytes(framed_ack[1]))
-            seen.append(bytes(framed_ack[1]))
-        elif step == "s:recv":
-            last = to_sender.pop(0)
-            sender_takes(last)
-        elif step == "s:replay":
-            sender_takes(last)
-    seen += [*to_receiver, *to_sender]  # nothing should be left, and the same either way
-    seen += [sender.open_handoffs, sender.their_state, receiver.our_state, fake.closed]
+                conn.receive_data(data, fds, truncated=truncated)
+                seen.append(conn.next_event())
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            seen.append((type(exc).__name__, str(exc)))
     return seen
 
 
-@pytest.mark.parametrize("script", PREBUILT_SCRIPTS.values(), ids=PREBUILT_SCRIPTS.keys())
-def test_replies_built_ahead_change_nothing_but_the_work(script: list[str]) -> None:
-    """`expect_ack` and `prepare_ack`: every frame, event, error and state as without them."""
-    assert converse(script, prebuilt=True) == converse(script, prebuilt=False)
+def both_ways(
+    prelude: int, datagrams: list[tuple[bytes, int, bool]], queued: int = 0
+) -> tuple[list[object], list[object]]:
+    """What a datagram connection makes of *datagrams* taken whole and taken in two steps.
 
-
-class Refuses:
-    """Stands in for the codec to show a step did not use it."""
-
-    def encode_into(self, *args: object) -> None:
-        raise AssertionError("encoded although the frame was built ahead")
-
-    def decode(self, *args: object) -> None:
-        raise AssertionError("decoded although the frame was expected")
-
-
-def test_replies_built_ahead_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The usual round trip neither encodes the Ack on its way out nor decodes it on its way in."""
-    fake = FakeFds()
-    sender, receiver = connection(fake, "datagram"), connection(fake, "datagram")
-    receiver.prepare_ack()
-    framed = sender.frame_handoff(TOKEN, b"")
-    assert framed is not None
-    sender.expect_ack(framed[0].id)
-    event = receiver.receive_datagram(bytes(framed[1]), list(fake.new()))
-    assert isinstance(event, Received)
-    with monkeypatch.context() as patched:
-        patched.setattr("blobplane.wire.connection._ENCODER", Refuses())
-        patched.setattr("blobplane.wire.connection._DECODER", Refuses())
-        ack = receiver.frame_ack(framed[0].id)
-        assert ack is not None
-        reply = sender.receive_datagram(bytes(ack[1]), [])
-    assert reply == Received(Ack(id=1, reply_to=1))
-    assert sender.open_handoffs == frozenset()
+    *prelude*: handoffs this side sent first, for Acks to answer. *queued*: datagrams
+    fed with `receive_data` before the rest, so that the rest line up behind them.
+    """
+    outcomes = []
+    for whole in (True, False):
+        fake = FakeFds()
+        conn = connection(fake, "datagram")
+        for _ in range(prelude):
+            conn.frame(BlobHandoff(token=TOKEN), 1)
+        numbered = [(data, fake.new(count), cut) for data, count, cut in datagrams]
+        for data, fds, cut in numbered[:queued]:
+            conn.receive_data(data, fds, truncated=cut)
+        seen = take_datagrams(conn, numbered[queued:], whole=whole)
+        fed = [fd for _, fds, _ in numbered for fd in fds]
+        handed = [fd for event in seen if isinstance(event, Received) for fd in event.fds]
+        outcomes.append(
+            [*seen, conn.their_state, conn.open_handoffs, conn.owned_fds, sorted(fake.closed)]
+        )
+        if not queued:
+            assert sorted(handed + fake.closed) == sorted(fed), "fds lost"
+    return outcomes[0], outcomes[1]
 
 
 def ack_bytes(request_id: int, reply_to: int) -> bytes:
-    """The frame a peer's wire sends for `Ack(request_id, reply_to)`, byte for byte."""
     return frame(msgspec.msgpack.encode(Ack(id=request_id, reply_to=reply_to)))
 
 
-@pytest.mark.parametrize("case", ["never sent", "id already used"])
-def test_an_expected_ack_that_is_illegal_is_refused_as_without(case: str) -> None:
-    """The frame `expect_ack` built, arriving when the decoder would refuse it, is refused."""
-    outcomes = []
-    for prebuilt in (True, False):
-        fake = FakeFds()
-        sender = connection(fake, "datagram")
-        if case == "id already used":
-            assert sender.frame_handoff(TOKEN, b"") is not None
-        if prebuilt:
-            sender.expect_ack(1)
-        if case == "id already used":
-            # A message with the Ack's id, taken by the general path, which does not use
-            # the expectation: only its checks stop the expected frame now.
-            sender.receive_data(frame(payload_bytes()), ())
-            assert isinstance(sender.next_event(), Received)
-        with pytest.raises(RemoteProtocolError) as refused:
-            sender.receive_datagram(ack_bytes(1, 1), [])
-        outcomes.append(str(refused.value))
-    assert outcomes[0] == outcomes[1]
+DATAGRAM_CASES = {
+    "the usual round trip": (1, [(ack_bytes(1, 1), 0, False)]),
+    "an ack with an fd": (1, [(ack_bytes(1, 1), 1, False)]),
+    "an ack cut short": (1, [(ack_bytes(1, 1), 0, True)]),
+    "an ack of nothing": (0, [(ack_bytes(1, 1), 0, False)]),
+    "an id used twice": (1, [(frame(payload_bytes()), 0, False), (ack_bytes(1, 1), 0, False)]),
+    "the end of stream, then more": (1, [(b"", 0, False), (ack_bytes(1, 1), 0, False)]),
+    "after a protocol error": (1, [(b"not a frame at all", 0, False), (ack_bytes(1, 1), 0, False)]),
+    "the last id, then one more": (
+        1,
+        [
+            (frame(payload_bytes(id=MAX_REQUEST_ID)), 0, False),
+            (ack_bytes(MAX_REQUEST_ID, 1), 0, False),
+        ],
+    ),
+    "a handoff and its fd": (0, [(frame(handoff_bytes(), 1), 1, False)]),
+    "fds alone": (0, [(b"", 2, False)]),
+}
 
 
-# Each case: what happens before the expected Ack arrives, and how it arrives.
-EXPECTED_BUT_ILLEGAL = [
-    "with an fd",
-    "truncated",
-    "after end of stream",
-    "behind a queued datagram",
-    "after a protocol error",
-    "when the peer has used the last id",
-]
+@pytest.mark.parametrize("queued", [0, 1], ids=["alone", "behind a queued datagram"])
+@pytest.mark.parametrize("case", DATAGRAM_CASES.values(), ids=DATAGRAM_CASES.keys())
+def test_a_datagram_taken_whole_is_taken_as_in_two_steps(
+    case: tuple[int, list[tuple[bytes, int, bool]]], queued: int
+) -> None:
+    prelude, datagrams = case
+    if queued:
+        datagrams = [(frame(payload_bytes(id=1)), 0, False), *datagrams]
+    whole, in_two_steps = both_ways(prelude, datagrams, queued)
+    assert whole == in_two_steps
 
 
-def expected_ack_outcome(case: str, *, prebuilt: bool) -> list[object]:
-    """Feed the frame `expect_ack` builds, in *case*; return what came of it and the end state."""
-    fake = FakeFds()
-    sender = connection(fake, "datagram")
-    framed = sender.frame_handoff(TOKEN, b"")
-    assert framed is not None
-    ack_id = 1
-    if case == "when the peer has used the last id":
-        last = sender.receive_datagram(frame(payload_bytes(id=MAX_REQUEST_ID)), [])
-        assert isinstance(last, Received)
-        ack_id = MAX_REQUEST_ID + 1  # what the peer's wire would frame next
-    elif case == "after end of stream":
-        sender.receive_data(b"")
-    elif case == "behind a queued datagram":
-        sender.receive_data(frame(payload_bytes()))
-    elif case == "after a protocol error":
-        with pytest.raises(RemoteProtocolError):
-            sender.receive_datagram(b"not a frame at all", [])
-    if prebuilt:
-        sender.expect_ack(framed[0].id)
-    fds = list(fake.new()) if case == "with an fd" else []
-    seen: list[object] = []
-    try:
-        seen.append(
-            sender.receive_datagram(ack_bytes(ack_id, 1), fds, truncated=case == "truncated")
-        )
-        seen.append(sender.next_event())
-    except (LocalProtocolError, RemoteProtocolError) as exc:
-        seen.append((type(exc).__name__, str(exc)))
-    return [*seen, sender.open_handoffs, sender.their_state, fake.closed, sender.owned_fds]
+@settings(max_examples=300, deadline=None)
+@given(
+    prelude=st.integers(0, 2),
+    datagrams=st.lists(
+        st.tuples(
+            st.one_of(
+                st.binary(max_size=32),
+                st.builds(frame, st.binary(max_size=32)),
+                st.builds(ack_bytes, st.integers(1, 4), st.integers(1, 3)),
+                st.builds(lambda i: frame(payload_bytes(id=i)), st.integers(1, 4)),
+                st.builds(lambda i: frame(handoff_bytes(id=i), 1), st.integers(1, 4)),
+            ),
+            st.integers(0, 3),
+            st.booleans(),
+        ),
+        max_size=6,
+    ),
+)
+def test_any_datagrams_taken_whole_are_taken_as_in_two_steps(
+    prelude: int, datagrams: list[tuple[bytes, int, bool]]
+) -> None:
+    whole, in_two_steps = both_ways(prelude, datagrams)
+    assert whole == in_two_steps
 
 
-@pytest.mark.parametrize("case", EXPECTED_BUT_ILLEGAL)
-def test_an_expected_ack_meets_the_decoder_s_checks(case: str) -> None:
-    """The expected frame, arriving where the decoder would refuse or queue it: the same outcome."""
-    assert expected_ack_outcome(case, prebuilt=True) == expected_ack_outcome(case, prebuilt=False)
+def test_frame_and_send_give_the_same_bytes_and_record_the_same() -> None:
+    """`send` is `frame` with the bytes copied out: the same frame, the same ids."""
+    by_frame, by_send = connection(FakeFds(), "datagram"), connection(FakeFds(), "datagram")
+    sent: list[tuple[Message, tuple[int, ...]]] = [
+        (UserPayload(data=b"a"), ()),
+        (BlobHandoff(token=TOKEN), (3,)),
+        (UserPayload(data=b"b"), (4, 5)),
+    ]
+    for message, fds in sent:
+        framed, buffer = by_frame.frame(message, len(fds))
+        data, sent_fds = by_send.send(message, fds)
+        assert bytes(buffer) == data
+        assert sent_fds == fds
+        assert framed.id == by_send.next_id() - 1
+    assert by_frame.open_handoffs == by_send.open_handoffs == frozenset({2})

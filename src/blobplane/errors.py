@@ -324,3 +324,11 @@ class SlotRewritten(BlobError):
 
 class BrokerShutdown(ConnectionClosed):
     """The broker is shutting down: the request was not carried out, and the connection ends."""
+
+
+# -- federation ---------------------------------------------------------------------------
+
+
+class PeerUnreachable(BrokenResource):
+    """A peer broker (over Arrow Flight) could not be reached, refused this broker, stalled,
+    or failed in the middle of a transfer; nothing of the transfer was published."""

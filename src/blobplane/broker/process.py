@@ -24,6 +24,15 @@ class BrokerProcess:
     process: subprocess.Popen[bytes]
     socket_path: str
     log_path: str
+    ready_line: str = ""  # what it printed once it listened
+
+    @property
+    def flight_url(self) -> str | None:
+        """Where its Flight endpoint listens (`serve --flight`), from its ready line."""
+        for word in self.ready_line.split():
+            if word.startswith("flight="):
+                return word.removeprefix("flight=")
+        return None
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then wait; returns its exit status (SIGKILL after *timeout*)."""
@@ -52,6 +61,7 @@ def start_broker(socket_path: str, *args: str, timeout: float = _TIMEOUT_S) -> B
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     line = process.stdout.readline() if ready else b""
+    broker.ready_line = line.decode(errors="replace").strip()
     if not line.startswith(b"ready "):
         broker.stop()
         with open(log_path, "rb") as log:

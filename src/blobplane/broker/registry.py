@@ -50,6 +50,9 @@ disconnects; once it is withdrawn and its last reference is released,
 `NotifyProducer` hands the slot back (only then may the producer write to it
 again).
 
+A *cached* blob (a copy fetched from a peer broker, `create(cached=True)`)
+is evictable even without *evict*: it can be fetched again.
+
 Eviction (when enabled) takes sealed, non-pooled blobs that nobody
 references, least recently used first (use = put, seal, get, release). It is
 planned before anything changes: when even evicting every candidate would not
@@ -286,6 +289,7 @@ class _Blob:
     holders: dict[ClientId, int] = field(default_factory=dict)
     references: int = 0
     deadline_entry: int = -1  # the tiebreak of its one valid entry in the deadline heap
+    cached: bool = False  # a copy of a peer's blob: evictable even without `evict`
 
     def info(self) -> BlobInfo:
         return BlobInfo(
@@ -414,15 +418,20 @@ class BlobRegistry:
         *,
         key: str | None = None,
         lease_ms: int | None = None,
+        cached: bool = False,
     ) -> Placed:
         """Reserve a blob the broker will allocate and *client* will fill and seal.
 
         The server allocates the memfd after this returns; if that fails, it
-        calls `discard()`.
+        calls `discard()`. *cached*: a copy of a peer's blob, which memory
+        pressure may evict even without `evict`.
         """
-        return self._place(
+        placed = self._place(
             client, Right.CREATE, size, key, lease_ms, sealed=False, pooled=False, charge=size
         )
+        if cached:
+            self._blobs[placed.id].cached = True
+        return placed
 
     def put(
         self,
@@ -789,8 +798,12 @@ class BlobRegistry:
                 f"{format_size(self.memory_limit)}; start the broker with a larger --memory-limit"
             )
         victims: list[_Blob] = []
-        if self.evict:
-            candidates = [blob for blob in self._idle.values() if blob.id not in due]
+        candidates = [
+            blob
+            for blob in self._idle.values()
+            if blob.id not in due and (self.evict or blob.cached)
+        ]
+        if candidates:
             # The quota first, from this account's own blobs; then the global
             # limit, from anyone's: no blob of another goes for this quota's sake.
             for blob in candidates:

@@ -48,6 +48,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blobplane.backends.mapping import physical_memory
 from blobplane.backends.memlimit import memory_ceiling
@@ -127,6 +128,11 @@ from blobplane.sizes import format_size
 from blobplane.types import BlobId
 from blobplane.wire import Message, UserPayload
 
+if TYPE_CHECKING:
+    from blobplane.broker.flight.config import FlightConfig
+    from blobplane.broker.flight.federation import Federation
+    from blobplane.broker.flight.service import FlightEndpoint
+
 __all__ = ["BrokerConfig", "BrokerServer", "serve"]
 
 # Allocating (and zeroing) a large memfd takes milliseconds: in a thread, so
@@ -163,6 +169,9 @@ class BrokerConfig:
     max_connections: int = MAX_CONNECTIONS
     max_waiting_gets: int = MAX_WAITING_GETS
     max_waiting_gets_per_account: int = MAX_WAITING_GETS_PER_ACCOUNT
+    # A Flight endpoint beside the socket and peers to fetch missing keys from
+    # (blobplane.broker.flight); None: neither. Needs pyarrow.
+    flight: FlightConfig | None = None
 
 
 class _EndSession(Exception):
@@ -200,6 +209,8 @@ class BrokerServer:
         self._stop = asyncio.Event()
         self._stopping = False
         self._started = time.monotonic()
+        self.flight: FlightEndpoint | None = None
+        self.federation: Federation | None = None
 
     # -- running ---------------------------------------------------------------------------
 
@@ -224,6 +235,8 @@ class BrokerServer:
         )
         accepting = loop.create_task(self._accept(listener))
         try:
+            if self.config.flight is not None:
+                self._start_flight(self.config.flight)
             if ready is not None:
                 ready(listener.path)
             await self._stop.wait()
@@ -233,6 +246,7 @@ class BrokerServer:
             listener.close()  # the socket file goes first: no new client finds us
             accepting.cancel()
             await asyncio.gather(accepting, return_exceptions=True)
+            await self._stop_flight()
             await self._shutdown()
 
     def stop(self) -> None:
@@ -721,6 +735,16 @@ class BrokerServer:
             # A key nobody has used yet may still come, if the client is willing to wait.
             if type(exc) is not BlobNotFound or not isinstance(target, str):
                 raise
+            # A key that is not here may be at a peer (timeout 0: look here only).
+            if (
+                self.federation is not None
+                and request.timeout_ms != 0
+                and self.federation.on_miss(
+                    target, waits=bool(request.timeout_ms), woken=woken_by is not None
+                )
+            ):
+                self._park(session, request, target, waiter)
+                return
             if woken_by is not None:
                 # The blob it waited for went unsealed: that is the answer, not a reason
                 # to wait out the timeout for another.
@@ -874,6 +898,47 @@ class BrokerServer:
             return self.registry.info(blob_id).state is BlobState.ALLOCATED
         except BlobNotFound:
             return False
+
+    # -- for the Flight endpoint and federation (blobplane.broker.flight) ---------------------
+
+    def _start_flight(self, config: FlightConfig) -> None:
+        from blobplane.broker.flight.federation import Federation
+        from blobplane.broker.flight.service import FlightEndpoint
+
+        own = None
+        if config.listen is not None:
+            self.flight = FlightEndpoint(self, config, config.listen)
+            own = self.flight.start()
+        if config.peers:
+            self.federation = Federation(self, config, own)
+
+    async def _stop_flight(self) -> None:
+        if self.flight is not None:
+            await self.flight.stop(self.config.shutdown_grace)
+        if self.federation is not None:
+            await self.federation.stop()
+
+    @property
+    def flight_url(self) -> str | None:
+        """Where the Flight endpoint listens (its real port), once `run()` started it."""
+        return None if self.flight is None else self.flight.address.url
+
+    def new_client_id(self) -> ClientId:
+        """A registry client id no connection uses: one per Flight call or fetch."""
+        return next(self._client_ids)
+
+    def apply(self, actions: list[Action]) -> None:
+        """Carry out what a registry call returned, and reschedule the lease timer."""
+        self._carry_out(actions)
+        self._schedule_expiry()
+
+    def wake(self, key: str) -> None:
+        """Re-run the gets parked on *key*."""
+        self._wake(key)
+
+    def fd_refusal(self, what: str) -> BrokerLimitReached | None:
+        """`BrokerLimitReached` once the fds in use reach the reserve, else None."""
+        return self._fd_refusal(what)
 
     # -- looking -----------------------------------------------------------------------------
 

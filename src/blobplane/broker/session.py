@@ -18,17 +18,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections import deque
 from dataclasses import dataclass, field
 
 from blobplane.broker.protocol import Create, Get, Reply, encode
 from blobplane.broker.registry import ClientId
 from blobplane.broker.rights import Grant
 from blobplane.channel.aio import AsyncChannel, ChannelReader
-from blobplane.errors import BlobBusy, BlobError
+from blobplane.channel.outbox import Outbox
+from blobplane.errors import BlobError
 from blobplane.fds import close_fds
 from blobplane.types import BlobId
-from blobplane.wire import UserPayload
 
 __all__ = ["MAX_QUEUED_FDS", "MAX_QUEUED_REPLIES", "Session", "Waiter"]
 
@@ -76,20 +75,23 @@ class Session:
     # The producers whose pool slots this client was handed: told `ProducerGone`
     # when one of them disconnects, as the client keeps those slots mapped.
     pooled_from: set[ClientId] = field(default_factory=set)
-    _outbox: deque[tuple[bytes, tuple[int, ...]]] = field(default_factory=deque)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _drain: asyncio.Task[None] | None = None
-    _closed: bool = False
-    _queued_fds: int = 0
+    outbox: Outbox = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(
+            self.channel,
+            max_payloads=self.max_queued_replies,
+            max_fds=self.max_queued_fds,
+            on_overflow=self._overflow,
+        )
 
     def post(self, reply: Reply, fds: tuple[int, ...] = ()) -> None:
-        """Send *reply* with *fds* (now the session's) at once, or queue it.
+        """Send *reply* with *fds* (now the session's) at once, or queue it (see `Outbox`).
 
-        A reply with nothing queued before it goes out at once if the socket
-        takes it. What has to wait is sent by the reader's flush after the
-        request it is handling, or else by a drain task, in order.
+        While the reader handles a request (`busy`), what has to wait is
+        flushed by the session's task after the request.
         """
-        if self._closed or self.overflowed:
+        if self.overflowed:
             close_fds(fds)
             return
         try:
@@ -97,57 +99,20 @@ class Session:
         except BaseException:
             close_fds(fds)
             raise
-        if not self._outbox and not self._lock.locked():
-            try:
-                sent = self.channel._try_send_built(UserPayload(data=data), fds)
-            except BlobBusy:
-                sent = None
-            except BlobError:
-                sent = -1  # the peer is gone or broke: the reader finds out and ends the session
-            if sent is not None:
-                close_fds(fds)
-                return
-        if (
-            len(self._outbox) >= self.max_queued_replies
-            or self._queued_fds + len(fds) > self.max_queued_fds
-        ):
-            close_fds(fds)
-            self._overflow()
-            return
-        self._outbox.append((data, fds))
-        self._queued_fds += len(fds)
-        if not self.busy and not self._lock.locked() and self._drain is None:
-            self._drain = asyncio.get_running_loop().create_task(self._drain_now())
+        self.outbox.hold = self.busy
+        self.outbox.post(data, fds)
 
     async def flush(self) -> None:
         """Send everything queued, in order; waits while the client does not read."""
-        if not self._outbox:
-            return  # a drain that took the last reply still sends it before anything newer
-        async with self._lock:
-            while self._outbox:
-                data, fds = self._outbox.popleft()
-                self._queued_fds -= len(fds)
-                try:
-                    # Encoded from a reply the broker built: no need to check it once more.
-                    await self.channel._send_built(UserPayload(data=data), fds, timeout=None)
-                finally:
-                    close_fds(fds)
-
-    async def _drain_now(self) -> None:
-        try:
-            await self.flush()
-        except BlobError:
-            pass  # the peer is gone or broke: the reader finds out and ends the session
-        finally:
-            self._drain = None
+        await self.outbox.flush()
 
     @property
     def pending(self) -> int:
-        return len(self._outbox)
+        return self.outbox.pending
 
     @property
     def queued_fds(self) -> int:
-        return self._queued_fds
+        return self.outbox.queued_fds
 
     def _overflow(self) -> None:
         """Drop a client that does not read its replies: shut its socket down.
@@ -158,23 +123,14 @@ class Session:
         if self.overflowed:
             return
         self.overflowed = True
-        self._discard_outbox()
+        self.outbox.close()
         try:
             with socket.socket(fileno=os.dup(self.channel.fileno())) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
         except (OSError, BlobError):
             pass  # already closed or broken: its end is on the way
 
-    def _discard_outbox(self) -> None:
-        while self._outbox:
-            close_fds(self._outbox.popleft()[1])
-        self._queued_fds = 0
-
     def close(self) -> None:
         """Close the connection and every fd still queued; closing twice is fine."""
-        self._closed = True
+        self.outbox.close()
         self.channel.close()
-        self._discard_outbox()
-        drain, self._drain = self._drain, None
-        if drain is not None and drain is not asyncio.current_task():
-            drain.cancel()

@@ -9,13 +9,12 @@ failure). One task receives and one task sends at a time; a second gets
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import weakref
 from collections.abc import Callable, Container, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Self, TypeVar
 
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel import ops
@@ -31,21 +30,10 @@ from blobplane.channel.base import (
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
 from blobplane.channel.transport import Transport, adopt_fd
-from blobplane.errors import BlobBusy, BlobClosed, BlobError, ConnectionClosed, Timeout
+from blobplane.errors import BlobClosed, BlobError, Timeout
+from blobplane.fds import close_fds
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.types import UnixFd
-from blobplane.wire import (
-    MAX_FDS_PER_MESSAGE,
-    MAX_FRAME_SIZE,
-    Ack,
-    BlobHandoff,
-    Message,
-    Received,
-)
-from blobplane.wire.messages import MAX_META
-
-if TYPE_CHECKING:
-    from blobplane.objects.allowlist import AllowList
+from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message, Received, UserPayload
 
 __all__ = [
     "AsyncChannel",
@@ -203,10 +191,9 @@ async def run(
 ) -> T:
     """Drive *op* to its result, awaiting readiness of *fileno* while it waits.
 
-    No timer is armed unless the operation has to wait: most steps complete
-    at once (a send the socket takes, a message already queued).
+    The clock starts at the first wait: what completes at once takes microseconds.
     """
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    deadline = None
     try:
         while True:
             try:
@@ -214,34 +201,13 @@ async def run(
             except StopIteration as stop:
                 result: T = stop.value
                 return result
+            if deadline is None and timeout is not None:
+                deadline = asyncio.get_running_loop().time() + timeout
             await waits.wait(wait, fileno, deadline)
     except _Expired:
         raise Timeout(f"{what} did not complete within {timeout} s") from None
     finally:
         op.close()
-
-
-def _arrival(core: ChannelCore) -> Op[Received]:
-    """The next message, once it arrives (nothing was there; the caller holds `receiving`)."""
-    while True:
-        yield Wait.READABLE
-        received = core.poll_received()
-        if received is not None:
-            return received
-
-
-def _left(timeout: float | None, started: float | None) -> float | None:
-    """What remains of *timeout* (seconds) since the loop's time *started*."""
-    if timeout is None or started is None:
-        return timeout
-    return max(0.0, timeout - (asyncio.get_running_loop().time() - started))
-
-
-def _close_fds(fds: tuple[int, ...]) -> None:
-    for fd in fds:
-        # A callback that broke the rule and closed one must not stop the reader's end.
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class ChannelReader:
@@ -280,6 +246,8 @@ class ChannelReader:
         self._paused = False
         self._watching = False
         self._draining = False
+        core.add_release_hook(self._released)
+        self._start()
 
     @property
     def active(self) -> bool:
@@ -334,7 +302,7 @@ class ChannelReader:
                 self._loop.remove_reader(fd)
         if self._holding:
             self._holding = False
-            self._core.receiving.lock.release()
+            self._core.receiving.release()
 
     def _finish(self, error: Exception) -> None:
         self._end()
@@ -387,11 +355,12 @@ class ChannelReader:
                 try:
                     on_message(received.message, fds)
                 except Exception as exc:
-                    _close_fds(fds)
+                    # A callback that broke the rule and closed one must not stop the end.
+                    close_fds(fds)
                     self._finish(exc)
                     return
                 except BaseException:
-                    _close_fds(fds)
+                    close_fds(fds)
                     self._notified = True
                     self._end()
                     raise
@@ -442,97 +411,28 @@ class AsyncChannel(ChannelBase):
 
         The fds are only borrowed: the caller still owns and closes them.
         """
-        # A payload made here from bytes is valid by construction.
-        validate = not isinstance(message, bytes | bytearray | memoryview)
         limit = self._timeout(timeout)
-        return await self._transmit(as_message(message), tuple(fds), validate, limit)
+        built, validate = as_message(message)
+        sent = ops.send(self._core, built, fds, validate=validate)
+        return sent if isinstance(sent, int) else await self._run(sent, limit, "send")
 
-    async def _send_built(
-        self, message: Message, fds: Sequence[int] = (), *, timeout: float | None
+    async def send_payload(
+        self, data: bytes, fds: Sequence[int] = (), *, timeout: TimeoutArg = DEFAULT
     ) -> int:
-        """`send` for a message the library built from values known to be valid (internal).
+        """Send *data* as a `UserPayload` with *fds* (borrowed); return its request id.
 
-        It skips decoding the encoded message once more to refuse what the peer
-        would refuse (see `Connection.send`): for a server's replies, whose
-        checks happened where they were built.
+        What `try_send_payload` could not send at once, waiting for room.
         """
-        return await self._transmit(message, fds, False, timeout)
-
-    def _try_send_built(self, message: Message, fds: Sequence[int] = ()) -> int | None:
-        """`_send_built` if it completes at once, without awaiting (internal).
-
-        Returns the request id once the whole message went out with its fds
-        (borrowed, as by `send`), or None, with nothing sent, when it would
-        have to wait (or takes the general path): then `_send_built` it.
-        Raises what `send` raises for a closed or failed channel, and
-        `BlobBusy` while another task sends.
-        """
-        core = self._core
-        busy = core.sending
-        if not busy.lock.acquire(False):
-            raise BlobBusy(busy.message)
-        try:
-            framed = core.frame_now(message, fds, validate=False)
-            if framed is None:
-                return None
-            message, data = framed
-            sent = None
-            try:
-                sent = core.send_checked(data, fds)
-            finally:
-                if sent != len(data):
-                    # A datagram goes out whole or not at all: nothing of it was sent.
-                    core.interrupted_send(message, sent_any=False)
-            return message.id if sent == len(data) else None
-        finally:
-            busy.lock.release()
-
-    # `send` and `recv` run `ops` through a fast lane first, as the sync driver
-    # does: the same steps called directly for the common case (a datagram that
-    # goes out whole, a message already there). Whenever a step would wait, or
-    # anything is unusual, the rest runs as the generator, so the rules stay
-    # written once.
-
-    async def _transmit(
-        self, message: Message, fds: Sequence[int], validate: bool, timeout: float | None
-    ) -> int:
-        """`ops.transmit`, its first sendmsg tried at once."""
-        core = self._core
-        busy = core.sending
-        if not busy.lock.acquire(False):  # `with core.sending`, inline
-            raise BlobBusy(busy.message)
-        try:
-            framed = core.frame_now(message, fds, validate=validate)
-            if framed is None:
-                op = ops.transmit_locked(core, message, fds, validate=validate)
-                return await run(op, core.fileno, timeout, "send", self._waits)
-            message, data = framed
-            try:
-                sent = core.send_checked(data, fds)  # frame_now checked the channel
-            except BaseException:
-                core.interrupted_send(message, sent_any=False)
-                raise
-            if sent != len(data):  # the socket is full: wait for room
-                rest = ops.send_frame(core, message, data, fds, sent or 0)
-                await run(rest, core.fileno, timeout, "send", self._waits)
-            return message.id
-        finally:
-            busy.lock.release()
+        limit = self._timeout(timeout)
+        sent = ops.send(self._core, UserPayload(data=data), fds, validate=False)
+        return sent if isinstance(sent, int) else await self._run(sent, limit, "send")
 
     async def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
         """The next message of any kind and its fds; the caller owns (and closes) the fds."""
-        core = self._core
         limit = self._timeout(timeout)
-        core.check_usable()
-        busy = core.receiving
-        if not busy.lock.acquire(False):  # `with core.receiving`, inline
-            raise BlobBusy(busy.message)
-        try:
-            received = core.poll_received()
-            if received is None:
-                received = await run(_arrival(core), core.fileno, limit, "recv", self._waits)
-        finally:
-            busy.lock.release()
+        received = ops.receive(self._core)
+        if not isinstance(received, Received):
+            received = await self._run(received, limit, "recv")
         return received.message, received.fds
 
     def read_forever(
@@ -564,18 +464,14 @@ class AsyncChannel(ChannelBase):
         core = self._core
         core.check_usable()
         loop = asyncio.get_running_loop()
-        busy = core.receiving
-        if not busy.lock.acquire(False):
-            raise BlobBusy(busy.message)
+        if not core.receiving.take():
+            raise core.receiving.refused()
         try:
-            reader = ChannelReader(core, loop, on_message, on_error)
             self._waits.unwatch()  # the reader callback takes the fd over
-            core.add_release_hook(reader._released)
-            reader._start()
+            return ChannelReader(core, loop, on_message, on_error)
         except BaseException:
-            busy.lock.release()
+            core.receiving.release()
             raise
-        return reader
 
     async def send_blob(
         self,
@@ -593,154 +489,33 @@ class AsyncChannel(ChannelBase):
         releases it (closes its `MappedRead`), and stays held for the peer
         until then: close the loan whenever you like.
         """
-        core = self._core
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
-        if type(blob) is not ProducerBlob:
-            # A pool slot's bookkeeping (retain, pooled_out) lives in the generator.
-            op = ops.send_blob(core, blob, meta, wait)
-            return await run(op, core.fileno, limit, "send_blob", self._waits)
-        # The sync driver's fast lane (see `Channel.send_blob`), awaiting where it blocks.
-        fd = blob.fileno()  # BlobClosed once cleaned up
-        if type(blob.descriptor) is not UnixFd or not blob.sealed or len(meta) > MAX_META:
-            fd = ops.handoff_fd(blob, meta)
-        token = blob.token
-        meta = bytes(meta)
-        if wait:
-            if not core.intact:
-                core.check_usable()  # raises: closed or broken beats busy
-            receiving = core.receiving
-            if not receiving.lock.acquire(False):  # `with core.receiving`, inline
-                raise BlobBusy(receiving.message)
-        try:
-            started = None if limit is None else asyncio.get_running_loop().time()
-            sending = core.sending
-            if not sending.lock.acquire(False):  # `with core.sending`, inline
-                raise BlobBusy(sending.message)
-            try:
-                sent = core.handoff_now(token, meta, fd)
-                if sent is None:
-                    # Built from a live token and checked meta: valid already.
-                    handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=meta)
-                    op = ops.transmit_locked(core, handoff, (fd,), validate=False)
-                    request_id = await run(op, core.fileno, limit, "send_blob", self._waits)
-                else:
-                    handoff, frame, count = sent
-                    request_id = handoff.id
-                    if count != len(frame):  # the socket is full: wait for room
-                        rest = ops.send_frame(core, handoff, frame, (fd,), count or 0)
-                        await run(rest, core.fileno, limit, "send_blob", self._waits)
-                    elif wait:  # while the peer works on it (`Connection.expect_ack`)
-                        core.wire.expect_ack(request_id)
-            finally:
-                sending.lock.release()
-            if not wait:
-                return request_id
-            op = ops.await_reply(core, request_id, blob)
-            return await run(op, core.fileno, _left(limit, started), "send_blob", self._waits)
-        finally:
-            if wait:
-                receiving.lock.release()
+        limit = self._timeout(timeout)
+        sent = ops.send_blob(self._core, blob, meta, wait)
+        return sent if isinstance(sent, int) else await self._run(sent, limit, "send_blob")
 
     async def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
 
         Use it instead of `pool.loan()` when the slots come back over this channel.
         """
-        op = ops.loan_slot(self._core, pool)
-        return await run(op, self._core.fileno, self._timeout(timeout), "loan", self._waits)
+        limit = self._timeout(timeout)
+        loan = ops.loan_slot(self._core, pool)
+        return loan if isinstance(loan, PoolLoan) else await self._run(loan, limit, "loan")
 
     async def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
         """The next blob with its token and metadata, mapped read-only and acknowledged."""
-        core = self._core
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
-        started = None if limit is None else asyncio.get_running_loop().time()
-        if not core.intact:
-            core.check_usable()  # raises: closed or broken beats busy
-        busy = core.receiving
-        if not busy.lock.acquire(False):  # `with core.receiving`, inline
-            raise BlobBusy(busy.message)
-        try:
-            received = core.poll_received()
-            if received is None:
-                if core.datagram:
-                    core.wire.prepare_ack()  # while nothing has come (`Connection.prepare_ack`)
-                op: Op[Received] = _arrival(core)
-                received = await run(op, core.fileno, limit, "recv_handoff", self._waits)
-            # The sync driver's fast lane (see `Channel.recv_handoff`).
-            handoff = received.message
-            if type(handoff) is not BlobHandoff or handoff.slot is not None:
-                return await self._settle(received, _left(limit, started))
-            fd = received.fds[0]  # the wire checked: a memfd handoff has exactly one
-            size = handoff.token.size
-            mapped = ops.map_sealed(fd, size, core.allow_sparse)
-            if mapped is None:
-                return await self._settle(received, _left(limit, started))
-            try:
-                sending = core.sending
-                if not sending.lock.acquire(False):  # `with core.sending`, inline
-                    raise BlobBusy(sending.message)
-                try:
-                    sent = core.ack_now(handoff.id)
-                    if sent is None or sent[2] != len(sent[1]):
-                        await self._ack_slowly(handoff.id, sent, _left(limit, started))
-                finally:
-                    sending.lock.release()
-            except ConnectionClosed:
-                pass  # the sender is gone; a mapped blob stays valid (see ops.receive_handoff)
-            except BaseException:
-                mapped.close()
-                raise
-            finally:
-                os.close(fd)
-        finally:
-            busy.lock.release()
-        return Handoff(handoff.token, handoff.meta, MappedRead(mapped, size), handoff.id)
-
-    async def _settle(self, received: Received, timeout: float | None) -> Handoff:
-        """`recv_handoff` for anything but a plain blob that passed the fast checks."""
-        op = ops.settle_handoff(self._core, received)
-        return await run(op, self._core.fileno, timeout, "recv_handoff", self._waits)
-
-    async def _ack_slowly(
-        self,
-        reply_to: int,
-        sent: tuple[Ack, bytearray, int | None] | None,
-        timeout: float | None,
-    ) -> None:
-        """The Ack `ChannelCore.ack_now` declined (*sent* None) or could not send whole."""
-        core = self._core
-        rest: Op[Any]
-        if sent is None:
-            ack = Ack(id=core.wire.next_id(), reply_to=reply_to)
-            rest = ops.transmit_locked(core, ack, (), validate=False)
-        else:
-            ack, frame, count = sent
-            rest = ops.send_frame(core, ack, frame, (), count or 0)
-        await run(rest, core.fileno, timeout, "recv_handoff", self._waits)
+        limit = self._timeout(timeout)
+        handoff = ops.receive_handoff(self._core)
+        if isinstance(handoff, Handoff):
+            return handoff
+        return await self._run(handoff, limit, "recv_handoff")
 
     async def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""
         return (await self.recv_handoff(timeout=timeout)).blob
 
-    async def send_obj(
-        self, obj: object, *, pool: BlobPool | None = None, timeout: TimeoutArg = DEFAULT
-    ) -> None:
-        """Send any picklable object, its large buffers through shared memory.
-
-        See `blobplane.objects`: a fresh blob, or a slot of *pool*.
-        """
-        # blobplane.objects sits above the channel layer: imported when used.
-        from blobplane.objects.transfer import send_obj_async
-
-        await send_obj_async(self, obj, pool=pool, timeout=self._timeout(timeout))
-
-    async def recv_obj(
-        self, *, restricted: bool | AllowList = False, timeout: TimeoutArg = DEFAULT
-    ) -> Any:
-        """The next object sent with `send_obj`; its arrays are read-only views of the blob."""
-        from blobplane.objects.transfer import recv_obj_async
-
-        return await recv_obj_async(self, restricted=restricted, timeout=self._timeout(timeout))
+    async def _run(self, op: Op[T], timeout: float | None, what: str) -> T:
+        return await run(op, self._core.fileno, timeout, what, self._waits)
 
     async def aclose(self) -> None:
         self.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 import os
 import socket
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from typing import TypeAlias, TypeVar
 
+from blobplane.channel import ops
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore
 from blobplane.channel.transport import (
     ListenerSocket,
@@ -38,11 +39,20 @@ DEFAULT = _Default.DEFAULT
 TimeoutArg: TypeAlias = float | _Default | None
 
 
-def as_message(message: Message | bytes | bytearray | memoryview) -> Message:
-    """Bytes travel as a `UserPayload`; messages as they are."""
-    if isinstance(message, bytes | bytearray | memoryview):
-        return UserPayload(data=bytes(message))
-    return message
+def as_message(message: Message | bytes | bytearray | memoryview) -> tuple[Message, bool]:
+    """Bytes travel as a `UserPayload`, messages as they are; and whether to validate it.
+
+    A payload made here from bytes is valid by construction; a message built
+    by the caller is checked once more as the peer would (`Connection.frame`).
+    """
+    if type(message) is bytes:
+        return UserPayload(data=message), False
+    if isinstance(message, _BYTES):
+        return UserPayload(data=bytes(message)), False
+    return message, True
+
+
+_BYTES = (bytes, bytearray, memoryview)
 
 
 # Longer than any process lives: a timeout beyond it waits forever, as None does, since
@@ -128,6 +138,19 @@ class ChannelBase:
     def close(self) -> None:
         """Close the socket and every fd received but not handed out; closing twice is fine."""
         self._core.close()
+
+    def try_send_payload(self, data: bytes, fds: Sequence[int] = ()) -> bool:
+        """Send *data* as a `UserPayload` with *fds* (borrowed), if that needs no wait.
+
+        For code that must not wait, such as an event loop's callback. True:
+        it went, whole, with its fds. False: nothing was sent, as it would
+        have to wait: the socket is full, another task's send waits for room,
+        or replies owed from earlier do; and always on a stream socket, which
+        may take a frame in part. Then `send_payload` sends it, waiting. Raises
+        what `send` raises for a closed or broken channel.
+        """
+        payload = UserPayload(data=data)
+        return ops.try_send(self._core, payload, fds, validate=False) is not None
 
     def _timeout(self, timeout: TimeoutArg) -> float | None:
         return self.timeout if timeout is DEFAULT else check_timeout(timeout)

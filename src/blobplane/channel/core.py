@@ -1,8 +1,9 @@
 """The shared heart of both channel flavours: one non-blocking socket driving one `Connection`.
 
-Nothing here blocks. Each method either makes progress or says it would
-block; the operations in `ops` turn that into "wait until readable or
-writable", and the sync and asyncio drivers only implement the waiting.
+Each method either makes progress or says it would block; the operations in
+`ops` turn that into "wait until readable or writable", and the sync and
+asyncio drivers only implement the waiting. The one wait here is the sync
+driver's on a datagram socket, a blocking recvmsg (`read_in_waits`).
 
 Failure rules, in one place:
 
@@ -35,14 +36,12 @@ import resource
 import socket
 import struct
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Container, Generator, Sequence
 from typing import NoReturn, TypeVar
 
-import msgspec
-
-from blobplane.channel.slot_cache import SlotCache
 from blobplane.channel.transport import (
     PeerCredentials,
     check_peer,
@@ -59,14 +58,14 @@ from blobplane.errors import (
     TooManyOpenFiles,
     os_errors,
 )
+from blobplane.fds import close_fds
 from blobplane.pool import BlobPool
-from blobplane.types import BlobToken
+from blobplane.slot_cache import SlotCache
 from blobplane.wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
     NEED_DATA,
     Ack,
-    BlobHandoff,
     Connection,
     ErrorCode,
     ErrorReply,
@@ -74,11 +73,10 @@ from blobplane.wire import (
     Message,
     PeerClosed,
     Received,
-    UserPayload,
 )
 from blobplane.wire.messages import MAX_ERROR_TEXT
 
-__all__ = ["DEFAULT_TIMEOUT", "ChannelCore", "Op", "Wait"]
+__all__ = ["DEFAULT_TIMEOUT", "Busy", "ChannelCore", "Op", "Wait"]
 
 T = TypeVar("T")
 
@@ -92,18 +90,15 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_CUT = _MSG_TRUNC | _MSG_CTRUNC  # (recvmsg also reports MSG_CMSG_CLOEXEC back in its flags)
-_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 # Every call but `wait_received` passes MSG_DONTWAIT: a datagram socket's fd
 # is in blocking mode (see `ChannelCore`), a stream socket's is not.
-_NOSIGNAL = int(socket.MSG_NOSIGNAL) | _MSG_DONTWAIT
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC) | _MSG_DONTWAIT
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SEND_FLAGS = int(socket.MSG_NOSIGNAL) | _MSG_DONTWAIT
+_WAIT_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_FLAGS = _WAIT_FLAGS | _MSG_DONTWAIT
 _TIMEVAL = struct.Struct("@ll")
 _REPLIES = (Ack, ErrorReply)
 _FD = struct.Struct("i")
-_FD_SIZE = _FD.size
-_FD_UNPACK = _FD.unpack
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
 
 
@@ -119,26 +114,16 @@ Op = Generator[Wait, None, T]
 
 
 def _fds_from(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    if len(ancillary) == 1:
-        # The usual case, one SCM_RIGHTS entry with one fd (a handoff).
-        level, kind, data = ancillary[0]
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _FD.size:
-            return [_FD.unpack(data)[0]]
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            if len(data) == _FD.size:  # the usual case: a handoff's one fd
+                fds.append(_FD.unpack(data)[0])
+                continue
             ints = array.array("i")
             ints.frombytes(data[: len(data) - len(data) % ints.itemsize])
             fds.extend(ints)
     return fds
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _fd_exhaustion() -> TooManyOpenFiles:
@@ -155,38 +140,37 @@ def _fd_exhaustion() -> TooManyOpenFiles:
     )
 
 
-def _release(sock: socket.socket, wire: Connection, unread: deque[Received]) -> None:
+def _release(
+    sock: socket.socket, wire: Connection, unread: deque[Received], arrived: list[Received]
+) -> None:
     # Shared by close() and the finalizer, so it must not refer to the core.
     sock.close()
     wire.close()
-    while unread:
-        _close_all(unread.popleft().fds)
+    for received in (*unread, *arrived):
+        close_fds(received.fds)
+    unread.clear()
+    arrived.clear()
 
 
 class Busy:
-    """`with busy:` marks a use in progress; a second, concurrent one raises `BlobBusy`.
+    """One use at a time: `take()` marks a use in progress, `release()` ends it.
 
-    Trio's rule: concurrent misuse is an error, never a silent queue.
+    `take()` never waits: False says another task or thread is inside, and
+    the caller raises `refused()`. Trio's rule: concurrent misuse is an
+    error, never a silent queue. Both are the lock's own methods (no Python
+    frame), as every operation takes one or two of these.
     """
 
-    __slots__ = ("lock", "message")
+    __slots__ = ("message", "release", "take")
 
     def __init__(self, message: str) -> None:
-        # Public for the sync driver's fast lane, which acquires it inline
-        # (`lock.acquire(False)`, else `BlobBusy(message)`): cheaper than `with`.
-        self.lock = threading.Lock()
+        lock = threading.Lock()
+        self.take: Callable[[], bool] = functools.partial(lock.acquire, False)
+        self.release: Callable[[], None] = lock.release
         self.message = message
 
-    def __enter__(self) -> None:
-        if not self.lock.acquire(blocking=False):
-            raise BlobBusy(self.message)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.lock.release()
-
-    def try_enter(self) -> bool:
-        """Enter if nobody is inside; never waits and never raises."""
-        return self.lock.acquire(blocking=False)
+    def refused(self) -> BlobBusy:
+        return BlobBusy(self.message)
 
 
 class ChannelCore:
@@ -219,17 +203,18 @@ class ChannelCore:
             raise
         self.sock = sock
         self.framing = framing
-        self._datagram = framing == "datagram"
-        self.datagram = self._datagram  # read-only for the drivers: `wait_received` applies
+        self.datagram = framing == "datagram"
         self._fd = sock.fileno()
-        self._buffer_size = max_frame_size if framing == "datagram" else _STREAM_CHUNK
+        self._buffer_size = max_frame_size if self.datagram else _STREAM_CHUNK
         # One slot more than allowed, to tell "too many fds" from "the kernel dropped some".
         self._fd_capacity = max_fds + 1
-        self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * array.array("i").itemsize)
+        self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * _FD.size)
         self._receive_timeout: float | None = None  # SO_RCVTIMEO as set, None: none
+        # Messages put aside while a reply was awaited (`defer`), oldest first.
         self._unread: deque[Received] = deque()
-        # Read-only for the drivers: whether anything waits in it (`defer`, `unread`).
-        self.pending = self._unread
+        # What `wait_received` took in, for the next `poll_received` (at most one).
+        self._arrived: list[Received] = []
+        self._reads_in_waits = False
         self.receiving = Busy(
             "another task or thread is already receiving on this channel; receive from one "
             "task at a time (recv, recv_blob, and send_blob while it awaits its reply)"
@@ -238,16 +223,16 @@ class ChannelCore:
             "another task or thread is already sending on this channel and waiting for room; "
             "send from one task at a time (recv_blob sends its acknowledgement too)"
         )
-        # Their locks, for the sync driver's fast lanes: one hop fewer, on every call.
-        self.receive_lock = self.receiving.lock
-        self.send_lock = self.sending.lock
         self._closed = False
         self._failure: BlobError | None = None
-        # Neither closed nor failed: one attribute for the fast lanes to read
-        # (`check_usable()` says why not).
+        # Read-only for the operations: neither closed nor failed, one attribute
+        # to test on every call (`check_usable()` says why not).
         self.intact = True
         # The peer stopped reading (EPIPE): what it sent before may still be read.
         self._send_failure: BlobError | None = None
+        # Read-only for the operations: `intact` and no send failure
+        # (`check_can_send()` says why not).
+        self.can_send = True
         self._eof_fed = False
         self._release_hooks: list[Callable[[], None]] = []
         # Pooled handoffs: slots we sent and hold until the peer's reply, and
@@ -258,7 +243,11 @@ class ChannelCore:
         self.allow_sparse = False
         self._owed: deque[Message] = deque()
         self._owed_rest = memoryview(b"")
-        self._finalizer = weakref.finalize(self, _release, sock, self.wire, self._unread)
+        # Read-only for the operations: whether replies wait in `_owed` (`send_owed`).
+        self.owing = False
+        self._finalizer = weakref.finalize(
+            self, _release, sock, self.wire, self._unread, self._arrived
+        )
 
     # -- state -------------------------------------------------------------------
 
@@ -285,6 +274,8 @@ class ChannelCore:
         return not self._finalizer.alive
 
     def check_usable(self) -> None:
+        if self.intact:
+            return
         if self._closed:
             raise BlobClosed("this channel is closed")
         if self._failure is not None:
@@ -301,14 +292,14 @@ class ChannelCore:
 
     def close(self) -> None:
         self._closed = True
-        self.intact = False
+        self.intact = self.can_send = False
         self._release_now()
 
     def fail(self, error: BlobError) -> BlobError:
         """Make *error* the sticky failure (the first one wins) and release everything."""
         if self._failure is None and not self._closed:
             self._failure = error
-        self.intact = False
+        self.intact = self.can_send = False
         self._release_now()
         return error
 
@@ -321,6 +312,7 @@ class ChannelCore:
         self._finalizer()
         self.slot_cache.close()
         self._owed.clear()
+        self.owing = False
         # No reply can come any more: the slots we lent are ours again.
         pooled, self.pooled_out = self.pooled_out, {}
         for pool, slot in pooled.values():
@@ -328,129 +320,138 @@ class ChannelCore:
 
     # -- receiving ---------------------------------------------------------------
 
-    def poll_received(self, *, queued: bool = True) -> Received | None:
-        """The next message, or None if it has not arrived yet. Never blocks.
+    def read_in_waits(self) -> bool:
+        """Let the driver read the socket in its waits; whether it may (datagram sockets only).
+
+        The driver's wait for readability is then a blocking read
+        (`wait_received`), which returns at once with a message that is
+        there already: so `poll_received` reads only when told how long it
+        may wait (*until*), and a non-blocking look first, which would mostly
+        fail, is never made.
+        """
+        self._reads_in_waits = self.datagram
+        return self._reads_in_waits
+
+    def poll_received(self, *, queued: bool = True, until: float | None = None) -> Received | None:
+        """The next message, or None if it has not arrived yet.
 
         With *queued* False, skip the messages put aside by `defer()` (a
-        reply being awaited is always newer than them).
+        reply being awaited is always newer than them). It never blocks, but
+        on a core that reads in its driver's waits (`read_in_waits`): there it
+        reads the socket only when given *until* (a `time.monotonic()`
+        deadline, math.inf: none), and then waits for a message until then,
+        so that an operation's first look is the sync driver's wait.
         """
-        if self._closed or self._failure is not None:
+        if not self.intact:
             self.check_usable()
         if queued and self._unread:
             return self._unread.popleft()
+        if self._arrived:
+            return self._arrived.pop()
+        if self.datagram:
+            # A datagram wire holds nothing between calls while the channel is
+            # intact: each datagram read is handed out at once (`receive_datagram`).
+            if not self._reads_in_waits:
+                event = self._read(0)
+            elif until is None:
+                return None
+            else:
+                event = self._read(
+                    None if until == math.inf else max(0.0, until - time.monotonic())
+                )
+            if type(event) is Received and not self.pooled_out:
+                return event  # `_taken` has nothing to do
+            return self._taken(event)
         wire = self.wire
         while True:
-            event: Event = NEED_DATA
-            if self._datagram:
-                # Read first, without asking the wire whether it holds anything:
-                # with datagrams it holds nothing between calls (each one read
-                # is handed out at once), and a datagram read behind anything it
-                # did hold would be queued after it (`receive_datagram`). The
-                # usual datagram (neither cut short nor empty) goes straight
-                # through the wire's fast lane: `_pump` inline, since a cold
-                # path pays for every frame it enters.
+            if wire.has_buffered:
                 try:
-                    size, ancillary, flags, _ = self.sock.recvmsg_into(
-                        [self._view], self._ancillary_size, _RECV_FLAGS
-                    )
-                except (BlockingIOError, InterruptedError):
-                    if not wire.has_buffered:
-                        return None
-                except OSError as exc:
-                    raise self._os_failure(exc, "receiving") from exc
-                else:
-                    if size and not flags & _CUT:
-                        try:
-                            event = wire.receive_datagram(
-                                self._view[:size], _fds_from(ancillary) if ancillary else []
-                            )
-                        except RemoteProtocolError as exc:
-                            raise self._protocol_failure(exc) from None
-                    else:
-                        event = self._received_event(size, ancillary, flags)
-            if event is NEED_DATA:
-                if wire.has_buffered:
-                    try:
-                        event = wire.next_event()
-                    except RemoteProtocolError as exc:
-                        raise self._protocol_failure(exc) from None
-                if event is NEED_DATA:
-                    if self._datagram:
-                        return None
-                    # A stream: feed what the socket has, then ask the wire again.
-                    pumped = self._pump()
-                    if pumped is None:
-                        return None
-                    event = pumped
-            if type(event) is Received:
-                if self.pooled_out and type(event.message) in _REPLIES:
-                    lent = self.pooled_out.pop(event.message.reply_to, None)  # type: ignore[union-attr]
-                    if lent is not None:
-                        _give_back(*lent)
-                return event
-            if type(event) is PeerClosed:
-                raise self.fail(ConnectionClosed("the peer closed the channel"))
+                    event = wire.next_event()
+                except RemoteProtocolError as exc:
+                    raise self._protocol_failure(exc) from None
+                if event is not NEED_DATA:
+                    return self._taken(event)
+            # Feed what the socket has, then ask the wire again.
+            if self._read(0) is None:
+                return None
 
-    @property
-    def can_wait_received(self) -> bool:
-        """Whether `wait_received` may be used: a datagram socket, nothing held by the wire."""
-        return self._datagram and not self.wire.has_buffered
+    def wait_received(self, timeout: float | None) -> bool:
+        """Block in recvmsg for up to *timeout* seconds (None: forever, 0: not at all).
 
-    def wait_received(self, timeout: float | None) -> Received | None:
-        """Block in recvmsg for up to *timeout* (> 0) seconds, None: forever; None if nothing came.
-
-        The one call here that blocks: the sync driver's wait, for a datagram
-        socket (`can_wait_received`), once `poll_received` found nothing; the
-        caller holds `receiving`. The kernel's SO_RCVTIMEO bounds the wait.
-        It is set again only when it would end the wait more than a
-        millisecond late, or before half of *timeout*: a wait that ends early
-        returns None and the caller waits again for what remains. (A signal
-        whose handler returns restarts the wait, as for a blocking socket.)
-        What arrives goes through the same steps as in `poll_received`.
-        While the channel is `intact`, a datagram wire holds nothing between
-        calls (see `poll_received`): a driver that checked `datagram` and
-        `intact` may call this without asking `can_wait_received`.
+        The sync driver's wait for readability on a datagram socket; the
+        caller holds `receiving`. What arrives is kept for the next
+        `poll_received`; returns whether anything is kept.
         """
-        current = self._receive_timeout
-        if (
-            timeout is None or current is None or not timeout * 0.5 <= current <= timeout + 0.001
-        ) and timeout != current:
-            seconds = 0.0 if timeout is None else max(timeout, 1e-6)  # 0 would wait forever
-            whole = int(seconds)
-            micros = math.ceil((seconds - whole) * 1_000_000)
-            if micros == 1_000_000:  # a hair under a whole second: the kernel says EDOM
-                whole, micros = whole + 1, 0
-            try:
-                self.sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micros))
-            except OSError as exc:
-                raise self._os_failure(exc, "receiving") from exc
-            self._receive_timeout = timeout
+        if not self._arrived:
+            received = self._taken(self._read(timeout))
+            if received is not None:
+                self._arrived.append(received)
+        return bool(self._arrived)
+
+    def _read(self, timeout: float | None) -> Event | None:
+        """One recvmsg, waiting up to *timeout* seconds (None: forever, 0: not at all).
+
+        A datagram goes to the wire and the event it makes of it is returned;
+        stream bytes are fed to the wire, and NEED_DATA says to ask it. None:
+        nothing came. The kernel's SO_RCVTIMEO bounds a wait. It is set again
+        only when it would end the wait more than a millisecond late, or
+        before half of *timeout*: a wait that ends early lets the caller wait
+        again for what remains. (A signal whose handler returns restarts the
+        wait, as for a blocking socket.)
+        """
+        if not self.intact:
+            self.check_usable()
+        flags = _RECV_FLAGS
+        if timeout != 0:
+            flags = _WAIT_FLAGS
+            if timeout != self._receive_timeout:
+                self._set_receive_timeout(timeout)
         try:
-            size, ancillary, flags, _ = self.sock.recvmsg_into(
-                [self._view], self._ancillary_size, _MSG_CMSG_CLOEXEC
+            size, ancillary, got, _ = self.sock.recvmsg_into(
+                [self._view], self._ancillary_size, flags
             )
         except (BlockingIOError, InterruptedError):
-            return None  # the time is up
+            return None
         except OSError as exc:
             raise self._os_failure(exc, "receiving") from exc
-        if size and not flags & _CUT:
-            try:
-                fds: list[int] = []
-                if ancillary:
-                    # `_fds_from`'s usual case inline (a handoff: one entry, one fd).
-                    if len(ancillary) == 1:
-                        level, kind, data = ancillary[0]
-                        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _FD_SIZE:
-                            fds = [_FD_UNPACK(data)[0]]
-                        else:
-                            fds = _fds_from(ancillary)
-                    else:
-                        fds = _fds_from(ancillary)
-                event = self.wire.receive_datagram(self._view[:size], fds)
-            except RemoteProtocolError as exc:
-                raise self._protocol_failure(exc) from None
-        else:
-            event = self._received_event(size, ancillary, flags)
+        fds = _fds_from(ancillary) if ancillary else []
+        if got & _MSG_CTRUNC and len(fds) < self._fd_capacity:
+            close_fds(fds)
+            raise self.fail(_fd_exhaustion())
+        if size == 0 and not fds:
+            # A zero-length datagram reads like end of stream; ours never sends one.
+            self._eof_fed = True
+        try:
+            if self.datagram:
+                return self.wire.receive_datagram(
+                    self._view[:size], fds, truncated=bool(got & _MSG_TRUNC)
+                )
+            self.wire.receive_data(self._view[:size], fds)
+        except RemoteProtocolError as exc:
+            raise self._protocol_failure(exc) from None
+        return NEED_DATA
+
+    def _set_receive_timeout(self, timeout: float | None) -> None:
+        current = self._receive_timeout
+        if (
+            timeout is not None
+            and current is not None
+            and timeout * 0.5 <= current <= timeout + 0.001
+        ):
+            return
+        seconds = 0.0 if timeout is None else max(timeout, 1e-6)  # 0 would wait forever
+        whole = int(seconds)
+        micros = math.ceil((seconds - whole) * 1_000_000)
+        if micros == 1_000_000:  # a hair under a whole second: the kernel says EDOM
+            whole, micros = whole + 1, 0
+        try:
+            self.sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micros))
+        except OSError as exc:
+            raise self._os_failure(exc, "receiving") from exc
+        self._receive_timeout = timeout
+
+    def _taken(self, event: Event | None) -> Received | None:
+        """What a received event means here: a message handed out, nothing yet, or the end."""
         if type(event) is Received:
             if self.pooled_out and type(event.message) in _REPLIES:
                 lent = self.pooled_out.pop(event.message.reply_to, None)  # type: ignore[union-attr]
@@ -472,7 +473,7 @@ class ChannelCore:
     def defer(self, received: Received) -> None:
         """Keep *received* for a later `recv()` (it arrived while a reply was awaited)."""
         if len(self._unread) >= MAX_QUEUED:
-            _close_all(received.fds)
+            close_fds(received.fds)
             error = RemoteProtocolError(
                 f"the peer sent more than {MAX_QUEUED} messages while this side waited "
                 "for the reply to a handoff"
@@ -485,43 +486,6 @@ class ChannelCore:
         """Put *received* back in front: the next receive returns it again."""
         self._unread.appendleft(received)
 
-    def _pump(self) -> Event | None:
-        """One non-blocking recvmsg into the wire: what it made of it, None if nothing came.
-
-        A datagram goes through the wire's fast lane and comes back as its
-        event; stream bytes are fed, and NEED_DATA says to ask the wire.
-        """
-        try:
-            size, ancillary, flags, _ = self.sock.recvmsg_into(
-                [self._view], self._ancillary_size, _RECV_FLAGS
-            )
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            raise self._os_failure(exc, "receiving") from exc
-        return self._received_event(size, ancillary, flags)
-
-    def _received_event(
-        self, size: int, ancillary: list[tuple[int, int, bytes]], flags: int
-    ) -> Event:
-        """What the wire makes of what one recvmsg returned (in `_view`)."""
-        fds = _fds_from(ancillary) if ancillary else []
-        if flags & _MSG_CTRUNC and len(fds) < self._fd_capacity:
-            _close_all(fds)
-            raise self.fail(_fd_exhaustion())
-        if size == 0 and not fds:
-            # A zero-length datagram reads like end of stream; ours never sends one.
-            self._eof_fed = True
-        if self._datagram:
-            try:
-                return self.wire.receive_datagram(
-                    self._view[:size], fds, truncated=bool(flags & _MSG_TRUNC)
-                )
-            except RemoteProtocolError as exc:
-                raise self._protocol_failure(exc) from None
-        self.wire.receive_data(self._view[:size], fds)
-        return NEED_DATA
-
     # -- sending -----------------------------------------------------------------
 
     def owe_reply(self, message: Message) -> None:
@@ -533,13 +497,14 @@ class ChannelCore:
         if self._released:
             return
         self._owed.append(message)
-        if self.sending.try_enter():
+        self.owing = True
+        if self.sending.take():
             try:
                 self.send_owed()
             except BlobError:
                 pass  # the failure is sticky: the next operation reports it
             finally:
-                self.sending.__exit__()
+                self.sending.release()
 
     def send_owed(self) -> bool:
         """Send queued replies (the caller holds `sending`); False while the socket is full.
@@ -549,8 +514,10 @@ class ChannelCore:
         """
         while self._owed_rest or self._owed:
             if not self._owed_rest:
-                message, data = self.encode(self._owed[0], (), validate=False)
-                sent = self.send_some(memoryview(data), ())
+                if not self.can_send:
+                    self.check_can_send()
+                message, data = self.wire.frame(self._owed[0], validate=False)
+                sent = self.send_some(data, ())
                 if sent is None:
                     self.wire.abandon(message)
                     return False
@@ -561,126 +528,19 @@ class ChannelCore:
             if sent is None:
                 return False
             self._owed_rest = self._owed_rest[sent:]
+        self.owing = False
         return True
-
-    def frame_now(
-        self, message: Message, fds: Sequence[int], *, validate: bool
-    ) -> tuple[Message, bytearray] | None:
-        """`encode()`'s fast lane (the caller holds `sending`), or None for the general path.
-
-        Datagram framing with no owed reply in the way only: a stream frame
-        may go out in parts, and owed replies go first (`send_owed`). Then
-        the wire's `frame_trusted` either frames the message, recorded as
-        sent, or declines with nothing recorded. Raises what `encode()` does
-        for a closed or failed channel.
-        """
-        if not self._datagram or self._owed or self._owed_rest:
-            return None
-        if self._closed or self._failure is not None or self._send_failure is not None:
-            self.check_can_send()  # raises
-        if message.id == 0:
-            message = msgspec.structs.replace(message, id=self.wire.next_id())
-        frame = self.wire.frame_trusted(message, len(fds), validate=validate)
-        return None if frame is None else (message, frame)
-
-    # The two sends of a plain handoff's round trip, each framed and sent in
-    # one step (the caller holds `sending`). They return None, with nothing
-    # sent or recorded, unless the channel is in its usual state (datagrams,
-    # no owed reply, neither closed nor failed) and the wire frames the
-    # message (`Connection.frame_handoff` / `frame_ack`): the general path
-    # (`ops.transmit_locked`) then applies every rule and raises its errors.
-    # Otherwise (message, frame, bytes sent): None bytes if the socket was
-    # full, and the caller sends the frame with `ops.send_frame`.
-
-    def sends_now(self) -> bool:
-        """Whether the fast lanes may send: datagrams, nothing owed, neither closed nor failed."""
-        return (
-            self.intact
-            and self._datagram
-            and not self._owed
-            and not self._owed_rest
-            and self._send_failure is None
-        )
-
-    def handoff_now(
-        self, token: BlobToken, meta: bytes, fd: int
-    ) -> tuple[BlobHandoff, bytearray, int | None] | None:
-        """Hand *fd* over as the blob *token*: the fast lane of `ops.send_blob`'s send."""
-        if not self.sends_now():
-            return None
-        framed = self.wire.frame_handoff(token, meta)
-        if framed is None:
-            return None
-        handoff, frame = framed
-        try:
-            sent = self.sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], _NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return handoff, frame, None
-        except BaseException as exc:
-            self.wire.abandon(handoff)
-            if isinstance(exc, OSError):
-                raise self._os_failure(exc, "sending") from exc
-            raise
-        return handoff, frame, sent
-
-    def ack_now(self, reply_to: int) -> tuple[Ack, bytearray, int | None] | None:
-        """Acknowledge the peer's handoff *reply_to*: the fast lane of `ops.receive_handoff`'s."""
-        if not self.sends_now():
-            return None
-        framed = self.wire.frame_ack(reply_to)
-        if framed is None:
-            return None
-        ack, frame = framed
-        try:
-            sent = self.sock.send(frame, _NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return ack, frame, None
-        except OSError as exc:
-            raise self._os_failure(exc, "sending") from exc
-        return ack, frame, sent
-
-    def payload_now(self, data: bytes) -> tuple[UserPayload, bytearray, int | None] | None:
-        """Send *data* as a `UserPayload` without fds: the fast lane of a send of bytes."""
-        if not self.sends_now():
-            return None
-        framed = self.wire.frame_payload(data)
-        if framed is None:
-            return None
-        payload, frame = framed
-        try:
-            sent = self.sock.send(frame, _NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return payload, frame, None
-        except BaseException as exc:
-            self.wire.abandon(payload)
-            if isinstance(exc, OSError):
-                raise self._os_failure(exc, "sending") from exc
-            raise
-        return payload, frame, sent
-
-    def encode(
-        self, message: Message, fds: Sequence[int], *, validate: bool
-    ) -> tuple[Message, bytes]:
-        """Give *message* its request id and encode it (see `Connection.send` for *validate*)."""
-        self.check_can_send()
-        if message.id == 0:
-            message = msgspec.structs.replace(message, id=self.wire.next_id())
-        data, _ = self.wire.send(message, fds, validate=validate)
-        return message, data
 
     def send_some(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> int | None:
         """Send what the socket takes now (fds with the first byte); None if it takes nothing."""
-        self.check_can_send()
-        return self.send_checked(data, fds)
-
-    def send_checked(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> int | None:
-        """`send_some` right after a call that checked the channel (`frame_now`)."""
+        if not self.can_send:
+            self.check_can_send()
         try:
             if fds:
                 packed = _FD.pack(fds[0]) if len(fds) == 1 else array.array("i", fds)
                 rights = [(_SOL_SOCKET, _SCM_RIGHTS, packed)]
-                return self.sock.sendmsg([data], rights, _NOSIGNAL)
-            return self.sock.send(data, _NOSIGNAL)
+                return self.sock.sendmsg([data], rights, _SEND_FLAGS)
+            return self.sock.send(data, _SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -705,7 +565,7 @@ class ChannelCore:
                 reply_to=0, code=ErrorCode.PROTOCOL, message=str(error)[:MAX_ERROR_TEXT]
             )
             data, _ = self.wire.send(reply)
-            self.sock.send(data, _NOSIGNAL)
+            self.sock.send(data, _SEND_FLAGS)
         except (BlobError, OSError):
             pass  # best effort: the peer may be gone already
 
@@ -715,6 +575,7 @@ class ChannelCore:
             if doing == "sending":
                 # Keep receiving: messages the peer sent before it left are still queued.
                 self._send_failure = self._send_failure or error
+                self.can_send = False
                 return error
             return self.fail(error)
         if exc.errno == errno.ETOOMANYREFS:

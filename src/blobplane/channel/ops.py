@@ -1,27 +1,44 @@
-"""Every channel operation, written once as a generator that yields what it waits for.
+"""Every channel operation, written once for both drivers.
 
-An operation yields `Wait.READABLE`, `Wait.WRITABLE` or `Wait.BACKOFF` when
-it cannot go on, and returns its result. The sync driver answers a wait
-with poll(), the asyncio driver with add_reader/add_writer; a timeout or a
-cancellation closes the generator, whose `finally` and `with` blocks undo
-what is half done. So both flavours share every rule below and cannot
-drift apart.
+An operation does at once what it can: when no step has to wait (the
+socket takes the message, the message is there) it returns its result.
+When a step would block, it returns instead a generator for the rest, which
+yields what it waits for (`Wait.READABLE`, `Wait.WRITABLE`, `Wait.BACKOFF`),
+tries again, and returns the result: trio's "try it now, else wait and try
+again", and pyzmq's DONTWAIT first, in one place for every operation. The
+sync driver answers a wait with poll() (or, on a datagram socket, by
+blocking in recvmsg itself: `ChannelCore.wait_received`), the asyncio
+driver with add_reader/add_writer; a timeout or a cancellation closes the
+generator, whose `finally` blocks undo what is half done.
+
+The sync driver's wait on a datagram socket is a blocking recvmsg, which
+returns at once with a message that is there already: so the operations
+that receive take *until*, the call's deadline (`time.monotonic()`,
+math.inf: none), and on such a channel their first look waits until then
+(`ChannelCore.poll_received`). The asyncio driver passes None: a look that
+never waits.
+
+A generator an operation returns holds what the operation took (the busy
+flags, a frame recorded as sent): the driver starts it at once, and runs it
+to its end or closes it.
+
+`INLINE` is a test hook. Set to False, every operation returns its
+generator before trying anything, so that the general path runs for every
+call; the results, frames and errors must be the same either way.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
-import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
-from stat import S_ISREG
 from types import TracebackType
 from typing import Self
 
-from blobplane.backends.checks import SIZE_SEALS, check_received_fd, fully_allocated
+import msgspec
+
+from blobplane.backends.checks import check_received_fd
 from blobplane.backends.mapping import map_readonly
 from blobplane.blobs import MappedRead, ProducerBlob
 from blobplane.channel.core import ChannelCore, Op, Wait
@@ -41,30 +58,34 @@ from blobplane.errors import (
     WrongKind,
     os_errors,
 )
+from blobplane.fds import close_fds
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobToken, UnixFd
 from blobplane.wire import Ack, BlobHandoff, ErrorCode, ErrorReply, Message, Received, SlotRef
 from blobplane.wire.messages import MAX_ERROR_TEXT, MAX_META
 
 __all__ = [
+    "INLINE",
     "Handoff",
     "accept",
-    "await_reply",
     "connect",
     "loan_slot",
     "receive",
     "receive_handoff",
+    "send",
     "send_blob",
-    "settle_handoff",
-    "transmit",
+    "try_send",
 ]
 
+# Test hook (see the module's docstring): False runs every operation through its generator.
+INLINE = True
 
-@dataclass(frozen=True, slots=True)
-class Handoff:
+
+class Handoff(msgspec.Struct, frozen=True, gc=False):
     """A received blob: its token, the sender's metadata, and the read-only mapping.
 
     The receiver owns `blob` (a `MappedRead`); leaving the `with` block closes it.
+    (A Struct for its constructor in C: one is made per blob received.)
     """
 
     token: BlobToken
@@ -87,45 +108,97 @@ class Handoff:
 # -- sending -------------------------------------------------------------------------
 
 
-def transmit(
+def send(
     core: ChannelCore, message: Message, fds: Sequence[int] = (), *, validate: bool = True
-) -> Op[int]:
-    """Send one message and its fds, waiting for room; returns its request id.
+) -> int | Op[int]:
+    """Send one message and its fds (borrowed); its request id.
 
-    *validate* False skips re-checking a message this module built itself.
+    *validate* False skips re-checking a message the library built from
+    values that are valid already (see `Connection.frame`). Replies owed
+    from earlier (`ChannelCore.send_owed`) go first.
     """
-    with core.sending:
-        return (yield from transmit_locked(core, message, fds, validate=validate))
-
-
-def transmit_locked(
-    core: ChannelCore, message: Message, fds: Sequence[int], *, validate: bool
-) -> Op[int]:
-    """`transmit` for a caller that holds `core.sending` already."""
-    framed: tuple[Message, bytes | bytearray] | None
-    framed = core.frame_now(message, fds, validate=validate)
-    if framed is None:
-        while not core.send_owed():
-            yield Wait.WRITABLE
-        framed = core.encode(message, fds, validate=validate)
-    message, data = framed
-    yield from send_frame(core, message, data, fds)
+    if not core.sending.take():
+        raise core.sending.refused()
+    try:
+        if not INLINE or (core.owing and not core.send_owed()):
+            return _transmit(core, message, fds, validate)
+        if not core.can_send:
+            core.check_can_send()
+        message, frame = core.wire.frame(message, len(fds), validate=validate)
+        try:
+            count = core.send_some(frame, fds)
+        except BaseException:
+            core.interrupted_send(message, sent_any=False)
+            raise
+        if count != len(frame):
+            return _transmit(core, message, fds, validate, frame=frame, start=count or 0)
+    except BaseException:
+        core.sending.release()
+        raise
+    core.sending.release()
     return message.id
 
 
-def send_frame(
+def try_send(
+    core: ChannelCore, message: Message, fds: Sequence[int] = (), *, validate: bool = True
+) -> int | None:
+    """`send` if it completes at once; None, with nothing sent, if it would have to wait.
+
+    It would while another task's send waits for room, the socket is full,
+    or replies owed from earlier wait for room; and always on a stream
+    socket, which may take a frame in part (only a datagram goes whole or
+    not at all).
+    """
+    if not core.datagram or not core.sending.take():
+        core.check_can_send()  # a closed or broken channel raises rather than says "later"
+        return None
+    try:
+        if core.owing and not core.send_owed():
+            return None
+        if not core.can_send:
+            core.check_can_send()
+        message, frame = core.wire.frame(message, len(fds), validate=validate)
+        count = None
+        try:
+            count = core.send_some(frame, fds)  # a datagram goes whole or not at all
+        finally:
+            if count is None:
+                core.interrupted_send(message, sent_any=False)
+        return None if count is None else message.id
+    finally:
+        core.sending.release()
+
+
+def _transmit(
     core: ChannelCore,
     message: Message,
-    data: bytes | bytearray,
     fds: Sequence[int],
+    validate: bool,
+    *,
+    frame: bytearray | None = None,
     start: int = 0,
-) -> Op[None]:
-    """Send an encoded frame (recorded as sent by the wire) from byte *start* on, waiting for room.
+) -> Op[int]:
+    """`send` from where it stopped: *frame* (recorded as sent) from byte *start* on, if given.
 
-    The caller holds `core.sending`. A send cut short undoes or breaks what
-    it must (`ChannelCore.interrupted_send`).
+    Holds `sending`, which it releases at the end.
     """
-    view = memoryview(data)[start:]
+    try:
+        if frame is None:
+            while not core.send_owed():
+                yield Wait.WRITABLE
+            core.check_can_send()
+            message, frame = core.wire.frame(message, len(fds), validate=validate)
+        yield from _send_frame(core, message, frame, fds, start)
+        return message.id
+    finally:
+        core.sending.release()
+
+
+def _send_frame(
+    core: ChannelCore, message: Message, frame: bytearray, fds: Sequence[int], start: int
+) -> Op[None]:
+    """Send *frame* from byte *start* on, waiting for room; a send cut short undoes what it must."""
+    view = memoryview(frame)[start:]
     riding = fds if start == 0 else ()  # they went with the first byte
     try:
         while view:
@@ -137,143 +210,268 @@ def send_frame(
             view, riding = view[sent:], ()
     finally:
         if view:
-            core.interrupted_send(message, sent_any=len(view) < len(data))
+            core.interrupted_send(message, sent_any=len(view) < len(frame))
 
 
-def sendable_fd(blob: ProducerBlob | PoolLoan) -> int:
-    """The fd to hand over, if *blob* is one a receiver will accept: a sealed memfd or a slot."""
-    fd = blob.fileno()  # BlobClosed once cleaned up
-    if isinstance(blob, PoolLoan):
-        return fd  # sealed against resizing and outside writers when the pool made it
+def _unsendable(blob: ProducerBlob) -> BlobError:
+    """Why *blob* has no `sendable` fd: a receiver accepts only a live, sealed memfd."""
+    blob.fileno()  # BlobClosed once cleaned up
     if not isinstance(blob.descriptor, UnixFd):
-        raise NotSendable(
+        return NotSendable(
             f"blob {blob.id} is a {type(blob.descriptor).__name__} blob; only memfd blobs "
             "travel over a channel (create it with BlobBackend.MEMFD)"
         )
-    if not blob.sealed:
-        raise NotSendable(
-            f"blob {blob.id} is not sealed; call blob.seal() before send_blob(), since a "
-            "receiver refuses a memfd its sender could still resize"
-        )
-    return fd
+    return NotSendable(
+        f"blob {blob.id} is not sealed; call blob.seal() before send_blob(), since a "
+        "receiver refuses a memfd its sender could still resize"
+    )
 
 
-def handoff_fd(blob: ProducerBlob | PoolLoan, meta: bytes) -> int:
-    """The checks before a handoff goes out: the fd to send (`sendable_fd`), *meta*'s size."""
-    fd = sendable_fd(blob)
-    if len(meta) > MAX_META:
-        raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
-    return fd
-
-
-def send_blob(core: ChannelCore, blob: ProducerBlob | PoolLoan, meta: bytes, wait: bool) -> Op[int]:
+def send_blob(
+    core: ChannelCore,
+    blob: ProducerBlob | PoolLoan,
+    meta: bytes,
+    wait: bool,
+    until: float | None = None,
+) -> int | Op[int]:
     """Hand *blob* over; with *wait*, return once the peer replied (or raise `PeerRefused`).
 
     A plain blob is answered once the peer mapped it. A pool slot is answered
     once the peer released it: the slot is held for the peer until then, so
     closing the loan right after a ``wait=False`` send is safe.
     """
-    fd = handoff_fd(blob, meta)
+    loan: PoolLoan | None = None
     slot = None
     if isinstance(blob, PoolLoan):
+        # Sealed against resizing and outside writers when the pool made it.
+        loan, fd, token = blob, blob.fileno(), blob.token
         slot = SlotRef(blob.pool.id.uuid, blob.slot, blob.generation)
+    else:
+        sendable = blob.sendable
+        if sendable is None:
+            raise _unsendable(blob)
+        fd, token = sendable
+    if len(meta) > MAX_META:
+        raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
     # Built from a live token and checked meta: valid already.
-    handoff = BlobHandoff(token=blob.token, meta=bytes(meta), slot=slot)
-    if not wait:
-        return (yield from _transmit_handoff(core, handoff, blob, fd))
-    core.check_usable()
-    with core.receiving:
-        request_id = yield from _transmit_handoff(core, handoff, blob, fd)
-        return (yield from await_reply(core, request_id, blob))
+    handoff = BlobHandoff(token=token, meta=bytes(meta), slot=slot)
+    if wait:
+        if not core.intact:
+            core.check_usable()  # closed or broken beats busy
+        if not core.receiving.take():
+            raise core.receiving.refused()
+    try:
+        if loan is not None:
+            loan.pool.retain(loan.slot)
+        try:
+            sent = send(core, handoff, (fd,), validate=False)
+        except BaseException:
+            _lent_back(loan)
+            raise
+        if not isinstance(sent, int):
+            return _handed_over(core, blob, loan, sent, wait)
+        if loan is not None:
+            _lent_out(core, loan, sent)
+        if not wait:
+            return sent
+        core.wire.expect_ack(sent)  # while the peer works on it
+        # Where a look can wait (*until*), wait for the reply now; else the
+        # generator does, as it would after a look that found nothing.
+        received = None
+        if INLINE and until is not None:
+            received = core.poll_received(queued=False, until=until)
+            while received is not None:
+                message = received.message
+                if type(message) is Ack and message.reply_to == sent:
+                    break  # the usual answer, which `_is_reply` would say
+                if _is_reply(core, received, sent, blob):
+                    break
+                received = core.poll_received(queued=False, until=until)
+        if received is None:
+            return _handed_over(core, blob, loan, sent, wait)
+    except BaseException:
+        if wait:
+            core.receiving.release()
+        raise
+    core.receiving.release()
+    return sent
 
 
-def await_reply(core: ChannelCore, request_id: int, blob: ProducerBlob | PoolLoan) -> Op[int]:
-    """Wait for the reply to handoff *request_id* (see `is_reply`); the caller holds `receiving`."""
-    while True:
-        received = core.poll_received(queued=False)
-        while received is None:
+def _lent_out(core: ChannelCore, loan: PoolLoan | None, request_id: int) -> None:
+    """A pool slot sent as *request_id* is held for the peer until its reply."""
+    if loan is not None:
+        core.pooled_out[request_id] = (loan.pool, loan.slot)
+
+
+def _lent_back(loan: PoolLoan | None) -> None:
+    """A pool slot that was not sent after all is the sender's again."""
+    if loan is not None:
+        loan.pool.release(loan.slot)
+
+
+def _handed_over(
+    core: ChannelCore,
+    blob: ProducerBlob | PoolLoan,
+    loan: PoolLoan | None,
+    sent: int | Op[int],
+    wait: bool,
+) -> Op[int]:
+    """`send_blob` from where it stopped: the rest of the send, then the reply if *wait*.
+
+    Holds `receiving` if *wait*, and releases it at the end.
+    """
+    try:
+        if not isinstance(sent, int):
+            try:
+                sent = yield from sent
+            except BaseException:
+                _lent_back(loan)
+                raise
+            _lent_out(core, loan, sent)
+        if wait:
+            # The reply cannot have come before the handoff went: wait before looking.
             yield Wait.READABLE
-            received = core.poll_received(queued=False)
-        if is_reply(core, received, request_id, blob):
-            return request_id
+            while True:
+                received = core.poll_received(queued=False)
+                if received is None:
+                    yield Wait.READABLE
+                elif _is_reply(core, received, sent, blob):
+                    break
+        return sent
+    finally:
+        if wait:
+            core.receiving.release()
 
 
-def is_reply(
+def _is_reply(
     core: ChannelCore, received: Received, request_id: int, blob: ProducerBlob | PoolLoan
 ) -> bool:
     """Whether *received* is the Ack of handoff *request_id*; raise `PeerRefused` for a refusal.
 
     Anything else is kept for `recv()` (`ChannelCore.defer`). The caller holds `core.receiving`.
     """
-    match received.message:
-        case Ack(reply_to=reply_to) if reply_to == request_id:
-            return True
-        case ErrorReply(reply_to=reply_to, code=code, message=text) if reply_to in (
-            0,
-            request_id,
-        ):
-            what = "the handoff" if reply_to else "the connection"
-            raise PeerRefused(
-                f"the peer refused {what} of blob {blob.id}: {text} ({code})",
-                code=code,
-                reply_to=reply_to,
-            )
-        case _:
-            core.defer(received)
-            return False
+    message = received.message
+    if type(message) is Ack and message.reply_to == request_id:
+        return True
+    if type(message) is ErrorReply and message.reply_to in (0, request_id):
+        what = "the handoff" if message.reply_to else "the connection"
+        raise PeerRefused(
+            f"the peer refused {what} of blob {blob.id}: {message.message} ({message.code})",
+            code=message.code,
+            reply_to=message.reply_to,
+        )
+    core.defer(received)
+    return False
 
 
-def _transmit_handoff(
-    core: ChannelCore, handoff: BlobHandoff, blob: ProducerBlob | PoolLoan, fd: int
-) -> Op[int]:
-    if not isinstance(blob, PoolLoan):
-        return (yield from transmit(core, handoff, (fd,), validate=False))
-    blob.pool.retain(blob.slot)
-    try:
-        request_id = yield from transmit(core, handoff, (fd,), validate=False)
-    except BaseException:
-        blob.pool.release(blob.slot)
-        raise
-    core.pooled_out[request_id] = (blob.pool, blob.slot)
-    return request_id
-
-
-def loan_slot(core: ChannelCore, pool: BlobPool) -> Op[PoolLoan]:
+def loan_slot(core: ChannelCore, pool: BlobPool) -> PoolLoan | Op[PoolLoan]:
     """A free slot of *pool*, taking in the peer's releases while none is free.
 
     Other messages that arrive meanwhile are kept for `recv()`.
     """
+    loan = pool.try_loan() if INLINE else None
+    return _loan_later(core, pool) if loan is None else loan
+
+
+def _loan_later(core: ChannelCore, pool: BlobPool) -> Op[PoolLoan]:
     while True:
         loan = pool.try_loan()
         if loan is not None:
             return loan
         core.check_usable()
-        with core.receiving:
+        if not core.receiving.take():
+            raise core.receiving.refused()
+        try:
             received = core.poll_received(queued=False)
             if received is None:
                 yield Wait.READABLE
-                continue
-            if not isinstance(received.message, Ack | ErrorReply):
+            elif not isinstance(received.message, Ack | ErrorReply):
                 core.defer(received)
+        finally:
+            core.receiving.release()
 
 
 # -- receiving -----------------------------------------------------------------------
 
 
-def _next(core: ChannelCore) -> Op[Received]:
-    received = core.poll_received()
-    while received is None:
-        yield Wait.READABLE
-        received = core.poll_received()
+def receive(core: ChannelCore, until: float | None = None) -> Received | Op[Received]:
+    """The next message of any kind and its fds, which the caller owns from now on."""
+    if not core.intact:
+        core.check_usable()  # closed or broken beats busy
+    if not core.receiving.take():
+        raise core.receiving.refused()
+    try:
+        received = core.poll_received(until=until) if INLINE else None
+    except BaseException:
+        core.receiving.release()
+        raise
+    if received is None:
+        return _receive_later(core, INLINE)
+    core.receiving.release()
     return received
 
 
-def receive(core: ChannelCore) -> Op[tuple[Message, tuple[int, ...]]]:
-    """The next message of any kind and its fds, which the caller owns from now on."""
-    core.check_usable()
-    with core.receiving:
-        received = yield from _next(core)
-    return received.message, received.fds
+def _receive_later(core: ChannelCore, polled: bool) -> Op[Received]:
+    """`receive`, waiting for the message; holds `receiving` and releases it at the end.
+
+    *polled*: `receive` found nothing an instant ago, so it waits before it looks.
+    """
+    try:
+        if polled:
+            yield Wait.READABLE
+        received = core.poll_received()
+        while received is None:
+            yield Wait.READABLE
+            received = core.poll_received()
+        return received
+    finally:
+        core.receiving.release()
+
+
+def receive_handoff(core: ChannelCore, until: float | None = None) -> Handoff | Op[Handoff]:
+    """The next blob, mapped read-only after the sealing checks, and acknowledged.
+
+    A descriptor that fails the checks is closed, the peer gets an
+    `ErrorReply`, and the check's error (an `UnsafeDescriptor`) is raised; the
+    channel stays usable. Anything but a handoff is left for `recv()` and
+    `UnexpectedMessage` is raised.
+    """
+    if not core.intact:
+        core.check_usable()  # closed or broken beats busy
+    if not core.receiving.take():
+        raise core.receiving.refused()
+    try:
+        received = core.poll_received(until=until) if INLINE else None
+        settled = None if received is None else _settle(core, received)
+    except BaseException:
+        core.receiving.release()
+        raise
+    if isinstance(settled, Handoff):
+        core.receiving.release()
+        return settled
+    return _settle_later(core, settled)
+
+
+def _settle_later(core: ChannelCore, answering: Op[Handoff] | None) -> Op[Handoff]:
+    """`receive_handoff` from where it stopped: the arrival (if *answering* is None), the reply.
+
+    Holds `receiving`, which it releases at the end.
+    """
+    try:
+        if answering is None:
+            if INLINE:  # `receive_handoff` found nothing an instant ago
+                yield Wait.READABLE
+            received = core.poll_received()
+            while received is None:
+                yield Wait.READABLE
+                received = core.poll_received()
+            settled = _settle(core, received)
+            if isinstance(settled, Handoff):
+                return settled
+            answering = settled
+        return (yield from answering)
+    finally:
+        core.receiving.release()
 
 
 _REFUSAL_CODES: tuple[tuple[type[BlobError], ErrorCode], ...] = (
@@ -284,146 +482,129 @@ _REFUSAL_CODES: tuple[tuple[type[BlobError], ErrorCode], ...] = (
 )
 
 
-def _map(core: ChannelCore, handoff: BlobHandoff, fds: tuple[int, ...]) -> MappedRead | BlobError:
-    """Map the handed-over fd after the sealing checks; the fds are closed either way.
+def _settle(core: ChannelCore, received: Received) -> Handoff | Op[Handoff]:
+    """`receive_handoff` once *received* is in: check, map, answer.
 
-    A pool slot is mapped once and kept (`SlotCache`); what is returned then
-    owes the sender its reply when it is closed.
-    """
-    try:
-        size = handoff.token.size
-        if handoff.slot is not None:
-            owed = Ack(reply_to=handoff.id)
-            return core.slot_cache.view(
-                handoff.slot,
-                fds[0],
-                size,
-                lambda: core.owe_reply(owed),
-                allow_sparse=core.allow_sparse,
-            )
-        fd = fds[0]
-        mapped = map_sealed(fd, size, core.allow_sparse)
-        if mapped is not None:
-            return MappedRead(mapped, size)
-        # What map_descriptor(UnixFd(fd), size) does, minus its layers: the
-        # token's size was checked when it was decoded.
-        check_received_fd(fd, size, allow_sparse=core.allow_sparse)
-        return MappedRead(map_readonly(fd, size), size)
-    except BlobError as exc:
-        return exc
-    except (ValueError, OverflowError) as exc:
-        # mmap's own refusals: a size the checks let through but no address space takes.
-        return InvalidSize(f"cannot map the {handoff.token.size} bytes of a blob: {exc}")
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-# `map_sealed` runs between a handoff's arrival and its Ack: module globals
-# instead of a module's attribute, each looked up on every handoff.
-_fstat = os.fstat
-_fcntl = fcntl.fcntl
-_F_GET_SEALS = fcntl.F_GET_SEALS
-_mmap = mmap.mmap
-_ACCESS_READ = mmap.ACCESS_READ
-
-
-def map_sealed(fd: int, size: int, allow_sparse: bool = False) -> mmap.mmap | None:
-    """*size* bytes of *fd* mapped read-only if it passes the sealing checks; else None.
-
-    The checks of `check_received_fd` as one predicate: a regular file of at
-    least *size* (> 0) bytes, sealed against resizing, its pages allocated
-    (unless *allow_sparse*). None for anything
-    else (or any OSError): the full path (`_map`) then checks again and
-    says precisely what is wrong. The caller still owns and closes *fd*.
-    """
-    if size:
-        try:
-            # Seals before size, as in `check_received_fd`: a size read before the seal
-            # could be shrunk by the sender in between.
-            if _fcntl(fd, _F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS:
-                info = _fstat(fd)
-                if (
-                    S_ISREG(info.st_mode)
-                    and info.st_size >= size
-                    and (allow_sparse or fully_allocated(fd, info))
-                ):
-                    return _mmap(fd, size, access=_ACCESS_READ)
-        except (OSError, ValueError, OverflowError):
-            pass
-    return None
-
-
-def refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:
-    """The ErrorReply that refuses *handoff* for *error*."""
-    code = next(
-        (code for kind, code in _REFUSAL_CODES if isinstance(error, kind)), ErrorCode.CANNOT_MAP
-    )
-    return ErrorReply(reply_to=handoff.id, code=code, message=str(error)[:MAX_ERROR_TEXT])
-
-
-def take_handoff(
-    core: ChannelCore, received: Received
-) -> tuple[BlobHandoff, MappedRead | BlobError]:
-    """The handoff in *received*, mapped (or the check's error); the caller holds `receiving`.
-
-    Anything but a handoff is put back for `recv()` and `UnexpectedMessage` raised.
+    Anything but a handoff is put back for `recv()` and `UnexpectedMessage`
+    raised. A plain blob is answered as soon as it is mapped; closing its fd
+    waits until the answer is out.
     """
     handoff = received.message
-    if type(handoff) is not BlobHandoff:
+    if not isinstance(handoff, BlobHandoff):
         core.unread(received)
         raise UnexpectedMessage(
             f"expected a blob handoff, received {type(handoff).__name__} {handoff.id}; "
             "it is left for recv()"
         )
-    return handoff, _map(core, handoff, received.fds)
-
-
-def receive_handoff(core: ChannelCore) -> Op[Handoff]:
-    """The next blob, mapped read-only after the sealing checks, and acknowledged.
-
-    A descriptor that fails the checks is closed, the peer gets an
-    `ErrorReply`, and the check's error (an `UnsafeDescriptor`) is raised; the
-    channel stays usable. Anything but a handoff is left for `recv()` and
-    `UnexpectedMessage` is raised.
-    """
-    core.check_usable()
-    with core.receiving:
-        received = core.poll_received()
-        while received is None:
-            yield Wait.READABLE
-            received = core.poll_received()
-        return (yield from settle_handoff(core, received))
-
-
-def settle_handoff(core: ChannelCore, received: Received) -> Op[Handoff]:
-    """`receive_handoff` once *received* is in: check, map, answer (the caller holds `receiving`).
-
-    Anything but a handoff is put back for `recv()` and `UnexpectedMessage` raised.
-    """
-    handoff, result = take_handoff(core, received)
-    reply: Message | None
-    if isinstance(result, MappedRead):
-        # A pool slot is answered when it is released (see `_map`).
-        reply = None if handoff.slot is not None else Ack(reply_to=handoff.id)
+    fds = received.fds
+    result: mmap.mmap | BlobError | None
+    reply: Message
+    if handoff.slot is None:
+        result = _map(core, handoff, fds[0])  # the wire checked: one fd
+        if isinstance(result, BlobError):
+            reply = _refusal(handoff, result)
+        else:
+            reply = Ack(reply_to=handoff.id)
     else:
-        reply = refusal(handoff, result)
+        view = _slot_view(core, handoff, handoff.slot, fds)
+        if isinstance(view, MappedRead):
+            # A pool slot is answered when it is released (see `_slot_view`).
+            return Handoff(handoff.token, handoff.meta, view, handoff.id)
+        result, fds, reply = view, (), _refusal(handoff, view)
     try:
-        if reply is not None:
-            yield from transmit(core, reply, validate=False)
-    except ConnectionClosed:
-        # The sender is gone; a mapped blob stays valid (memfd semantics).
-        # Later sends report the closed connection, and receives do once
-        # whatever the sender sent before it left has been read.
-        if not isinstance(result, MappedRead):
-            raise result from None
-    except BaseException:
-        if isinstance(result, MappedRead):
+        sent = send(core, reply, validate=False)
+    except BaseException as exc:
+        return _answered(handoff, fds, result, exc)
+    if isinstance(sent, int):
+        return _answered(handoff, fds, result, None)
+    return _answering(handoff, fds, result, sent)
+
+
+def _answering(
+    handoff: BlobHandoff,
+    fds: tuple[int, ...],
+    result: mmap.mmap | BlobError | None,
+    sent: Op[int],
+) -> Op[Handoff]:
+    try:
+        yield from sent
+    except BaseException as exc:
+        return _answered(handoff, fds, result, exc)
+    return _answered(handoff, fds, result, None)
+
+
+def _answered(
+    handoff: BlobHandoff,
+    fds: tuple[int, ...],
+    result: mmap.mmap | BlobError | None,
+    failure: BaseException | None,
+) -> Handoff:
+    """The end of `receive_handoff` once its reply went out, or failed with *failure*.
+
+    The received fds are closed whatever happens.
+    """
+    close_fds(fds)
+    if isinstance(result, BlobError):
+        if isinstance(failure, ConnectionClosed):
+            raise result from None  # the sender is gone: what was wrong is the news
+        raise failure or result
+    if failure is not None and not isinstance(failure, ConnectionClosed):
+        if result is not None:
             result.close()
-        raise
-    if not isinstance(result, MappedRead):
-        raise result
-    return Handoff(handoff.token, handoff.meta, result, handoff.id)
+        raise failure
+    # Sent, or the sender is gone: a mapped blob stays valid (memfd semantics).
+    # Later sends report the closed connection, and receives do once whatever
+    # the sender sent before it left has been read.
+    size = handoff.token.size
+    return Handoff(handoff.token, handoff.meta, MappedRead(result, size), handoff.id)
+
+
+def _map(core: ChannelCore, handoff: BlobHandoff, fd: int) -> mmap.mmap | BlobError | None:
+    """The handed-over memfd mapped read-only after the sealing checks, or what is wrong.
+
+    The caller still owns and closes *fd*.
+    """
+    size = handoff.token.size
+    try:
+        check_received_fd(fd, size, allow_sparse=core.allow_sparse)
+        return map_readonly(fd, size)
+    except BlobError as exc:
+        return exc
+    except (ValueError, OverflowError) as exc:
+        # mmap's own refusals: a size the checks let through but no address space takes.
+        return InvalidSize(f"cannot map the {size} bytes of a blob: {exc}")
+
+
+def _slot_view(
+    core: ChannelCore, handoff: BlobHandoff, slot: SlotRef, fds: tuple[int, ...]
+) -> MappedRead | BlobError:
+    """A pool slot's view, mapped once and kept (`SlotCache`), or what is wrong; fds closed.
+
+    Closing the view owes the sender its reply (the slot is free again).
+    """
+    owed = Ack(reply_to=handoff.id)
+    try:
+        return core.slot_cache.view(
+            fds[0],
+            handoff.token.size,
+            lambda: core.owe_reply(owed),
+            slot.pool,
+            allow_sparse=core.allow_sparse,
+        )
+    except BlobError as exc:
+        return exc
+    except (ValueError, OverflowError) as exc:
+        return InvalidSize(f"cannot map the {handoff.token.size} bytes of a blob: {exc}")
+    finally:
+        close_fds(fds)
+
+
+def _refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:
+    """The ErrorReply that refuses *handoff* for *error*."""
+    code = next(
+        (code for kind, code in _REFUSAL_CODES if isinstance(error, kind)), ErrorCode.CANNOT_MAP
+    )
+    return ErrorReply(reply_to=handoff.id, code=code, message=str(error)[:MAX_ERROR_TEXT])
 
 
 # -- connecting ----------------------------------------------------------------------

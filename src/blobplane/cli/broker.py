@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, ParamSpec, TypeVar
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
 import click
 import msgspec
@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 
 from blobplane.broker.address import ENV_SOCKET, ENV_TOKEN, key_path_for, resolve_socket
+from blobplane.cli import federation
 from blobplane.cli.tables import stats_table
 from blobplane.durations import format_duration, parse_duration
 from blobplane.errors import BlobError, BlobNotFound
@@ -192,6 +193,7 @@ def _targets(text: str, by_id: bool) -> list[str | BlobId]:
     show_default=True,
     help="debug logs every request.",
 )
+@federation.serve_options
 @_one_line_errors
 def serve(
     *,
@@ -202,15 +204,17 @@ def serve(
     evict: bool,
     key_file: str | None,
     log_level: str,
+    **flight: Any,
 ) -> None:
     """Run the broker until SIGINT or SIGTERM.
 
-    Prints 'ready socket=PATH pid=PID' on stdout once it listens; logs go to
-    stderr, one key=value line per event.
+    Prints 'ready socket=PATH pid=PID' (and ' flight=URL' with --flight) on
+    stdout once it listens; logs go to stderr, one key=value line per event.
     """
+    import asyncio
+
     from blobplane.broker import logs
-    from blobplane.broker.server import BrokerConfig
-    from blobplane.broker.server import serve as run_server
+    from blobplane.broker.server import BrokerConfig, BrokerServer
 
     logs.configure(getattr(logging, log_level.upper()))
     config = BrokerConfig(
@@ -220,13 +224,26 @@ def serve(
         require_token=require_token,
         evict=evict,
         key_path=key_file,
+        flight=federation.flight_config(**flight),
     )
 
-    def ready(path: str) -> None:
-        click.echo(f"ready socket={path} pid={os.getpid()}")
-        sys.stdout.flush()
+    async def main() -> None:
+        server = BrokerServer(config)
 
-    run_server(config, ready)
+        def ready(path: str) -> None:
+            url = server.flight_url
+            click.echo(f"ready socket={path} pid={os.getpid()}" + (f" flight={url}" if url else ""))
+            sys.stdout.flush()
+
+        await server.run(ready)
+        if server.flight is not None and server.flight.stuck:
+            # Flight calls outlived the shutdown, and gRPC would wait for them forever
+            # at exit: everything is closed and logged, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    asyncio.run(main())
 
 
 # -- put, get, ls, rm, stats -------------------------------------------------------------
@@ -312,6 +329,14 @@ def _read_into(source: BinaryIO, view: memoryview, label: str) -> None:
     default=None,
     help="Seconds to wait for the blob to appear and be sealed.",
 )
+@click.option(
+    "--from",
+    "remote",
+    default=None,
+    metavar="URL",
+    help="Fetch it from the broker whose Flight endpoint is at URL (no local broker needed).",
+)
+@federation.remote_options
 @_client_options
 @_one_line_errors
 def get(
@@ -320,8 +345,10 @@ def get(
     output: str | None,
     by_id: bool,
     timeout: float | None,
+    remote: str | None,
     socket_path: str | None,
     token: str | None,
+    **tls: Any,
 ) -> None:
     """Write the blob under KEY (or with that id) to a file, or to stdout.
 
@@ -337,6 +364,18 @@ def get(
                 "(or pass -o - to print it anyway)"
             )
         output = "-"
+    if remote is not None:
+        federation.remote_get(
+            remote,
+            key,
+            by_id=by_id,
+            output=output,
+            token=token,
+            timeout=timeout,
+            progress=_progress,
+            **tls,
+        )
+        return
     with connect_broker(socket_path, token, name="blobplane get") as broker:
         mapped = _first_found(lambda target: broker.get(target, timeout=timeout), key, by_id)
         with mapped, mapped.as_slice() as view:
@@ -397,17 +436,31 @@ def _write_from(sink: BinaryIO, view: memoryview, label: str) -> None:
     help="For scripts: a JSON array of objects, one per blob, with the fields of `BlobEntry`.",
 )
 @click.option("--wide", is_flag=True, help="Never wrap: as wide as the table needs.")
+@click.option(
+    "--peer",
+    default=None,
+    metavar="URL",
+    help="List the sealed blobs of the broker whose Flight endpoint is at URL instead.",
+)
+@federation.remote_options
 @_client_options
 @_one_line_errors
 def ls(
+    *,
     include_deleted: bool,
     as_json: bool,
     wide: bool,
+    peer: str | None,
     socket_path: str | None,
     token: str | None,
+    **tls: Any,
 ) -> None:
     """List the broker's blobs (ids are never cut: other columns wrap first)."""
     from blobplane.client import connect_broker
+
+    if peer is not None:
+        federation.remote_ls(peer, token=token, as_json=as_json, **tls)
+        return
 
     with connect_broker(socket_path, token, name="blobplane ls") as broker:
         entries = broker.list(include_deleted=include_deleted)
@@ -434,7 +487,8 @@ def ls(
         )
     console = Console()
     if wide:
-        console = Console(width=max(console.width, console.measure(table).maximum))
+        needed = console.measure(table, options=console.options.update(max_width=1 << 20))
+        console = Console(width=max(console.width, needed.maximum))
     console.print(table)
 
 
@@ -574,4 +628,33 @@ def demo_broker() -> None:
     broker_demo.run(Console())
 
 
-COMMANDS: tuple[click.Command, ...] = (serve, put, get, ls, rm, stats, token, demo_broker)
+@click.command(name="demo-federation")
+@click.option(
+    "--size",
+    callback=_size,
+    default="256MiB",
+    show_default=True,
+    metavar="SIZE",
+    help="The size of each blob.",
+)
+@click.option("--count", type=click.IntRange(1, 64), default=4, show_default=True)
+@_one_line_errors
+def demo_federation(size: int | None, count: int) -> None:
+    """Two brokers on this machine: blobs put on one, got from the other over Flight."""
+    from blobplane.cli import federation_demo
+
+    federation.need_pyarrow()
+    federation_demo.run(Console(), size=size or 1, count=count)
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    serve,
+    put,
+    get,
+    ls,
+    rm,
+    stats,
+    token,
+    demo_broker,
+    demo_federation,
+)

@@ -14,6 +14,7 @@ from blobplane.blobs import ProducerBlob
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import BlobEntry, Delete, Request, SlotFree, StatsEntry, Welcome
 from blobplane.channel import DEFAULT, aio
+from blobplane.channel.outbox import Outbox
 from blobplane.client.core import (
     DEFAULT_TIMEOUT,
     Answer,
@@ -21,8 +22,8 @@ from blobplane.client.core import (
     ClientCore,
     Op,
     Target,
+    checked,
     no_broker,
-    payload_of,
 )
 from blobplane.client.handles import AsyncBrokerBlob, BrokerRead
 from blobplane.errors import (
@@ -38,7 +39,7 @@ from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
 from blobplane.objects.transfer import fresh_blobs
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobId
-from blobplane.wire import Message, UserPayload
+from blobplane.wire import Message
 
 __all__ = ["AsyncBrokerClient", "connect_broker_async"]
 
@@ -78,9 +79,8 @@ class AsyncBrokerClient:
         # listing); replies that come while nobody awaits them wait in `_early`.
         self._pending: dict[int, asyncio.Future[_Delivery] | None] = {}
         self._early: dict[int, deque[_Delivery]] = {}
-        self._sending = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
-        self._posted: list[UserPayload] = []  # requests without a reply, sent on the next turn
+        self._outbox = Outbox(channel)
+        self._posted: list[bytes] = []  # requests without a reply, sent on the next turn
         self._slot_freed = asyncio.Event()
         self._failure: BlobError | None = None
         self._closed = False
@@ -187,15 +187,14 @@ class AsyncBrokerClient:
             return
         self._closed = True
         self._reader.stop()
-        for task in self._background:
-            task.cancel()
+        self._outbox.close()
         self._channel.close()
         self._core.close()
         self._fail(BlobClosed("this broker client is closed"))
 
     async def aclose(self) -> None:
         self.close()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.sleep(0)  # the outbox's drain, cancelled, ends
 
     async def __aenter__(self) -> Self:
         return self
@@ -257,7 +256,7 @@ class AsyncBrokerClient:
         self._check_usable()  # after the future exists: a failure from now on reaches it
         if call.send:
             try:
-                await self._send(payload_of(call.request), call.fds)
+                await self._send(checked(call.request), call.fds)
             except ConnectionClosed:
                 # The broker may have said why before it hung up: the reader takes it in.
                 await asyncio.sleep(0)
@@ -284,15 +283,11 @@ class AsyncBrokerClient:
                 timer.cancel()
         return _delivered(delivery)
 
-    async def _send(self, payload: UserPayload, fds: tuple[int, ...] = ()) -> None:
+    async def _send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send a request: at once if the socket takes it, else in turn with other senders."""
         if self._posted:
             self._send_posted()  # releases and deletes go in the order they were made
-        # Encoded and checked by `_payload`: the channel need not decode it again.
-        if not self._sending.locked() and self._channel._try_send_built(payload, fds) is not None:
-            return
-        async with self._sending:
-            await self._channel._send_built(payload, fds, timeout=self.timeout)
+        await self._outbox.send(data, fds, timeout=self.timeout)
 
     def _forget(self, rid: int) -> None:
         """Stop listening for *rid*; replies already here for it are undone."""
@@ -360,36 +355,14 @@ class AsyncBrokerClient:
             return
         # Not sent from inside close(): the caller goes on at once, and the loop
         # sends every release posted meanwhile on its next turn, without a task.
-        self._posted.append(payload_of(request))
+        self._posted.append(checked(request))
         if len(self._posted) == 1:
             self._loop.call_soon(self._send_posted)
 
     def _send_posted(self) -> None:
         posted, self._posted = self._posted, []
-        for index, payload in enumerate(posted):
-            if self._closed:
-                return
-            try:
-                if (
-                    not self._sending.locked()
-                    and self._channel._try_send_built(payload) is not None
-                ):
-                    continue
-            except BlobError:
-                return  # the connection is gone, and with it every reference it held
-            # The socket is full or another task sends: the rest go in order, in a task.
-            task = self._loop.create_task(self._send_quietly(posted[index:]))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return
-
-    async def _send_quietly(self, payloads: list[UserPayload]) -> None:
-        try:
-            async with self._sending:
-                for payload in payloads:
-                    await self._channel._send_built(payload, timeout=self.timeout)
-        except BlobError:
-            pass  # the connection is gone, and with it every reference it held
+        for data in posted:
+            self._outbox.post(data)
 
     # Last in the class: from here on `list` names this method in the class body.
     async def list(self, *, include_deleted: bool = False) -> list[BlobEntry]:

@@ -12,16 +12,16 @@ import pickle
 from typing import Any
 
 
-def _rebuild_bytes(buffer: memoryview) -> bytes:
-    return bytes(buffer)
-
-
 def _rebuild_memoryview(buffer: memoryview) -> memoryview:
     return memoryview(buffer).toreadonly()
 
 
 class OutOfBandPickler(pickle.Pickler):
-    """Sends large bytes and memoryviews out of band too, and packs strided arrays once."""
+    """Sends memoryviews out of band too, and packs strided arrays once.
+
+    (`bytes` and `bytearray` stay in the stream: the C pickler writes them
+    before it asks `reducer_override`.)
+    """
 
     def __init__(self, file: io.BytesIO, threshold: int, buffers: list[pickle.PickleBuffer]):
         super().__init__(file, protocol=5, buffer_callback=self._take)
@@ -36,8 +36,6 @@ class OutOfBandPickler(pickle.Pickler):
         return False
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is bytes and len(obj) >= self._threshold:
-            return _rebuild_bytes, (pickle.PickleBuffer(obj),)
         if type(obj) is memoryview:
             return _rebuild_memoryview, (pickle.PickleBuffer(_contiguous_bytes(obj)),)
         if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":

@@ -351,7 +351,10 @@ class Subscriber:
         return self._core.policy
 
     def receive(self, timeout: float | None = None) -> Receipt:
-        """The next frame, waiting up to *timeout* seconds (None: the subscriber's timeout).
+        """The next frame, waiting up to *timeout* seconds (None: as long as the stream lasts).
+
+        A subscriber waits for frames as a server waits for clients: until told
+        otherwise. (The subscriber's own `timeout` bounds connecting only.)
 
         Raises `StreamEnded` when the publisher closed the stream or went away
         (after every frame it published before that).
@@ -360,8 +363,6 @@ class Subscriber:
         frame = core.take()
         if frame is not None:
             return Receipt(core, frame, core.take_missed())
-        if timeout is None:
-            timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if core.ended is not None:
@@ -541,10 +542,11 @@ class AsyncSubscriber:
         self._wake()
 
     async def receive(self, timeout: float | None = None) -> AsyncReceipt:
-        """The next frame; raises `StreamEnded` when the stream is over."""
+        """The next frame, waiting up to *timeout* s (None: as long as the stream lasts).
+
+        Raises `StreamEnded` when the stream is over.
+        """
         core = self._core
-        if timeout is None:
-            timeout = self.timeout
         deadline = None if timeout is None else self._loop.time() + timeout
         while True:
             frame = core.take()

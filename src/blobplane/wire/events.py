@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 from blobplane.wire.messages import Message
 
 __all__ = ["NEED_DATA", "Event", "NeedData", "PeerClosed", "Received"]
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A message and the fds that rode with it; whoever takes this event owns the fds."""
+class Received(msgspec.Struct, frozen=True, gc=False):
+    """A message and the fds that rode with it; whoever takes this event owns the fds.
+
+    A Struct for its constructor in C: one is made for every message received.
+    (It holds no cycles, so the garbage collector need not track it.)
+    """
 
     message: Message
     fds: tuple[int, ...] = ()

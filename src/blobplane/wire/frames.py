@@ -36,12 +36,12 @@ __all__ = [
     "Frame",
     "Limits",
     "StreamFramer",
+    "datagram_payload",
     "pack_header",
 ]
 
 MAGIC = b"BP"
 VERSION = 1
-# Public for the connection's fast lane, which checks a header in one unpack.
 HEADER = struct.Struct(">2sBBI")
 HEADER_SIZE = HEADER.size
 # Control messages are small: the largest is a handoff with its metadata.
@@ -103,7 +103,7 @@ def parse_header(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[
 class Frame:
     """One frame's payload and the fds that rode with it (the receiver owns them now)."""
 
-    payload: bytes
+    payload: bytes | bytearray | memoryview
     fds: list[int]
 
 
@@ -116,6 +116,47 @@ def _close_each(fds: list[int], close_fd: CloseFd) -> None:
             pass  # already gone: closing must always complete
 
 
+def datagram_payload(
+    data: bytes | bytearray | memoryview, fd_count: int, truncated: bool, limits: Limits
+) -> bytes | bytearray | memoryview:
+    """The payload of the datagram *data*, which *fd_count* fds came with, if it is one whole frame.
+
+    A slice of *data* (a view, if *data* is one). Raises `RemoteProtocolError`
+    saying what is wrong otherwise: cut short (*truncated*: MSG_TRUNC), too
+    many fds, a bad header, a length or fd count other than the header says.
+    """
+    size = len(data)
+    if truncated:
+        raise RemoteProtocolError(
+            f"a datagram longer than the maximum frame size of "
+            f"{limits.max_frame_size} bytes (cut short: MSG_TRUNC)"
+        )
+    if fd_count > limits.max_fds:
+        raise RemoteProtocolError(
+            f"{fd_count} fds arrived with one message, over the per-message maximum "
+            f"of {limits.max_fds}"
+        )
+    if size < HEADER_SIZE:
+        raise RemoteProtocolError(
+            f"truncated frame: a datagram of {size} bytes cannot hold the {HEADER_SIZE}-byte header"
+        )
+    announced, length = parse_header(data, limits)
+    total = HEADER_SIZE + length
+    if size < total:
+        raise RemoteProtocolError(
+            f"truncated frame: the header announces {total} bytes, the datagram holds {size}"
+        )
+    if size > total:
+        raise RemoteProtocolError(
+            f"{size - total} bytes of trailing data after a {total}-byte frame in one datagram"
+        )
+    if fd_count != announced:
+        raise RemoteProtocolError(
+            f"fd count mismatch: the frame announces {announced} fds, {fd_count} arrived with it"
+        )
+    return data[HEADER_SIZE:]
+
+
 class DatagramFramer:
     """One frame per datagram: its length and its fds must match the header exactly."""
 
@@ -125,6 +166,9 @@ class DatagramFramer:
         self._queue: deque[tuple[bytes, list[int], bool]] = deque()
         self._eof = False
         self._rejected: list[int] = []
+        # Whether `next_frame()` has a datagram (or the end of stream) to report:
+        # an attribute, as the connection asks before every datagram.
+        self.has_frames = False
 
     @property
     def at_eof(self) -> bool:
@@ -137,58 +181,26 @@ class DatagramFramer:
     def feed(self, data: bytes | bytearray | memoryview, fds: list[int], truncated: bool) -> None:
         if not data and not fds and not truncated:
             self._eof = True
-            return
-        self._queue.append((bytes(data), fds, truncated))
-
-    @property
-    def has_frames(self) -> bool:
-        """Whether `next_frame()` has a datagram (or the end of stream) to report."""
-        return bool(self._queue) or self._eof
+        else:
+            self._queue.append((bytes(data), fds, truncated))
+        self.has_frames = True
 
     def next_frame(self) -> Frame | None:
         if not self._queue:
             return None
         data, fds, truncated = self._queue.popleft()
+        self.has_frames = bool(self._queue) or self._eof
         # Owned here until the frame is handed out, so close_all() finds them on error.
         self._rejected = fds
-        if truncated:
-            raise RemoteProtocolError(
-                f"a datagram longer than the maximum frame size of "
-                f"{self._limits.max_frame_size} bytes (cut short: MSG_TRUNC)"
-            )
-        if len(fds) > self._limits.max_fds:
-            raise RemoteProtocolError(
-                f"{len(fds)} fds arrived with one message, over the per-message maximum "
-                f"of {self._limits.max_fds}"
-            )
-        if len(data) < HEADER_SIZE:
-            raise RemoteProtocolError(
-                f"truncated frame: a datagram of {len(data)} bytes cannot hold "
-                f"the {HEADER_SIZE}-byte header"
-            )
-        fd_count, length = parse_header(data, self._limits)
-        total = HEADER_SIZE + length
-        if len(data) < total:
-            raise RemoteProtocolError(
-                f"truncated frame: the header announces {total} bytes, "
-                f"the datagram holds {len(data)}"
-            )
-        if len(data) > total:
-            raise RemoteProtocolError(
-                f"{len(data) - total} bytes of trailing data after a {total}-byte frame "
-                "in one datagram"
-            )
-        if len(fds) != fd_count:
-            raise RemoteProtocolError(
-                f"fd count mismatch: the frame announces {fd_count} fds, {len(fds)} arrived with it"
-            )
+        payload = datagram_payload(data, len(fds), truncated, self._limits)
         self._rejected = []
-        return Frame(data[HEADER_SIZE:], fds)
+        return Frame(payload, fds)
 
     def close_all(self) -> None:
         _close_each(self._rejected, self._close_fd)
         while self._queue:
             _close_each(self._queue.popleft()[1], self._close_fd)
+        self.has_frames = self._eof
 
 
 @dataclass(slots=True)
@@ -213,15 +225,12 @@ class StreamFramer:
         self._header: tuple[int, int] | None = None
         self._claimed: list[int] = []
         self._eof = False
+        # Conservatively True: a chunk may hold several frames, and checks run per frame.
+        self.has_frames = True
 
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
-
-    @property
-    def has_frames(self) -> bool:
-        """Conservatively True: a chunk may hold several frames, and checks run per frame."""
-        return True
 
     @property
     def owned_fds(self) -> int:

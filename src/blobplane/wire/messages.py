@@ -19,6 +19,8 @@ from blobplane.errors import RemoteProtocolError
 from blobplane.types import BlobToken
 
 __all__ = [
+    "DECODER",
+    "DECODE_ERRORS",
     "MAX_ERROR_TEXT",
     "MAX_META",
     "Ack",
@@ -29,6 +31,7 @@ __all__ = [
     "Message",
     "SlotRef",
     "UserPayload",
+    "decode_error",
     "decode_message",
     "encode_message_into",
 ]
@@ -118,23 +121,35 @@ class UserPayload(_Message, frozen=True, tag="payload"):
 Message: TypeAlias = BlobHandoff | Ack | ErrorReply | UserPayload
 
 _ENCODER = msgspec.msgpack.Encoder(uuid_format="bytes")
-_DECODER = msgspec.msgpack.Decoder(Message)
+# The typed decoder every connection decodes with (`decode_message` says what
+# its errors mean); public for the receive path, which calls it directly.
+DECODER = msgspec.msgpack.Decoder(Message)
 
 
-def encode_message_into(message: Message, buffer: bytearray, offset: int) -> None:
-    """Append *message* to *buffer* from *offset* on (room before it for the frame header)."""
-    _ENCODER.encode_into(message, buffer, offset)
+# encode_message_into(message, buffer, offset): append *message* to *buffer* from
+# *offset* on (room before it for the frame header). The encoder's own method:
+# every frame sent is encoded with it.
+encode_message_into = _ENCODER.encode_into
 
 
-def decode_message(payload: bytes | memoryview) -> Message:
+# What `DECODER.decode` raises for a payload it refuses; `decode_error` says what it means.
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError)
+
+
+def decode_error(exc: Exception) -> RemoteProtocolError:
+    """What an error decoding a frame's payload (one of `DECODE_ERRORS`) says about it."""
+    text = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        if text.startswith("Invalid value") and text.endswith("`$.type`"):
+            return RemoteProtocolError(f"unknown message type: {text}")
+        return RemoteProtocolError(f"malformed message: {text}")
+    return RemoteProtocolError(f"malformed message: {text}")
+
+
+def decode_message(payload: bytes | bytearray | memoryview) -> Message:
     """Decode one frame's payload, or raise `RemoteProtocolError` saying what was wrong."""
     try:
-        message: Message = _DECODER.decode(payload)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if text.startswith("Invalid value") and text.endswith("`$.type`"):
-            raise RemoteProtocolError(f"unknown message type: {text}") from exc
-        raise RemoteProtocolError(f"malformed message: {text}") from exc
-    except (msgspec.DecodeError, ValueError, TypeError) as exc:
-        raise RemoteProtocolError(f"malformed message: {exc}") from exc
+        message: Message = DECODER.decode(payload)
+    except DECODE_ERRORS as exc:
+        raise decode_error(exc) from exc
     return message

@@ -24,9 +24,12 @@ an `ErrorReply`; at most `max_open_handoffs` may be open per direction. An
 connection as a whole. `UserPayload` expects no answer.
 
 Fds. The header of every frame says how many fds ride with it and the framer
-checks that exactly those arrived. The message then says how many it needs
-(`FD_RULES`): a handoff the number its descriptor kind uses, a payload any
-number up to the per-message maximum, replies none.
+checks that exactly those arrived. The message then says how many it needs:
+a handoff the number its descriptor kind uses, a payload any number up to
+the per-message maximum, replies none.
+
+Every message, sent or received, passes `Direction.record` once: the rules
+above, checked, and the message recorded if it passes.
 
 Limits (see `frames.Limits`): frames of at most 64 KiB including the header,
 at most 16 fds per message (the kernel's cap is 253), at most 1024 open
@@ -51,6 +54,7 @@ from blobplane.wire.messages import (
 __all__ = ["MAX_OPEN_HANDOFFS", "Direction", "State"]
 
 MAX_OPEN_HANDOFFS = 1024
+_REPLIES = (Ack, ErrorReply)
 
 
 class State(enum.Enum):
@@ -62,23 +66,14 @@ class State(enum.Enum):
     __hash__ = object.__hash__
 
 
-# What each state lets a direction do. A missing entry is an error naming the
-# message, the direction and the state.
+# What each state lets a direction do, looked up for every message sent. A
+# missing entry is an error naming the message, the direction and the state.
 SEND_ALLOWED: dict[tuple[State, State], frozenset[type[Message]]] = {
     # (our state, their state) -> messages we may send
     (State.OPEN, State.OPEN): frozenset({BlobHandoff, Ack, ErrorReply, UserPayload}),
     (State.OPEN, State.CLOSED): frozenset({BlobHandoff, Ack, ErrorReply, UserPayload}),
     (State.OPEN, State.ERROR): frozenset({ErrorReply}),
 }
-
-
-def fd_rule(message: Message, max_fds: int) -> tuple[int, int]:
-    """How many fds *message* must carry: (at least, at most)."""
-    if isinstance(message, BlobHandoff):
-        return (message.fds, message.fds)
-    if isinstance(message, UserPayload):
-        return (0, max_fds)
-    return (0, 0)  # replies
 
 
 def describe(message: Message) -> str:
@@ -96,21 +91,31 @@ class Direction:
     open_handoffs: set[int] = field(default_factory=set)
     max_open_handoffs: int = MAX_OPEN_HANDOFFS
 
-    def check(self, message: Message, fd_count: int, other: Direction, max_fds: int) -> None:
-        """Raise this direction's protocol error if it may not send *message* now."""
+    def record(self, message: Message, fd_count: int, other: Direction, max_fds: int) -> None:
+        """Record *message*, with *fd_count* fds, as sent by this direction, if it may send it now.
+
+        Raises this direction's protocol error, with nothing recorded, if not.
+        The one check of every message, sent or received.
+        """
         if message.id <= self.last_id:
             raise self.error(
                 f"{self.name} sent request id {message.id} after {self.last_id}; ids must increase"
             )
-        low, high = fd_rule(message, max_fds)
-        if not low <= fd_count <= high:
-            wanted = f"{low}" if low == high else f"{low} to {high}"
+        if fd_count > max_fds:
+            raise self.error(
+                f"{self.name} sent {fd_count} fds with one message; "
+                f"the per-message maximum is {max_fds}"
+            )
+        kind = type(message)
+        if kind is UserPayload:
+            self.last_id = message.id
+            return
+        wanted = message.fds if kind is BlobHandoff else 0  # type: ignore[union-attr]
+        if fd_count != wanted:
             raise self.error(
                 f"fd count mismatch: {describe(message)} needs {wanted} fds, "
                 f"{fd_count} came with it"
             )
-        if isinstance(message, UserPayload):
-            return
         if isinstance(message, BlobHandoff):
             if message.fds != FDS_PER_KIND[message.kind]:
                 raise self.error(
@@ -122,36 +127,30 @@ class Direction:
                     f"{self.name} has {len(self.open_handoffs)} handoffs waiting for an "
                     f"answer, the most allowed; wait for replies before sending more"
                 )
+            self.open_handoffs.add(message.id)
         elif isinstance(message, Ack):
             if message.reply_to not in other.open_handoffs:
                 raise self.error(
                     f"{describe(message)} acknowledges request {message.reply_to}, which is "
                     f"not a handoff from {other.name} waiting for an answer"
                 )
-        elif message.reply_to > other.last_id:
-            raise self.error(
-                f"{describe(message)} answers request {message.reply_to}, but {other.name} "
-                f"has sent ids up to {other.last_id} only"
-            )
-
-    def commit(self, message: Message, other: Direction) -> None:
-        """Record *message* as sent by this direction (after `check` passed)."""
-        self.last_id = message.id
-        if isinstance(message, BlobHandoff):
-            self.open_handoffs.add(message.id)
-        elif isinstance(message, Ack | ErrorReply):
             other.open_handoffs.discard(message.reply_to)
+        elif isinstance(message, ErrorReply):
+            if message.reply_to > other.last_id:
+                raise self.error(
+                    f"{describe(message)} answers request {message.reply_to}, but {other.name} "
+                    f"has sent ids up to {other.last_id} only"
+                )
+            other.open_handoffs.discard(message.reply_to)
+        self.last_id = message.id
 
 
-def check_send_state(message: Message, ours: Direction, theirs: Direction) -> None:
-    if ours.state is State.OPEN and theirs.state is State.OPEN:
-        return  # the common case, and everything may be sent
-    allowed = SEND_ALLOWED.get((ours.state, theirs.state), frozenset())
-    if type(message) not in allowed:
-        raise LocalProtocolError(
-            f"cannot send {describe(message)}: this side is {ours.state.value} and "
-            f"the peer is {theirs.state.value}"
-        )
+def send_state_error(message: Message, ours: Direction, theirs: Direction) -> LocalProtocolError:
+    """Why *message* may not be sent in these states (not in `SEND_ALLOWED`)."""
+    return LocalProtocolError(
+        f"cannot send {describe(message)}: this side is {ours.state.value} and "
+        f"the peer is {theirs.state.value}"
+    )
 
 
 def new_directions(max_open_handoffs: int) -> tuple[Direction, Direction]:

@@ -1,27 +1,36 @@
-"""The handoff's fast lanes and the general path they fall back to, against both flavours.
+"""Operations that complete at once and those that have to wait, against both flavours.
 
-`send_blob` and `recv_handoff` take a one-step path for the usual case (a
-datagram socket with room, a plain sealed blob, nothing queued) and hand over
-to the general operations whenever anything is unusual. These tests build
-the unusual cases on purpose (messages back to back, messages queued while a
-reply is awaited, a full socket, a stream written in parts) and check that
-the results, the request ids and the fds are the same either way.
+Every operation does its usual case at once (a datagram socket with room, a
+plain sealed blob, a message already there) and continues as a generator
+whenever a step would block. These tests build the unusual cases on purpose
+(messages back to back, messages queued while a reply is awaited, a full
+socket, a stream written in parts) and check the results, the request ids
+and the fds; `test_channel_differential` compares the two paths at random.
 """
 
 from __future__ import annotations
 
 import math
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import msgspec
 import pytest
 
 from blobplane import BlobBackend, ProducerBlob, SharedMemoryBlobs
 from blobplane.channel import Channel
-from blobplane.errors import InvalidSize, LocalProtocolError, Timeout, UnexpectedMessage
+from blobplane.channel.core import ChannelCore
+from blobplane.errors import (
+    InvalidSize,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Timeout,
+    UnexpectedMessage,
+)
 from blobplane.wire import MAX_FRAME_SIZE, Ack, BlobHandoff, Connection, Received, UserPayload
 from test_channel import WAIT, Driven, Flavour, flavour  # noqa: F401 - the fixture
 
@@ -44,7 +53,7 @@ def helper() -> Iterator[Callable[..., Future[Any]]]:
 
 @pytest.fixture
 def pair(flavour: Flavour) -> Iterator[tuple[Driven, Channel]]:  # noqa: F811
-    """(the channel under test, a blocking peer) over a SEQPACKET pair: the fast lanes' case."""
+    """(the channel under test, a blocking peer) over a SEQPACKET pair: the usual case."""
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     peer = Channel(right, timeout=WAIT)
     tested = flavour.wrap(left, timeout=WAIT)
@@ -58,6 +67,12 @@ def sealed(blobs: SharedMemoryBlobs, data: bytes) -> ProducerBlob:
     blob.write_all(data)
     blob.seal()
     return blob
+
+
+def frame_of(message: Ack) -> bytes:
+    """*message*'s frame, encoded by hand: a peer's `Connection` would not send it."""
+    payload = msgspec.msgpack.encode(message)
+    return struct.pack(">2sBBI", b"BP", 1, 0, len(payload)) + payload
 
 
 def fill(sock: socket.socket) -> int:
@@ -137,7 +152,7 @@ def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
     flavour: Flavour,  # noqa: F811
     blobs: SharedMemoryBlobs,
 ) -> None:
-    """EAGAIN on the fast lane: a send that times out withdraws the handoff, the next one goes."""
+    """EAGAIN on the first try: a send that times out withdraws the handoff, the next one goes."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     ours.setblocking(False)
@@ -157,8 +172,11 @@ def test_a_handoff_that_finds_the_socket_full_goes_when_there_is_room(
         with open(event.fds[0], "rb") as received:
             assert received.read() == b"late" * 100
         assert event.message.id == request_id
-        # The handoff withdrawn at the timeout is not awaited: only the one sent is.
-        assert tested.channel._core.wire.open_handoffs == {request_id}
+        # The handoff withdrawn at the timeout is not awaited: an answer to it is refused.
+        withdrawn = Ack(id=1, reply_to=request_id - 1)
+        theirs.send(frame_of(withdrawn))
+        with pytest.raises(RemoteProtocolError, match="not a handoff from this side waiting"):
+            tested.recv()
     finally:
         tested.close()
         reader.close()
@@ -170,7 +188,7 @@ def test_an_ack_that_finds_the_socket_full_goes_when_there_is_room(
     blobs: SharedMemoryBlobs,
     helper: Callable[..., Future[Any]],
 ) -> None:
-    """EAGAIN on the Ack's fast lane: the receiver waits for room, then acknowledges."""
+    """EAGAIN on the Ack's first try: the receiver waits for room, then acknowledges."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     ours.setblocking(False)
@@ -249,7 +267,7 @@ def test_bytes_that_find_the_socket_full_go_when_there_is_room(
     flavour: Flavour,  # noqa: F811
     helper: Callable[..., Future[Any]],
 ) -> None:
-    """EAGAIN on the fast lane of `send(bytes)`: a send that times out sends nothing, the
+    """EAGAIN on the first try of `send(bytes)`: a send that times out sends nothing, the
     next one waits for room and goes whole, with a fresh id."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
@@ -276,8 +294,7 @@ def test_bytes_that_find_the_socket_full_go_when_there_is_room(
 def test_bytes_over_the_frame_limit_still_raise_the_wire_error(
     pair: tuple[Driven, Channel],
 ) -> None:
-    """The fast lane of `send(bytes)` declines a frame over the limit; the general path
-    raises the wire's error, as it did before that lane existed."""
+    """`send(bytes)` of a frame over the limit raises the wire's error."""
     tested, _ = pair
     with pytest.raises(LocalProtocolError, match="maximum frame size"):
         tested.send(b"x" * MAX_FRAME_SIZE)
@@ -300,14 +317,19 @@ def test_a_message_already_there_is_taken_with_no_time_left(
 def test_a_wait_a_hair_under_whole_seconds_is_a_valid_receive_timeout() -> None:
     """SO_RCVTIMEO takes under a million microseconds: 1.9999999996 s is set as 2 s, not as
     1 s and 1,000,000 µs (EDOM, which failed the channel). Only the sync driver waits in
-    recvmsg, so only it is tested here."""
+    recvmsg (`ChannelCore.wait_received`), so only that is tested here."""
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with Channel(left, timeout=WAIT) as tested, Channel(right, timeout=WAIT) as peer:
-        peer.send(b"waiting already")
-        received = tested._core.wait_received(2 - 4e-10)
-        assert received is not None
-        assert received.message == UserPayload(id=1, data=b"waiting already")
-        assert not tested.closed
+    core = ChannelCore(left)
+    try:
+        with Channel(right, timeout=WAIT) as peer:
+            peer.send(b"waiting already")
+            assert core.wait_received(2 - 4e-10)
+            received = core.poll_received()
+            assert received is not None
+            assert received.message == UserPayload(id=1, data=b"waiting already")
+            core.check_usable()
+    finally:
+        core.close()
 
 
 @pytest.mark.parametrize("forever", [math.inf, 1e20])

@@ -1,0 +1,251 @@
+"""The broker's side of its Flight endpoint: each step of a Flight call, run in the broker's loop.
+
+gRPC runs the Flight handlers in threads of its own, while everything the
+broker holds (the registry, the fd table, the parked gets) belongs to its
+event loop and is never touched from elsewhere. So a handler asks the loop
+(`Bridge.call`: `call_soon_threadsafe` and a future it waits on) for each
+step that reads or changes that state, and does the slow part, moving bytes,
+in its own thread, on a mapping of a duplicated fd. The rules are the
+registry's own: each Flight call is a registry client of its own for as long
+as it lasts, connected with the grant its token gives, so rights, per-blob
+tokens, quotas and the memory limit apply exactly as on the local socket; a
+get counts a reference until the stream ends, and a call that ends any other
+way than by completing is disconnected, which releases what it held and
+frees an upload it never sealed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from blobplane.backends.mapping import physical_memory
+from blobplane.broker import memory
+from blobplane.broker.flight.tickets import PutCommand
+from blobplane.broker.registry import BlobInfo, BlobState, ClientId, Pending
+from blobplane.broker.rights import Grant, Right
+from blobplane.errors import (
+    BlobDeleted,
+    BlobNotFound,
+    BrokerShutdown,
+    InvalidSize,
+    RightMissing,
+    Timeout,
+    TokenRefused,
+    os_errors,
+)
+from blobplane.sizes import format_size
+from blobplane.types import BlobId
+
+if TYPE_CHECKING:
+    from blobplane.broker.server import BrokerServer
+
+__all__ = ["Bridge", "Reading", "Writing"]
+
+T = TypeVar("T")
+
+# A step in the loop takes microseconds; this bounds only a loop that has stopped.
+CALL_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A get for a Flight stream: its registry client (holding one reference) and an fd to map."""
+
+    client: ClientId
+    fd: int
+    info: BlobInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Writing:
+    """An upload: its registry client (the blob's owner until sealed) and the blob it fills."""
+
+    client: ClientId
+    info: BlobInfo
+
+
+class Bridge:
+    """Runs the steps of Flight calls in the broker's loop; see the module doc."""
+
+    def __init__(self, server: BrokerServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.closed = False
+
+    # -- from gRPC's threads -------------------------------------------------------------
+
+    def call(
+        self,
+        function: Callable[..., T],
+        *args: Any,
+        undo: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run `function(*args)` in the loop and return what it returns (or raise what it raised).
+
+        *undo* takes back a result nobody will receive (the loop answered after
+        the wait gave up), so that no reference or fd is left behind.
+        """
+        if self.closed:
+            raise BrokerShutdown("the broker is shutting down")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = function(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed: the broker has stopped
+            raise BrokerShutdown("the broker has stopped") from None
+        try:
+            return future.result(CALL_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            if not future.cancel() and undo is not None:
+                future.add_done_callback(lambda done: _undo(done, undo))
+            raise Timeout("the broker did not answer its Flight endpoint in time") from None
+
+    def post(self, function: Callable[..., None], *args: Any) -> None:
+        """Run `function(*args)` in the loop soon; nothing if the loop is gone (its state too)."""
+        try:
+            self.loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:
+            pass
+
+    # -- in the loop ---------------------------------------------------------------------
+
+    def grant(self, token: str | None) -> Grant:
+        if token is None:
+            raise TokenRefused(
+                "the broker's Flight endpoint serves only bearers of a token: send "
+                "'authorization: Bearer <token>' (mint one with `blobplane token create`)"
+            )
+        return self.server.authority.grant(token)
+
+    def connect(self, grant: Grant) -> ClientId:
+        client = self.server.new_client_id()
+        self.server.registry.connect(client, grant)
+        return client
+
+    def disconnect(self, client: ClientId) -> None:
+        """The call is over: release its references, free what it never sealed."""
+        if self.server.registry.connected(client):
+            self.server.apply(self.server.registry.disconnect(client))
+
+    def open_read(self, token: str | None, target: BlobId | str) -> Reading:
+        client = self.connect(self.grant(token))
+        try:
+            result = self.server.registry.get(client, target)
+            if isinstance(result, Pending):
+                raise BlobNotFound(
+                    f"blob {result.id} is not sealed yet; the Flight endpoint serves sealed blobs"
+                )
+            fd = self.server.fds.dup(result.info.id)
+        except BaseException:
+            self.disconnect(client)
+            raise
+        return Reading(client, fd, result.info)
+
+    def undo_read(self, reading: Reading) -> None:
+        os.close(reading.fd)
+        self.disconnect(reading.client)
+
+    def open_write(self, token: str | None, command: PutCommand) -> Writing:
+        """Reserve the blob an upload fills: its key, its bytes against the limit and the quota."""
+        grant = self.grant(token)
+        if grant.blob is not None or not grant.allows(Right.PUT):
+            held = ", ".join(sorted(right.value for right in grant.rights))
+            raise RightMissing(
+                f"an upload needs a token with the 'put' right; this one grants {held}"
+                + (" of one blob" if grant.blob is not None else "")
+            )
+        if refusal := self.server.fd_refusal("a new blob"):
+            raise refusal
+        if command.size > physical_memory():
+            raise InvalidSize(
+                f"an upload of {format_size(command.size)} is larger than this host's "
+                f"{format_size(physical_memory())} of memory"
+            )
+        # The broker allocates the blob and the upload fills it, as a client's create
+        # does; the token's 'put' right is what allows it.
+        client = self.connect(dataclasses.replace(grant, rights=grant.rights | {Right.CREATE}))
+        try:
+            placed = self.server.registry.create(
+                client, command.size, key=command.key, lease_ms=command.lease_ms
+            )
+        except BaseException:
+            self.disconnect(client)
+            raise
+        self.server.apply(placed.actions)
+        self.server.wake(command.key)  # gets waiting for the key now wait for the seal
+        return Writing(client, placed.info)
+
+    def attach(self, writing: Writing, fd: int) -> int:
+        """The fd table takes the memfd allocated for *writing*; returns a duplicate to fill."""
+        blob_id = writing.info.id
+        if not self.still_allocated(blob_id):
+            os.close(fd)
+            raise BlobDeleted(
+                f"blob {blob_id} was withdrawn (deleted, or its lease ran out) while it was "
+                "being allocated"
+            )
+        self.server.fds.add(blob_id, fd)
+        with os_errors(f"duplicating the fd of blob {blob_id}"):
+            return os.dup(fd)
+
+    def commit(self, writing: Writing) -> BlobInfo:
+        """Seal the filled blob and publish it; the upload's client goes, the blob stays."""
+        client, blob_id = writing.client, writing.info.id
+        registry = self.server.registry
+        registry.check_seal(client, blob_id)
+        fd = self.server.fds.get(blob_id)
+        memory.seal(fd, blob_id, writing.info.size)
+        self.server.fds.replace(blob_id, memory.reopen_readonly(fd))
+        self.server.apply(registry.seal(client, blob_id))
+        info = registry.info(blob_id)
+        self.disconnect(client)
+        return info
+
+    def listing(self, token: str | None, prefix: str) -> list[BlobInfo]:
+        client = self.connect(self.grant(token))
+        try:
+            return [
+                info
+                for info in self.server.registry.list(client)
+                if info.state is BlobState.SEALED
+                and (not prefix or (info.key is not None and info.key.startswith(prefix)))
+            ]
+        finally:
+            self.disconnect(client)
+
+    def describe(self, token: str | None, target: BlobId | str) -> BlobInfo:
+        client = self.connect(self.grant(token))
+        try:
+            info = self.server.registry.check_get(client, target)
+        finally:
+            self.disconnect(client)
+        if info.state is not BlobState.SEALED:
+            raise BlobNotFound(f"blob {info.id} is not sealed yet")
+        return info
+
+    def still_allocated(self, blob_id: BlobId) -> bool:
+        try:
+            return self.server.registry.info(blob_id).state is BlobState.ALLOCATED
+        except BlobNotFound:
+            return False
+
+
+def _undo(future: concurrent.futures.Future[T], undo: Callable[[T], None]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        undo(future.result())
