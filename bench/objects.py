@@ -187,8 +187,15 @@ class RayVariant:
 
 
 def run(payload_names: list[str], rounds: int, use_ray: bool) -> dict[str, dict[str, list[float]]]:
+    # The channels' sockets live here, and go with it.
+    with tempfile.TemporaryDirectory(prefix="blobplane-bench-objects-") as folder:
+        return _run_in(folder, payload_names, rounds, use_ray)
+
+
+def _run_in(
+    folder: str, payload_names: list[str], rounds: int, use_ray: bool
+) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {}
-    folder = tempfile.mkdtemp(prefix="blobplane-bench-objects-")
     ray_variant = None
     if use_ray:
         try:

@@ -558,12 +558,14 @@ def test_a_stale_socket_is_replaced_but_a_live_one_is_not(socket_path: str) -> N
     os.unlink(socket_path)
 
 
-def test_a_listener_needs_a_private_folder(tmp_path: Any) -> None:
+def test_a_listener_in_a_folder_others_can_read_is_still_0600(tmp_path: Any) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
-    with pytest.raises(Exception, match="not a private folder"):
-        sync.listen(str(shared / "control.sock"))
+    path = shared / "control.sock"
+    with sync.listen(str(path)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert list(shared.iterdir()) == []
 
 
 def test_connecting_to_nothing_is_connection_refused(socket_path: str) -> None:

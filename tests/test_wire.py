@@ -741,3 +741,143 @@ def test_frame_and_send_give_the_same_bytes_and_record_the_same() -> None:
         assert sent_fds == fds
         assert framed.id == by_send.next_id() - 1
     assert by_frame.open_handoffs == by_send.open_handoffs == frozenset({2})
+
+
+# -- answers built ahead: prepare_ack / ack_for and expect_ack ---------------------------------
+
+# Steps of a conversation between a sender S and a receiver R over datagrams. "r:prepare" and the
+# expectation set up by "s:handoff" happen only when answers are built ahead.
+AHEAD_SCRIPTS = {
+    "the usual round trip": ["r:prepare", "s:handoff", "r:recv", "r:ack", "s:recv"],
+    "a payload before the ack": ["s:handoff", "r:recv", "r:payload", "r:ack", "s:recv", "s:recv"],
+    "the receiver spoke after preparing": [
+        *("r:prepare", "r:payload", "s:handoff", "r:recv", "r:ack", "s:recv", "s:recv"),
+    ],
+    "another request before the handoff": [
+        *("r:prepare", "s:payload", "s:handoff", "r:recv", "r:recv", "r:ack", "s:recv"),
+    ],
+    "two handoffs, the later one expected": [
+        *("s:handoff", "s:handoff", "r:recv", "r:recv", "r:ack", "r:ack", "s:recv", "s:recv"),
+    ],
+    "the expected ack replayed": [
+        *("r:prepare", "s:handoff", "r:recv", "r:ack", "s:recv", "s:replay"),
+    ],
+    "something sent between the ack's making and its sending": [
+        *("r:prepare", "s:handoff", "r:recv", "r:ack-late", "s:recv", "s:recv"),
+    ],
+}
+
+
+def converse(script: list[str], *, ahead: bool) -> list[object]:
+    """Run *script*; every frame sent, every event or error received, and the end states."""
+    fake = FakeFds()
+    sender, receiver = connection(fake, "datagram"), connection(fake, "datagram")
+    to_receiver: list[tuple[bytes, tuple[int, ...]]] = []
+    to_sender: list[bytes] = []
+    handoffs: list[int] = []
+    seen: list[object] = []
+    last = b""
+
+    for step in script:
+        if step == "r:prepare" and ahead:
+            receiver.prepare_ack()
+        elif step == "s:handoff":
+            handoff, frame_sent = sender.frame(BlobHandoff(token=TOKEN), 1, validate=False)
+            to_receiver.append((bytes(frame_sent), fake.new()))
+            seen.append(bytes(frame_sent))
+            if ahead:
+                sender.expect_ack(handoff.id)
+        elif step in ("s:payload", "r:payload"):
+            side = sender if step == "s:payload" else receiver
+            _, frame_sent = side.frame(UserPayload(data=b"news"))
+            if side is sender:
+                to_receiver.append((bytes(frame_sent), ()))
+            else:
+                to_sender.append(bytes(frame_sent))
+            seen.append(bytes(frame_sent))
+        elif step == "r:recv":
+            data, fds = to_receiver.pop(0)
+            event = receiver.receive_datagram(data, list(fds))
+            assert isinstance(event, Received)
+            if isinstance(event.message, BlobHandoff):
+                handoffs.append(event.message.id)
+            seen.append(event)
+        elif step in ("r:ack", "r:ack-late"):
+            handoff_id = handoffs.pop(0)
+            ack = receiver.ack_for(handoff_id) if ahead else Ack(reply_to=handoff_id)
+            if step == "r:ack-late":  # another thread's send goes first
+                _, frame_sent = receiver.frame(UserPayload(data=b"first"))
+                to_sender.append(bytes(frame_sent))
+            _, frame_sent = receiver.frame(ack, validate=False)
+            to_sender.append(bytes(frame_sent))
+            seen.append(bytes(frame_sent))
+        elif step in ("s:recv", "s:replay"):
+            last = to_sender.pop(0) if step == "s:recv" else last
+            try:
+                seen.append(sender.receive_datagram(last, []))
+            except RemoteProtocolError as exc:
+                seen.append(("remote error", str(exc)))
+    seen += [*to_receiver, *to_sender]  # nothing should be left, and the same either way
+    seen += [sender.open_handoffs, sender.their_state, receiver.our_state, fake.closed]
+    return seen
+
+
+@pytest.mark.parametrize("script", AHEAD_SCRIPTS.values(), ids=AHEAD_SCRIPTS.keys())
+def test_answers_built_ahead_change_nothing_but_the_work(script: list[str]) -> None:
+    """Every frame, event, error and state is the same with `prepare_ack`, `ack_for` and
+    `expect_ack` as without them."""
+    assert converse(script, ahead=True) == converse(script, ahead=False)
+
+
+def test_answers_built_ahead_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual round trip neither encodes the Ack on its way out nor decodes it on its way in:
+    only the state machine sees it."""
+    fake = FakeFds()
+    sender, receiver = connection(fake, "datagram"), connection(fake, "datagram")
+    receiver.prepare_ack()
+    handoff, frame_sent = sender.frame(BlobHandoff(token=TOKEN), 1, validate=False)
+    sender.expect_ack(handoff.id)
+    assert isinstance(receiver.receive_datagram(bytes(frame_sent), list(fake.new())), Received)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("encoded or decoded although it was done ahead")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("blobplane.wire.connection.encode_message_into", refuse)
+        patched.setattr("blobplane.wire.connection.DECODER", refuse)
+        _, ack_frame = receiver.frame(receiver.ack_for(handoff.id), validate=False)
+        reply = sender.receive_datagram(bytes(ack_frame), [])
+    assert reply == Received(Ack(id=1, reply_to=1))
+    assert sender.open_handoffs == frozenset()
+
+
+@pytest.mark.parametrize(
+    "case", ["with an fd", "cut short", "behind a queued datagram", "after the last id"]
+)
+def test_an_expected_ack_that_is_illegal_is_refused_as_without(case: str) -> None:
+    """The frame `expect_ack` built, arriving where the checks would refuse it or queue it."""
+    outcomes = []
+    for ahead in (True, False):
+        fake = FakeFds()
+        sender = connection(fake, "datagram")
+        handoff, _ = sender.frame(BlobHandoff(token=TOKEN), 1, validate=False)
+        ack_id = 1
+        if case == "behind a queued datagram":
+            sender.receive_data(frame(payload_bytes()))
+            ack_id = 2
+        elif case == "after the last id":
+            sender.receive_datagram(frame(payload_bytes(id=MAX_REQUEST_ID)), [])
+            ack_id = MAX_REQUEST_ID + 1
+        if ahead:
+            sender.expect_ack(handoff.id)
+        fds = list(fake.new()) if case == "with an fd" else []
+        seen: list[object] = []
+        try:
+            seen.append(
+                sender.receive_datagram(ack_bytes(ack_id, 1), fds, truncated=case == "cut short")
+            )
+            seen.append(sender.next_event())
+        except RemoteProtocolError as exc:
+            seen.append(str(exc))
+        outcomes.append([*seen, sender.open_handoffs, sender.their_state, fake.closed])
+    assert outcomes[0] == outcomes[1]

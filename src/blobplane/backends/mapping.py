@@ -46,10 +46,16 @@ def map_readonly(fd: int, size: int) -> mmap.mmap | None:
     """Map *size* bytes of *fd* shared and read-only (the mapping keeps its own fd)."""
     if size == 0:
         return None
-    with os_errors("mapping a blob read-only"):
+    try:
         # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
         # exported memoryviews read-only (a write would otherwise segfault).
         return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    except OSError:
+        # Translated here rather than by a `with` around the call: a channel maps
+        # every blob it receives on the way to its answer, and this costs nothing
+        # when the call succeeds.
+        with os_errors("mapping a blob read-only"):
+            raise
 
 
 def unmap_when_unused(mapped: mmap.mmap | None) -> None:

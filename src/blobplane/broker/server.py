@@ -188,7 +188,9 @@ class BrokerServer:
         )
         self.registry = BlobRegistry(memory_limit=self.memory_limit, evict=config.evict)
         # The listener would make the socket's folder too; the key file beside it needs it first.
-        ensure_private_dir(os.path.dirname(os.path.abspath(config.socket_path)))
+        folder = os.path.dirname(os.path.abspath(config.socket_path))
+        if not os.path.isdir(folder):
+            ensure_private_dir(folder)
         self.key_path = config.key_path or key_path_for(config.socket_path)
         self.authority = TokenAuthority.from_key_file(self.key_path)
         self.fds = memory.FdTable()

@@ -550,8 +550,11 @@ class AsyncListener(ListenerBase):
         self._waits = _Waits()
         weakref.finalize(self, self._waits.end_all).atexit = False
 
-    async def accept(self, *, timeout: TimeoutArg = DEFAULT) -> AsyncChannel:
+    async def accept(self, *, timeout: TimeoutArg = None) -> AsyncChannel:
         """The next connection as a channel (with this listener's timeout and allowed uids).
+
+        Waits until a client comes (*timeout* None, the default), as a server
+        waits until told otherwise; a number of seconds gives up with `Timeout`.
 
         A peer of a refused uid is disconnected and `ForbiddenPeer` raised; the
         listener carries on.
@@ -600,10 +603,14 @@ async def connect(
     transport: Transport | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     allowed_uids: Container[int] | None = None,
+    wait: float = 0.0,
 ) -> AsyncChannel:
-    """Connect to the listener at *path* (SEQPACKET, or STREAM if that is what listens)."""
-    op = ops.connect(os.fspath(path), transport)
-    sock = await run(op, None, check_timeout(timeout), "connect", _Waits())
+    """`channel.connect` for asyncio (*wait*: seconds to wait for the listener to appear)."""
+    limit = check_timeout(timeout)
+    if wait > 0 and limit is not None:
+        limit = max(limit, wait)
+    op = ops.connect(os.fspath(path), transport, wait=wait)
+    sock = await run(op, None, limit, "connect", _Waits())
     return AsyncChannel(sock, timeout=timeout, allowed_uids=allowed_uids)
 
 

@@ -99,6 +99,7 @@ _RECV_FLAGS = _WAIT_FLAGS | _MSG_DONTWAIT
 _TIMEVAL = struct.Struct("@ll")
 _REPLIES = (Ack, ErrorReply)
 _FD = struct.Struct("i")
+_RIGHTS = (_SOL_SOCKET, _SCM_RIGHTS)
 _DISCONNECTED = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED}
 
 
@@ -413,8 +414,24 @@ class ChannelCore:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            raise self._os_failure(exc, "receiving") from exc
-        fds = _fds_from(ancillary) if ancillary else []
+            if exc.errno != errno.ECONNRESET:
+                raise self._os_failure(exc, "receiving") from exc
+            # The peer closed with data of ours unread: the kernel says so (once)
+            # before handing over what the peer sent last (a refusal, say). Read that.
+            try:
+                size, ancillary, got, _ = self.sock.recvmsg_into(
+                    [self._view], self._ancillary_size, _RECV_FLAGS
+                )
+            except OSError:
+                raise self._os_failure(exc, "receiving") from exc
+        if not ancillary:
+            fds = []
+        elif (
+            len(ancillary) == 1 and ancillary[0][:2] == _RIGHTS and len(ancillary[0][2]) == _FD.size
+        ):
+            fds = [_FD.unpack(ancillary[0][2])[0]]  # a handoff's one fd (`_fds_from`)
+        else:
+            fds = _fds_from(ancillary)
         if got & _MSG_CTRUNC and len(fds) < self._fd_capacity:
             close_fds(fds)
             raise self.fail(_fd_exhaustion())

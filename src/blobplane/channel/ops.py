@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import mmap
 import socket
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
@@ -441,6 +442,8 @@ def receive_handoff(core: ChannelCore, until: float | None = None) -> Handoff | 
     if not core.receiving.take():
         raise core.receiving.refused()
     try:
+        if until is not None:
+            core.wire.prepare_ack()  # the answer, built while the look waits
         received = core.poll_received(until=until) if INLINE else None
         settled = None if received is None else _settle(core, received)
     except BaseException:
@@ -459,6 +462,7 @@ def _settle_later(core: ChannelCore, answering: Op[Handoff] | None) -> Op[Handof
     """
     try:
         if answering is None:
+            core.wire.prepare_ack()  # the answer, built while this waits
             if INLINE:  # `receive_handoff` found nothing an instant ago
                 yield Wait.READABLE
             received = core.poll_received()
@@ -500,11 +504,20 @@ def _settle(core: ChannelCore, received: Received) -> Handoff | Op[Handoff]:
     result: mmap.mmap | BlobError | None
     reply: Message
     if handoff.slot is None:
-        result = _map(core, handoff, fds[0])  # the wire checked: one fd
+        # Map the memfd after the sealing checks (the wire checked: one fd rides).
+        size = handoff.token.size
+        try:
+            check_received_fd(fds[0], size, allow_sparse=core.allow_sparse)
+            result = map_readonly(fds[0], size)
+        except BlobError as exc:
+            result = exc
+        except (ValueError, OverflowError) as exc:
+            # mmap's own refusals: a size the checks let through but no address space takes.
+            result = InvalidSize(f"cannot map the {size} bytes of a blob: {exc}")
         if isinstance(result, BlobError):
             reply = _refusal(handoff, result)
         else:
-            reply = Ack(reply_to=handoff.id)
+            reply = core.wire.ack_for(handoff.id)
     else:
         view = _slot_view(core, handoff, handoff.slot, fds)
         if isinstance(view, MappedRead):
@@ -559,22 +572,6 @@ def _answered(
     return Handoff(handoff.token, handoff.meta, MappedRead(result, size), handoff.id)
 
 
-def _map(core: ChannelCore, handoff: BlobHandoff, fd: int) -> mmap.mmap | BlobError | None:
-    """The handed-over memfd mapped read-only after the sealing checks, or what is wrong.
-
-    The caller still owns and closes *fd*.
-    """
-    size = handoff.token.size
-    try:
-        check_received_fd(fd, size, allow_sparse=core.allow_sparse)
-        return map_readonly(fd, size)
-    except BlobError as exc:
-        return exc
-    except (ValueError, OverflowError) as exc:
-        # mmap's own refusals: a size the checks let through but no address space takes.
-        return InvalidSize(f"cannot map the {size} bytes of a blob: {exc}")
-
-
 def _slot_view(
     core: ChannelCore, handoff: BlobHandoff, slot: SlotRef, fds: tuple[int, ...]
 ) -> MappedRead | BlobError:
@@ -610,14 +607,17 @@ def _refusal(handoff: BlobHandoff, error: BlobError) -> ErrorReply:
 # -- connecting ----------------------------------------------------------------------
 
 
-def connect(path: str, transport: Transport | None) -> Op[socket.socket]:
+def connect(path: str, transport: Transport | None, *, wait: float = 0.0) -> Op[socket.socket]:
     """A socket connected to the listener at *path*.
 
     With no *transport*, SOCK_SEQPACKET is tried first and SOCK_STREAM if the
     listener is of that type. A full listen backlog gives no readiness to
-    wait for, so it is retried after a short back-off until the timeout.
+    wait for, so it is retried after a short back-off until the timeout; so
+    is a listener that is not there yet, for *wait* seconds (as zmq's connect
+    waits for its peer to bind).
     """
     path = check_path(path)
+    appear_by = time.monotonic() + wait
     transports: list[Transport]
     if transport is not None:
         transports = [transport]
@@ -640,6 +640,9 @@ def connect(path: str, transport: Transport | None) -> Op[socket.socket]:
             sock.close()
             if exc.errno == errno.EPROTOTYPE and index + 1 < len(transports):
                 continue
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED) and time.monotonic() < appear_by:
+                yield Wait.BACKOFF
+                return (yield from connect(path, transport, wait=appear_by - time.monotonic()))
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 reason = "no such file" if exc.errno == errno.ENOENT else "a stale socket"
                 raise ConnectionRefused(f"nobody listens at {path} ({reason})") from exc

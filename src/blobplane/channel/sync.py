@@ -231,8 +231,11 @@ class Channel(ChannelBase):
 class Listener(ListenerBase):
     """A listening socket at `path` (mode 0600 in a private folder); `accept()` gives channels."""
 
-    def accept(self, *, timeout: TimeoutArg = DEFAULT) -> Channel:
+    def accept(self, *, timeout: TimeoutArg = None) -> Channel:
         """The next connection as a channel (with this listener's timeout and allowed uids).
+
+        Waits until a client comes (*timeout* None, the default), as a server
+        waits until told otherwise; a number of seconds gives up with `Timeout`.
 
         A peer of a refused uid is disconnected and `ForbiddenPeer` raised; the
         listener carries on.
@@ -281,10 +284,17 @@ def connect(
     transport: Transport | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     allowed_uids: Container[int] | None = None,
+    wait: float = 0.0,
 ) -> Channel:
-    """Connect to the listener at *path* (SEQPACKET, or STREAM if that is what listens)."""
+    """Connect to the listener at *path* (SEQPACKET, or STREAM if that is what listens).
+
+    *wait*: seconds to wait for a listener that is not there yet (default: none,
+    `ConnectionRefused` at once).
+    """
     limit = check_timeout(timeout)
-    op = ops.connect(os.fspath(path), transport)
+    if wait > 0 and limit is not None:
+        limit = max(limit, wait)
+    op = ops.connect(os.fspath(path), transport, wait=wait)
     sock = run(op, _Waits(None), deadline(limit), limit, "connect")
     return Channel(sock, timeout=timeout, allowed_uids=allowed_uids)
 

@@ -1,19 +1,23 @@
 """Unix sockets for channels: which type, the listening socket, and who is on the other end.
 
-The listening socket lives in a private folder (0700, created if missing)
-and is itself 0600, so only this user can connect at all; `SO_PEERCRED`
+The listening socket may live in any folder this user can write to; a
+folder that does not exist yet is made private (0700). The socket itself is
+0600 from its first moment (it is bound in a private staging folder and
+linked into place), so only this user can connect at all; `SO_PEERCRED`
 then names the peer's uid, pid and gid, and by default only this uid is
 accepted, on both ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import stat
 import struct
 import sys
+import tempfile
 from collections.abc import Container
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
@@ -139,22 +143,14 @@ class ListenerSocket:
     def __init__(self, path: str | os.PathLike[str], transport: Transport, backlog: int) -> None:
         self.path = check_path(path)
         self.transport = transport
-        ensure_private_dir(os.path.dirname(os.path.abspath(self.path)))
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            ensure_private_dir(folder)
         _clear_stale(self.path)
         sock = new_socket(transport)
         try:
             with os_errors(f"listening at {self.path}"):
-                try:
-                    sock.bind(self.path)
-                except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE:
-                        raise AddressInUse(
-                            f"{self.path} was taken by another listener meanwhile"
-                        ) from exc
-                    raise
-                # The folder is private, so nobody can connect during the
-                # moment the socket has the umask's mode.
-                os.chmod(self.path, 0o600)
+                _bind_0600(sock, self.path, folder)
                 self._inode = os.stat(self.path).st_ino
                 sock.listen(backlog)
                 sock.setblocking(False)
@@ -178,6 +174,47 @@ class ListenerSocket:
             pass
         finally:
             sock.close()
+
+
+def _bind_0600(sock: socket.socket, path: str, folder: str) -> None:
+    """Bind *sock* at *path* as a socket file of mode 0600 from its first moment.
+
+    A socket file takes the umask's mode at bind; bound in a private staging
+    folder of the same filesystem, set to 0600 there and hard-linked into
+    place, nobody else can ever connect to it. The link fails if *path* was
+    taken meanwhile, instead of replacing it.
+    """
+    staging = tempfile.mkdtemp(prefix=".blobplane-", dir=folder)
+    staged = os.path.join(staging, "s")
+    try:
+        if len(os.fsencode(staged)) > _MAX_PATH:
+            # Too long to stage beside it: bind in place with a umask that leaves
+            # no permission to anyone else (process-wide, for the length of a bind).
+            old = os.umask(0o177)
+            try:
+                _bind(sock, path)
+            finally:
+                os.umask(old)
+            return
+        _bind(sock, staged)
+        os.chmod(staged, 0o600)
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            raise AddressInUse(f"{path} was taken by another listener meanwhile") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+        os.rmdir(staging)
+
+
+def _bind(sock: socket.socket, path: str) -> None:
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"{path} was taken by another listener meanwhile") from exc
+        raise
 
 
 def _clear_stale(path: str) -> None:

@@ -375,12 +375,13 @@ async def connect_broker_async(
     *,
     timeout: float | None = DEFAULT_TIMEOUT,
     name: str = "",
+    wait: float = 0.0,
 ) -> AsyncBrokerClient:
     """`connect_broker` for asyncio."""
     socket_path = resolve_socket(path)
     token = token if token is not None else os.environ.get(ENV_TOKEN)
     try:
-        channel = await aio.connect(socket_path, timeout=timeout)
+        channel = await aio.connect(socket_path, timeout=timeout, wait=wait)
     except ConnectionRefused as exc:
         raise no_broker(socket_path, exc) from exc
     client = AsyncBrokerClient(channel, timeout=timeout)

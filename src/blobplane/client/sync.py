@@ -300,16 +300,19 @@ def connect_broker(
     *,
     timeout: float | None = DEFAULT_TIMEOUT,
     name: str = "",
+    wait: float = 0.0,
 ) -> BrokerClient:
     """Connect to the broker at *path* (default: $BLOBPLANE_BROKER or the default socket).
 
     *token* (default: $BLOBPLANE_TOKEN) is presented to the broker, which then
-    grants exactly its rights; *name* shows in the broker's log.
+    grants exactly its rights; *name* shows in the broker's log. *wait*: seconds
+    to wait for a broker that is not listening yet (default: `ConnectionRefused`
+    at once).
     """
     socket_path = resolve_socket(path)
     token = token if token is not None else os.environ.get(ENV_TOKEN)
     try:
-        channel = sync_channel.connect(socket_path, timeout=timeout)
+        channel = sync_channel.connect(socket_path, timeout=timeout, wait=wait)
     except ConnectionRefused as exc:
         raise no_broker(socket_path, exc) from exc
     client = BrokerClient(channel, timeout=timeout)

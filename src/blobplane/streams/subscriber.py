@@ -320,6 +320,10 @@ class Subscriber:
     needs to write the frame, and costs latency instead. Past the first 5 µs
     the spinner yields its CPU at every look at the clock, so that a
     publisher waiting for that CPU gets it.
+
+    ``wait``: seconds to wait for a publisher that is not listening yet
+    (default: `ConnectionRefused` at once). ``timeout`` bounds connecting and
+    the stream's setup; `receive` waits for frames as long as the stream lasts.
     """
 
     def __init__(
@@ -330,11 +334,14 @@ class Subscriber:
         timeout: float | None = 30.0,
         allowed_uids: Container[int] | None = None,
         spin_us: float = 0.0,
+        wait: float = 0.0,
     ) -> None:
         self.timeout = timeout
         self.spin_ns = spin_ns_of(spin_us)
         self._core = SubscriberCore(check=check)
-        self._channel = sync_channel.connect(path, timeout=timeout, allowed_uids=allowed_uids)
+        self._channel = sync_channel.connect(
+            path, timeout=timeout, allowed_uids=allowed_uids, wait=wait
+        )
         try:
             while not self._core.ready:
                 self._core.on_setup(*self._channel.recv())
@@ -497,9 +504,10 @@ class AsyncSubscriber:
         timeout: float | None = 30.0,
         allowed_uids: Container[int] | None = None,
         spin_us: float = 0.0,
+        wait: float = 0.0,
     ) -> AsyncSubscriber:
         spin_ns_of(spin_us)  # refused before connecting
-        channel = await aio.connect(path, timeout=timeout, allowed_uids=allowed_uids)
+        channel = await aio.connect(path, timeout=timeout, allowed_uids=allowed_uids, wait=wait)
         core = SubscriberCore(check=check)
         try:
             while not core.ready:

@@ -51,9 +51,10 @@ from blobplane.wire.messages import (
 )
 from blobplane.wire.state import (
     MAX_OPEN_HANDOFFS,
-    SEND_ALLOWED,
+    Direction,
     State,
     describe,
+    may_send,
     new_directions,
     send_state_error,
 )
@@ -93,11 +94,16 @@ class Connection:
         self._max_frame_size = self.limits.max_frame_size
         self._max_fds = self.limits.max_fds
         self._ours, self._theirs = new_directions(max_open_handoffs)
+        # What may be sent in the directions' states (`SEND_ALLOWED`), looked up
+        # again whenever one changes (`_set_state`), not for every message.
+        self._may_send = may_send(self._ours, self._theirs)
         self._remote_error = ""
         self._local_error = ""
         # The next datagram, predicted (`expect_ack`): its bytes, and what the
         # framing and decoding checks made of them.
         self._expected: tuple[bytes, Message] | None = None
+        # Our next message, predicted (`prepare_ack`): an Ack and its frame.
+        self._prepared: tuple[Ack, bytearray] | None = None
 
     @property
     def our_state(self) -> State:
@@ -219,7 +225,7 @@ class Connection:
             raise
         if frame is None:
             if self._framer.at_eof:
-                self._theirs.state = _CLOSED
+                self._set_state(self._theirs, _CLOSED)
                 return PeerClosed()
             return NEED_DATA
         return self._accept(frame.payload, frame.fds)
@@ -234,9 +240,14 @@ class Connection:
             raise
         return Received(message, tuple(fds))
 
+    def _set_state(self, direction: Direction, state: State) -> None:
+        """Every change of a direction's state goes through here, to keep `_may_send` true."""
+        direction.state = state
+        self._may_send = may_send(self._ours, self._theirs)
+
     def _remote_failure(self, exc: RemoteProtocolError, fds: Iterable[int]) -> None:
         """The peer broke the protocol: the sticky error state; every fd held is closed."""
-        self._theirs.state = _ERROR
+        self._set_state(self._theirs, _ERROR)
         self._remote_error = f"{exc} (the connection is in an error state since)"
         for fd in fds:
             self._close_quietly(fd)
@@ -265,32 +276,74 @@ class Connection:
         ours = self._ours
         if ours.state is _ERROR:
             raise LocalProtocolError(self._local_error)
-        if message.id == 0:
+        buffer: bytearray | None = None
+        prepared = self._prepared
+        if prepared is not None and message is prepared[0]:
+            self._prepared = None
+            if message.id == ours.last_id + 1:
+                buffer = prepared[1]  # encoded and checked ahead (`prepare_ack`)
+            else:  # something else went first: the Ack's id has gone
+                message = msgspec.structs.replace(message, id=ours.last_id + 1)
+        elif message.id == 0:
             message = msgspec.structs.replace(message, id=ours.last_id + 1)
         # Refused for the state alone (the peer broke the protocol, or we closed):
         # nothing of ours was wrong, so our side stays able to say goodbye.
-        if type(message) not in SEND_ALLOWED.get((ours.state, self._theirs.state), ()):
+        if type(message) not in self._may_send:
             raise send_state_error(message, ours, self._theirs)
         try:
-            buffer = bytearray(HEADER_SIZE)
-            encode_message_into(message, buffer, HEADER_SIZE)
-            if len(buffer) > self._max_frame_size:
-                raise LocalProtocolError(
-                    f"{describe(message)} encodes to a {len(buffer)}-byte frame, over the "
-                    f"maximum frame size of {self._max_frame_size} bytes"
-                )
+            if buffer is None:
+                buffer = self._encoded(message, fd_count)
             if validate:
                 self._validate_own(message, memoryview(buffer)[HEADER_SIZE:])
             ours.record(message, fd_count, self._theirs, self._max_fds)
         except LocalProtocolError as exc:
             if ours.state is _OPEN:
-                ours.state = _ERROR
+                self._set_state(ours, _ERROR)
             self._local_error = f"{exc} (the connection is in an error state since)"
             raise
-        HEADER.pack_into(buffer, 0, MAGIC, VERSION, fd_count, len(buffer) - HEADER_SIZE)
         if self._theirs.state is _ERROR and isinstance(message, ErrorReply):
-            ours.state = _CLOSED  # the farewell: nothing may follow it
+            self._set_state(ours, _CLOSED)  # the farewell: nothing may follow it
         return message, buffer
+
+    def _encoded(self, message: Message, fd_count: int) -> bytearray:
+        """The frame of *message* with *fd_count* fds: header and payload, within the limits."""
+        buffer = bytearray(HEADER_SIZE)
+        encode_message_into(message, buffer, HEADER_SIZE)
+        if len(buffer) > self._max_frame_size:
+            raise LocalProtocolError(
+                f"{describe(message)} encodes to a {len(buffer)}-byte frame, over the "
+                f"maximum frame size of {self._max_frame_size} bytes"
+            )
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, fd_count, len(buffer) - HEADER_SIZE)
+        return buffer
+
+    def prepare_ack(self) -> None:
+        """Build, while this side waits, the Ack it most likely sends next.
+
+        The one of the peer's next request, as our next message: a receiver
+        that answers a handoff as soon as it mapped it has that answer's
+        frame ready (`ack_for`), and `frame` then applies only the rules that
+        depend on the state (`SEND_ALLOWED`, `Direction.record`), not the
+        encoding, done here.
+        """
+        ack = Ack(id=self._ours.last_id + 1, reply_to=self._theirs.last_id + 1)
+        try:
+            self._prepared = (ack, self._encoded(ack, 0))
+        except LocalProtocolError:
+            self._prepared = None  # a frame this side cannot send: nothing to prepare
+
+    def ack_for(self, handoff_id: int) -> Ack:
+        """The Ack of the peer's handoff *handoff_id*, to `frame`: the one `prepare_ack` built,
+        if it answers that handoff and this side has sent nothing since.
+
+        `frame` gives it the next id if something else goes first after all.
+        """
+        prepared = self._prepared
+        if prepared is not None:
+            ack = prepared[0]
+            if ack.reply_to == handoff_id and ack.id == self._ours.last_id + 1:
+                return ack
+        return Ack(reply_to=handoff_id)
 
     def send(
         self, message: Message, fds: Sequence[int] = (), *, validate: bool = True
@@ -323,9 +376,9 @@ class Connection:
         """Close every fd still held and refuse further use; closing twice is fine."""
         self._framer.close_all()
         if self._ours.state is _OPEN:
-            self._ours.state = _CLOSED
+            self._set_state(self._ours, _CLOSED)
         if self._theirs.state is _OPEN:
-            self._theirs.state = _CLOSED
+            self._set_state(self._theirs, _CLOSED)
 
     def _close_quietly(self, fd: int) -> None:
         try:

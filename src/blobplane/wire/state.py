@@ -66,8 +66,8 @@ class State(enum.Enum):
     __hash__ = object.__hash__
 
 
-# What each state lets a direction do, looked up for every message sent. A
-# missing entry is an error naming the message, the direction and the state.
+# What each state lets a direction do. A missing entry is an error naming the
+# message, the direction and the state.
 SEND_ALLOWED: dict[tuple[State, State], frozenset[type[Message]]] = {
     # (our state, their state) -> messages we may send
     (State.OPEN, State.OPEN): frozenset({BlobHandoff, Ack, ErrorReply, UserPayload}),
@@ -106,17 +106,14 @@ class Direction:
                 f"{self.name} sent {fd_count} fds with one message; "
                 f"the per-message maximum is {max_fds}"
             )
-        kind = type(message)
-        if kind is UserPayload:
-            self.last_id = message.id
-            return
-        wanted = message.fds if kind is BlobHandoff else 0  # type: ignore[union-attr]
-        if fd_count != wanted:
-            raise self.error(
-                f"fd count mismatch: {describe(message)} needs {wanted} fds, "
-                f"{fd_count} came with it"
-            )
-        if isinstance(message, BlobHandoff):
+        # Then what the message's type says: the fds it needs (a handoff those of
+        # its descriptor kind, a payload any number, replies none) and the open
+        # handoffs it opens or answers.
+        if type(message) is UserPayload:
+            pass
+        elif type(message) is BlobHandoff:
+            if fd_count != message.fds:
+                raise self._fd_mismatch(message, message.fds, fd_count)
             if message.fds != FDS_PER_KIND[message.kind]:
                 raise self.error(
                     f"{describe(message)} says {message.fds} fds ride with it; "
@@ -128,14 +125,16 @@ class Direction:
                     f"answer, the most allowed; wait for replies before sending more"
                 )
             self.open_handoffs.add(message.id)
-        elif isinstance(message, Ack):
+        elif fd_count:
+            raise self._fd_mismatch(message, 0, fd_count)
+        elif type(message) is Ack:
             if message.reply_to not in other.open_handoffs:
                 raise self.error(
                     f"{describe(message)} acknowledges request {message.reply_to}, which is "
                     f"not a handoff from {other.name} waiting for an answer"
                 )
             other.open_handoffs.discard(message.reply_to)
-        elif isinstance(message, ErrorReply):
+        elif type(message) is ErrorReply:
             if message.reply_to > other.last_id:
                 raise self.error(
                     f"{describe(message)} answers request {message.reply_to}, but {other.name} "
@@ -143,6 +142,16 @@ class Direction:
                 )
             other.open_handoffs.discard(message.reply_to)
         self.last_id = message.id
+
+    def _fd_mismatch(self, message: Message, wanted: int, fd_count: int) -> ProtocolError:
+        return self.error(
+            f"fd count mismatch: {describe(message)} needs {wanted} fds, {fd_count} came with it"
+        )
+
+
+def may_send(ours: Direction, theirs: Direction) -> frozenset[type[Message]]:
+    """The messages `SEND_ALLOWED` lets this side send in the directions' states."""
+    return SEND_ALLOWED.get((ours.state, theirs.state), frozenset())
 
 
 def send_state_error(message: Message, ours: Direction, theirs: Direction) -> LocalProtocolError:
