@@ -34,8 +34,9 @@ from rich.table import Table
 
 from blobplane.broker.address import ENV_SOCKET, ENV_TOKEN, key_path_for, resolve_socket
 from blobplane.cli import federation
+from blobplane.cli.options import seconds_option
 from blobplane.cli.tables import stats_table
-from blobplane.durations import format_duration, parse_duration
+from blobplane.durations import format_duration
 from blobplane.errors import BlobError, BlobNotFound
 from blobplane.sizes import format_size, parse_size
 from blobplane.types import BlobId
@@ -60,15 +61,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 
 def _duration_ms(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None or value.lower() in ("never", "none"):
-        return None
-    try:
-        seconds = parse_duration(value)
-    except BlobError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be longer than zero", ctx, param)
-    return max(1, round(seconds * 1000))
+    seconds = seconds_option(ctx, param, value)
+    return None if seconds is None else max(1, round(seconds * 1000))
 
 
 def _socket_option(function: Callable[P, T]) -> Callable[P, T]:

@@ -19,8 +19,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from blobplane.durations import parse_duration
-from blobplane.errors import BlobError
+from blobplane.cli.options import seconds_option
 from blobplane.sizes import format_size
 from blobplane.types import BlobId
 
@@ -38,18 +37,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ENV_PEER_TOKEN = "BLOBPLANE_PEER_TOKEN"
-
-
-def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None or value.lower() in ("never", "none"):
-        return None
-    try:
-        seconds = parse_duration(value)
-    except BlobError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be longer than zero", ctx, param)
-    return seconds
 
 
 def _tls_options(function: Callable[P, T], *, serving: bool) -> Callable[P, T]:
@@ -111,7 +98,7 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
             ),
             click.option(
                 "--cache-ttl",
-                callback=_seconds,
+                callback=seconds_option,
                 default="10m",
                 show_default=True,
                 metavar="DURATION",
@@ -119,7 +106,7 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
             ),
             click.option(
                 "--peer-timeout",
-                callback=_seconds,
+                callback=seconds_option,
                 default="10s",
                 show_default=True,
                 metavar="DURATION",
