@@ -11,6 +11,7 @@ and the fds; `test_channel_differential` compares the two paths at random.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import struct
 import time
@@ -25,6 +26,7 @@ from blobplane import BlobBackend, ProducerBlob, SharedMemoryBlobs
 from blobplane.channel import Channel
 from blobplane.channel.core import ChannelCore
 from blobplane.errors import (
+    BlobClosed,
     InvalidSize,
     LocalProtocolError,
     RemoteProtocolError,
@@ -347,3 +349,57 @@ def test_a_nan_timeout_is_refused(pair: tuple[Driven, Channel]) -> None:
     tested, _ = pair
     with pytest.raises(InvalidSize, match="nan"):
         tested.recv(timeout=math.nan)
+
+
+def test_try_send_payload_sends_now_or_says_it_would_wait(
+    flavour: Flavour,  # noqa: F811
+    helper: Callable[..., Future[Any]],
+) -> None:
+    """True: the payload went, whole, with its fds; False: nothing went (a full socket);
+    `send_payload` then sends it, waiting for room."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    tested = flavour.wrap(ours, timeout=WAIT)
+    reader = Connection("datagram")
+    read, write = os.pipe()
+    try:
+        channel = tested.channel
+        assert channel.try_send_payload(b"now", (read,))
+        data, fds, _, _ = socket.recv_fds(theirs, 65536, 2)
+        event = reader.receive_datagram(data, fds)
+        assert isinstance(event, Received)
+        assert event.message == UserPayload(id=1, data=b"now")
+        assert len(event.fds) == 1
+        os.close(event.fds[0])
+        ours.setblocking(False)
+        queued = fill(ours)
+        assert not channel.try_send_payload(b"later")
+        drained = helper(drain, theirs, queued)
+        # The refused one was framed, then withdrawn: its id stays used (ids only grow).
+        assert tested._do(channel.send_payload(b"later")) == 3
+        drained.result(WAIT)
+        event = reader.receive_datagram(theirs.recv(4096), [])
+        assert isinstance(event, Received)
+        assert event.message == UserPayload(id=3, data=b"later")
+    finally:
+        os.close(read)
+        os.close(write)
+        tested.close()
+        reader.close()
+        theirs.close()
+    with pytest.raises(BlobClosed):
+        channel.try_send_payload(b"closed")
+
+
+def test_try_send_payload_never_sends_part_of_a_frame(flavour: Flavour) -> None:  # noqa: F811
+    """On a stream socket a frame may go out in part, so it always says "later"."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tested = flavour.wrap(ours, timeout=WAIT)
+    try:
+        assert not tested.channel.try_send_payload(b"stream")
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(4096)
+    finally:
+        tested.close()
+        theirs.close()

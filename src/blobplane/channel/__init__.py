@@ -96,7 +96,11 @@ Behaviour
   same with the token, the sender's ``meta`` bytes (``send_blob(blob,
   meta=...)``, up to 4 KiB) and the request id beside the mapping.
 - Each ``send`` returns the message's request id; replies name it in
-  ``reply_to``.
+  ``reply_to``. ``send_payload(data, fds)`` sends bytes already encoded by
+  the caller as a ``UserPayload``; ``try_send_payload(data, fds)`` does so
+  only if the socket takes it whole at once (True), and otherwise sends
+  nothing (False), for code that must never wait, such as an event loop's
+  callback.
 """
 
 from blobplane.channel.base import DEFAULT

@@ -48,8 +48,7 @@ class _Waits:
 
     def __init__(self, fileno: Callable[[], int] | None, core: ChannelCore | None = None) -> None:
         self._fileno = fileno
-        self._core = core
-        self._reads = core is not None and core.read_in_waits()
+        self._reader = core if core is not None and core.read_in_waits() else None
         self._readable: select.poll | None = None
 
     def wait(self, wait: Wait, until: float) -> bool:
@@ -59,11 +58,10 @@ class _Waits:
         the operation tries again and waits once more.
         """
         remaining = None if until == math.inf else until - time.monotonic()
-        if self._reads and wait is Wait.READABLE:
-            assert self._core is not None
+        if self._reader is not None and wait is Wait.READABLE:
             if remaining is not None and remaining <= 0:
-                return self._core.wait_received(0)  # what has arrived is still taken
-            self._core.wait_received(remaining)
+                return self._reader.wait_received(0)  # what has arrived is still taken
+            self._reader.wait_received(remaining)
             return True
         if remaining is not None and remaining <= 0:
             return False
@@ -143,7 +141,7 @@ class Channel(ChannelBase):
 
         The fds are only borrowed: the caller still owns and closes them.
         """
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
+        limit = self._timeout(timeout)
         built, validate = as_message(message)
         sent = ops.send(self._core, built, fds, validate=validate)
         if isinstance(sent, int):
@@ -154,7 +152,7 @@ class Channel(ChannelBase):
         self, data: bytes, fds: Sequence[int] = (), *, timeout: TimeoutArg = DEFAULT
     ) -> int:
         """Send *data* as a `UserPayload` with *fds* (borrowed); return its request id."""
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
+        limit = self._timeout(timeout)
         sent = ops.send(self._core, UserPayload(data=data), fds, validate=False)
         if isinstance(sent, int):
             return sent
@@ -162,8 +160,8 @@ class Channel(ChannelBase):
 
     def recv(self, *, timeout: TimeoutArg = DEFAULT) -> tuple[Message, tuple[int, ...]]:
         """The next message of any kind and its fds; the caller owns (and closes) the fds."""
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
-        until = math.inf if limit is None else time.monotonic() + limit
+        limit = self._timeout(timeout)
+        until = deadline(limit)
         received = ops.receive(self._core, until)
         if not isinstance(received, Received):
             received = run(received, self._waits, until, limit, "recv")
@@ -185,8 +183,8 @@ class Channel(ChannelBase):
         releases it (closes its `MappedRead`), and stays held for the peer
         until then: close the loan whenever you like.
         """
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
-        until = math.inf if limit is None else time.monotonic() + limit
+        limit = self._timeout(timeout)
+        until = deadline(limit)
         sent = ops.send_blob(self._core, blob, meta, wait, until)
         if isinstance(sent, int):
             return sent
@@ -197,7 +195,7 @@ class Channel(ChannelBase):
 
         Use it instead of `pool.loan()` when the slots come back over this channel.
         """
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
+        limit = self._timeout(timeout)
         loan = ops.loan_slot(self._core, pool)
         if isinstance(loan, PoolLoan):
             return loan
@@ -205,8 +203,8 @@ class Channel(ChannelBase):
 
     def recv_handoff(self, *, timeout: TimeoutArg = DEFAULT) -> Handoff:
         """The next blob with its token and metadata, mapped read-only and acknowledged."""
-        limit = self.timeout if timeout is DEFAULT else check_timeout(timeout)
-        until = math.inf if limit is None else time.monotonic() + limit
+        limit = self._timeout(timeout)
+        until = deadline(limit)
         handoff = ops.receive_handoff(self._core, until)
         if isinstance(handoff, Handoff):
             return handoff

@@ -28,16 +28,14 @@ import msgspec
 from blobplane.errors import LocalProtocolError, RemoteProtocolError
 from blobplane.wire.events import NEED_DATA, Event, PeerClosed, Received
 from blobplane.wire.frames import (
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME_SIZE,
-    VERSION,
     DatagramFramer,
     Limits,
     StreamFramer,
     datagram_payload,
+    pack_header,
 )
 from blobplane.wire.messages import (
     DECODE_ERRORS,
@@ -199,12 +197,10 @@ class Connection:
         if not self._datagram:
             return
         ack = Ack(id=self._theirs.last_id + 1, reply_to=handoff_id)
-        frame = bytearray(HEADER_SIZE)
-        encode_message_into(ack, frame, HEADER_SIZE)
-        HEADER.pack_into(frame, 0, MAGIC, VERSION, 0, len(frame) - HEADER_SIZE)
         try:
+            frame = self._encoded(ack, 0)
             message = decode_message(datagram_payload(frame, 0, False, self.limits))
-        except RemoteProtocolError:
+        except (LocalProtocolError, RemoteProtocolError):
             return  # not a frame the peer can send: nothing to expect
         self._expected = (bytes(frame), message)
 
@@ -314,7 +310,7 @@ class Connection:
                 f"{describe(message)} encodes to a {len(buffer)}-byte frame, over the "
                 f"maximum frame size of {self._max_frame_size} bytes"
             )
-        HEADER.pack_into(buffer, 0, MAGIC, VERSION, fd_count, len(buffer) - HEADER_SIZE)
+        pack_header(buffer, fd_count)
         return buffer
 
     def prepare_ack(self) -> None:
