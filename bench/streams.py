@@ -33,8 +33,8 @@ Variants, publisher side -> subscriber side:
   publisher's releases, as the streams' Release messages).
 
 Every source buffer is page-aligned (an mmap), so no variant copies into a
-destination at another page offset than its source (DESIGN.md, "Known
-traps"), except where a library places its payload itself (iceoryx2 puts
+destination at another page offset than its source (such a copy of 512 MiB
+runs a few percent slower here), except where a library places its payload itself (iceoryx2 puts
 each sample's payload 0xb8-0x148 bytes into a page: noted in the output).
 
 Every frame carries, in its first 16 bytes, the publish time
