@@ -58,6 +58,8 @@ test: lint typecheck layering unit docs-strict
 bench: $(INSTALLED)
 	mkdir -p $(RESULTS)
 	$(BIN)/python bench/core.py --json $(RESULTS)/core.json
+	@# Run as root, it also measures shmem_enabled at advise, and puts the setting back.
+	$(BIN)/python bench/hugepages.py --json $(RESULTS)/hugepages.json
 	$(BIN)/python bench/channel.py --json $(RESULTS)/channel.json
 	@# iceoryx2 is optional: without it bench/streams.py notes so and skips its rows.
 	$(PIP) -e '.[bench-iceoryx]' \
@@ -68,7 +70,10 @@ bench: $(INSTALLED)
 		|| echo "note: ray could not be installed; the objects and broker benchmarks skip its rows"
 	$(BIN)/python bench/objects.py --json $(RESULTS)/objects.json
 	$(BIN)/python bench/broker.py --json $(RESULTS)/broker.json
-	$(BIN)/python bench/report.py $(RESULTS) --write docs/performance.md README.md
+	@# On the temporary folder's disk; --dir DIR measures another.
+	$(BIN)/python bench/spill.py --json $(RESULTS)/spill.json
+	$(BIN)/python bench/report.py $(RESULTS) \
+		--write docs/performance.md README.md docs/guide/spilling.md
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .pytest_cache .ruff_cache .hypothesis

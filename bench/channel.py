@@ -216,6 +216,21 @@ def consume_blobplane(fd: int, mode: Mode) -> None:
             ledger.count()
 
 
+def consume_blobplane_bytes(fd: int, mode: Mode) -> None:
+    ledger = Ledger()
+    with channel.from_socket(fd, timeout=None) as ch:
+        while True:
+            with ch.recv_bytes() as data, data.as_slice() as view:
+                if len(view) == len(STOP) and view == STOP:
+                    ch.send(ledger.report())
+                    return
+                if mode == "latency":
+                    ch.send(ACK)
+                checksum = read_every_byte(view)
+            ch.send(SUM.pack(checksum))
+            ledger.count()
+
+
 def consume_pipe(fd: int, mode: Mode) -> None:
     ledger = Ledger()
     with Connection(fd) as conn:
@@ -285,6 +300,7 @@ def consume_zmq(address: str, mode: Mode) -> None:
 CONSUMERS: dict[str, Callable[[Any, Mode], None]] = {
     "raw": consume_raw,
     "blobplane": consume_blobplane,
+    "blobplane-bytes": consume_blobplane_bytes,
     "pipe": consume_pipe,
     "shared_memory": consume_shared_memory,
     "zmq": consume_zmq,
@@ -467,6 +483,24 @@ class Blobplane(Variant):
         self.blobs.close()
 
 
+class BlobplaneBytes(Blobplane):
+    """`send_bytes`: a small payload inside the message, a large one in a fresh memfd."""
+
+    name = "blobplane channel, send_bytes"
+    kind = "blobplane-bytes"
+
+    def round_trip(self, payload: bytes) -> int:
+        self.ch.send_bytes(payload)
+        return checksum_of(self._reply(), self.name)
+
+    def handoff_latency(self, payload: bytes, clock: Callable[[], int]) -> tuple[int, int]:
+        start = clock()
+        self.ch.send_bytes(payload)
+        expect_ack(self._reply(), self.name)
+        elapsed = clock() - start
+        return elapsed, checksum_of(self._reply(), self.name)
+
+
 class Pipe(Variant):
     name = "multiprocessing.Pipe"
     kind = "pipe"
@@ -595,7 +629,7 @@ class Zmq(Variant):
 
 def variant_classes() -> tuple[list[type[Variant]], list[str]]:
     """The variants to run, and notes on those skipped."""
-    classes: list[type[Variant]] = [RawMemfd, Blobplane, Pipe, SharedMemorySegments]
+    classes: list[type[Variant]] = [RawMemfd, Blobplane, BlobplaneBytes, Pipe, SharedMemorySegments]
     notes: list[str] = []
     if zmq is None:
         notes.append(f"{Zmq.name}: skipped, pyzmq is not installed (pip install '.[bench]')")

@@ -7,7 +7,8 @@ sections of the docs::
     .venv/bin/python bench/report.py bench/results/DATE --write docs/performance.md README.md
 
 A marked section starts with ``<!-- bench/report.py: full FOLDER -->`` (every
-table) or ``<!-- bench/report.py: headline FOLDER -->`` (a few figures) and
+table), ``<!-- bench/report.py: headline FOLDER -->`` (a few figures) or
+``<!-- bench/report.py: spill FOLDER -->`` (the spilling table alone) and
 ends with ``<!-- end bench/report.py -->``; everything between is replaced
 by the report of the JSON in FOLDER. Given a folder, the script renders that
 one and names it in the markers; without, each section is rendered again from
@@ -33,7 +34,7 @@ from typing import Any
 from _common import fmt_size, fmt_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS = ("core", "channel", "streams", "ring", "objects", "broker")
+BENCHMARKS = ("core", "hugepages", "channel", "streams", "ring", "objects", "broker", "spill")
 BEGIN = re.compile(r"<!-- bench/report\.py: (\w+) (\S+) -->\n")
 END = "<!-- end bench/report.py -->"
 
@@ -199,6 +200,40 @@ def core(data: Data) -> str:
                 "(library minus raw, median of paired runs at the smallest size).",
             ]
     return "\n".join(out)
+
+
+def hugepages(data: Data) -> str:
+    rows = [
+        [
+            fmt_size(r["size"]),
+            r["setting"],
+            str(r["runs"]),
+            f"{r['gb_per_s']:.2f}",
+            ratio(r.get("ratio_to_machine_setting")),
+        ]
+        for r in data["results"]
+    ]
+    advise = find(data["results"], size=64 * 1024 * 1024, setting="advise")
+    met = None
+    if advise is not None and advise.get("ratio_to_machine_setting") is not None:
+        met = advise["ratio_to_machine_setting"] >= data["target_ratio_at_64MiB"]
+    return "\n".join(
+        [
+            "### Huge pages: a fresh sealed blob",
+            "",
+            "`bench/hugepages.py`: create + fill + seal + `map_read` + read every byte + "
+            "cleanup of a memfd blob, under the machine's shmem_enabled setting "
+            f"(`{data['machine_setting']}`) and, run as root, under `advise`, where "
+            "blobplane asks for 2 MiB pages (the setting is restored afterwards).",
+            "",
+            source(data),
+            "",
+            table(["size", "shmem_enabled", "runs", "GB/s", "x machine's"], grouped(rows), left=2),
+            "",
+            f"Target: `advise` at least {data['target_ratio_at_64MiB']}x the 4 KiB-page "
+            f"path at 64 MiB: {verdict_mark(met)}.",
+        ]
+    )
 
 
 def _latency_rows(results: list[Data], phase: str, reference: str | None) -> list[list[str]]:
@@ -563,6 +598,73 @@ def broker(data: Data) -> str:
     return "\n".join(out)
 
 
+# Each of the broker's rates and the disk's rate it is held against (bench/spill.py).
+SPILL_PAIRS = {
+    "spill (write + CRC-32)": "disk write, no fsync",
+    "restore, file in the page cache": "disk read, in the page cache",
+    "restore, file dropped from the cache": "disk read, dropped from the cache",
+}
+
+
+def spill(data: Data) -> str:
+    results: list[Data] = data["results"]
+    plan = data["plan"]
+    rows = []
+    for r in results:
+        disk = find(results, what=SPILL_PAIRS.get(r["what"]))
+        rates = r["gb_per_s_per_round"]
+        rows.append(
+            [
+                r["what"],
+                f"{r['gb_per_s']:.2f}",
+                f"{min(rates):.2f}-{max(rates):.2f}" if rates else "-",
+                "-" if r.get("median_item_ms") is None else f"{r['median_item_ms']:.1f} ms",
+                f"{disk['gb_per_s']:.2f}" if disk else "-",
+                f"{r['gb_per_s'] / disk['gb_per_s']:.0%}" if disk and disk["gb_per_s"] else "-",
+            ]
+        )
+    out = [
+        "### Spilling to disk",
+        "",
+        f"`bench/spill.py`: {plan['blobs']} blobs of {fmt_size(plan['size'])} put into a "
+        f"broker whose memory limit holds {fmt_size(plan['memory_limit'])}, so that each put "
+        "past it spills the least recently used blob; then every spilled blob got back. "
+        "The broker's rates are over its own time for the files (its log's `seconds`); the "
+        "disk's are files of the same sizes written (no fsync, as the broker's) and read on "
+        "the same folder in the same round. Warm: the file in the page cache; cold: dropped "
+        "from it first (fdatasync, then POSIX_FADV_DONTNEED). GB/s: the median over rounds.",
+        "",
+        source(data),
+        "",
+        table(
+            ["what", "GB/s", "range", "per blob or file", "the disk's GB/s", "of the disk's"],
+            rows,
+        ),
+    ]
+    verdicts = data.get("verdicts") or []
+    if verdicts:
+        out += [
+            "",
+            "Each round's rate over the disk's rate of the same round, the median over rounds:",
+            "",
+            table(
+                ["what", "measured", "rounds", "target", "verdict"],
+                [
+                    [
+                        v["what"],
+                        f"{v['value']:.0%}",
+                        f"{min(v['ratios']):.0%}-{max(v['ratios']):.0%}",
+                        v["target"],
+                        verdict_mark(v["met"]),
+                    ]
+                    for v in verdicts
+                ],
+            ),
+        ]
+    out += notes(data)
+    return "\n".join(out)
+
+
 def _value(value: object) -> str:
     if value is None:
         return "-"
@@ -571,11 +673,13 @@ def _value(value: object) -> str:
 
 RENDER: dict[str, Callable[[Data], str]] = {
     "core": core,
+    "hugepages": hugepages,
     "channel": channel,
     "streams": streams,
     "ring": ring,
     "objects": objects,
     "broker": broker,
+    "spill": spill,
 }
 
 
@@ -671,7 +775,18 @@ def headline(runs: dict[str, Data]) -> str:
     )
 
 
-SECTIONS: dict[str, Callable[[dict[str, Data]], str]] = {"full": full, "headline": headline}
+def spill_only(runs: dict[str, Data]) -> str:
+    """The spilling table alone, for the guide that explains spilling."""
+    if "spill" not in runs:
+        raise SystemExit("a spill section names a folder without spill.json")
+    return spill(runs["spill"])
+
+
+SECTIONS: dict[str, Callable[[dict[str, Data]], str]] = {
+    "full": full,
+    "headline": headline,
+    "spill": spill_only,
+}
 
 
 # --------------------------------------------------------------------------- files

@@ -114,6 +114,36 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLI
         time.sleep(0.01)
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """`blobplane ARGS` in a child process, with *env* over ours, bounded by DEADLINE_S."""
+    return subprocess.run(
+        [sys.executable, "-m", "blobplane.cli", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=DEADLINE_S,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def cli_ok(result: subprocess.CompletedProcess[bytes]) -> str:
+    """A command that succeeded: its output."""
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def cli_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    """A failure for people: exit status 1, one line on stderr, no traceback; that line."""
+    err = result.stderr.decode()
+    assert result.returncode == 1, (result.returncode, err)
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    return err
+
+
 def raw_socket(path: str) -> socket.socket:
     """A bare SEQPACKET connection to the broker, for sending what no client would."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -40,7 +40,7 @@ from blobplane.errors import (
     Timeout,
     UnexpectedMessage,
 )
-from blobplane.wire import Ack, BlobHandoff, ErrorReply, Message, UserPayload
+from blobplane.wire import Ack, BlobHandoff, Connection, ErrorReply, Message, UserPayload
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -79,6 +79,14 @@ class Driven:
 
     def recv_handoff(self, **kw: Any) -> Handoff:
         result: Handoff = self._do(self.channel.recv_handoff(**kw))
+        return result
+
+    def send_bytes(self, data: object, **kw: Any) -> int:
+        result: int = self._do(self.channel.send_bytes(data, **kw))
+        return result
+
+    def recv_bytes(self, **kw: Any) -> MappedRead:
+        result: MappedRead = self._do(self.channel.recv_bytes(**kw))
         return result
 
     def close(self) -> None:
@@ -278,6 +286,73 @@ def test_recv_blob_leaves_other_messages_for_recv(pair: tuple[Driven, Channel]) 
     with pytest.raises(UnexpectedMessage, match="received UserPayload 1; it is left for recv"):
         tested.recv_blob()
     assert tested.recv() == (UserPayload(id=1, data=b"not a blob"), ())
+
+
+# -- bytes: in the message when small, in a memfd when not ------------------------------
+
+LIMIT = Connection().payload_limit
+BYTES_SIZES = [0, 1, 4096, LIMIT, LIMIT + 1, 1 << 20]
+
+
+def pattern(size: int) -> bytes:
+    return bytes(range(251)) * (size // 251) + bytes(range(size % 251))
+
+
+@pytest.mark.parametrize("size", BYTES_SIZES)
+def test_bytes_sent_arrive_read_only_whatever_their_size(
+    pair: tuple[Driven, Channel], helper: Callable[[Callable[[], Any]], Future[Any]], size: int
+) -> None:
+    tested, peer = pair
+    data = pattern(size)
+
+    def receive() -> tuple[bytes, bool]:
+        with peer.recv_bytes() as received:
+            view = received.as_slice()
+            try:
+                return bytes(view), view.readonly
+            finally:
+                view.release()
+
+    arrived = helper(receive)
+    tested.send_bytes(memoryview(bytearray(data)))
+    assert arrived.result(WAIT) == (data, True)
+    # And the other way round.
+    helper(lambda: peer.send_bytes(data))
+    with tested.recv_bytes() as received, received.as_slice() as view:
+        assert view == data
+        if size:
+            with pytest.raises(TypeError):
+                view[0] = 1
+
+
+def test_small_bytes_ride_inside_the_message_and_large_ones_in_a_memfd(
+    pair: tuple[Driven, Channel], helper: Callable[[Callable[[], Any]], Future[Any]]
+) -> None:
+    tested, peer = pair
+    tested.send_bytes(b"x" * LIMIT)
+    message, fds = peer.recv()
+    assert (type(message), len(message.data), fds) == (UserPayload, LIMIT, ())  # type: ignore[union-attr]
+    sent = helper(lambda: tested.send_bytes(b"y" * (LIMIT + 1)))
+    handoff = peer.recv_handoff()
+    with handoff:
+        assert len(handoff.blob) == LIMIT + 1
+    sent.result(WAIT)
+
+
+def test_recv_bytes_leaves_other_messages_for_recv(pair: tuple[Driven, Channel]) -> None:
+    tested, peer = pair
+    read, write = os.pipe()
+    try:
+        peer.send(b"bytes with an fd", (read,))
+        with pytest.raises(UnexpectedMessage, match="it is left for recv"):
+            tested.recv_bytes()
+        message, fds = tested.recv()
+        assert message == UserPayload(id=1, data=b"bytes with an fd")
+        assert len(fds) == 1
+        os.close(fds[0])
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 # -- timeouts, closing, the peer going away ---------------------------------------------

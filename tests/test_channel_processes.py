@@ -233,6 +233,34 @@ def test_received_blobs_outlive_the_sender(socket_path: str) -> None:
                 assert view.tobytes() == bytes([i]) * (1 << 20)
 
 
+BYTES_ECHO = """
+import hashlib, sys
+from blobplane import channel
+with channel.connect(sys.argv[1]) as ch:
+    for _ in range(int(sys.argv[2])):
+        with ch.recv_bytes() as data, data.as_slice() as view:
+            ch.send(hashlib.sha256(view).digest())
+    ch.send_bytes(b"z" * (1 << 20))  # and one back, large, which we must map
+"""
+
+
+def test_send_bytes_reaches_another_process_at_every_size(socket_path: str) -> None:
+    sizes = [0, 3, 4096, 65_000, 65_536, 3 << 20]
+    with listen(socket_path, timeout=WAIT) as listener:
+        child = subprocess.Popen([sys.executable, "-c", BYTES_ECHO, socket_path, str(len(sizes))])
+        with listener.accept() as ch:
+            for size in sizes:
+                data = os.urandom(size)
+                ch.send_bytes(data)
+                message, fds = ch.recv()
+                assert fds == ()
+                assert isinstance(message, UserPayload)
+                assert message.data == hashlib.sha256(data).digest(), size
+            with ch.recv_bytes() as back, back.as_slice() as view:
+                assert view == b"z" * (1 << 20)
+        assert child.wait(CHILD_TIMEOUT_S) == 0
+
+
 ENDLESS_SENDER = """
 import sys
 from blobplane import BlobBackend, SharedMemoryBlobs, channel

@@ -284,3 +284,70 @@ def test_streams_and_uploads_cut_short_leave_nothing() -> None:
             assert "cut" not in {entry.key for entry in checker.list()}
             checker.delete(name)
         wait_until(lambda: home.memfds() == memfds - 1, "no memfd left but the deleted blob's")
+
+
+def memfd_bytes(broker: Broker) -> int:
+    """The memory the memfds the broker holds open have allocated, in bytes."""
+    total = 0
+    for name in os.listdir(f"/proc/{broker.pid}/fd"):
+        path = f"/proc/{broker.pid}/fd/{name}"
+        try:
+            if os.readlink(path).startswith("/memfd:"):
+                total += os.stat(path).st_blocks * 512
+        except FileNotFoundError:
+            continue
+    return total
+
+
+@pytest.mark.timeout(30)
+def test_an_upload_message_over_the_limit_is_refused_and_nothing_stays() -> None:
+    with cluster((*at(0), "--max-message", "1MiB")) as running:
+        home = running.brokers[0]
+        memfds = home.memfds()
+        data = np.random.default_rng(7).bytes(4 << 20)
+        with FlightBlobClient(running.url(0), running.token()) as client:
+            with pytest.raises(InvalidSize, match=r"larger than the 1\.0 MiB"):
+                client.put(data, key="one-big-message", chunk=2 << 20)
+            with connect_broker(home.socket_path) as checker:
+                wait_until(
+                    lambda: (s := checker.stats()).blobs == 0 and s.bytes == 0,
+                    "the refused upload to be freed",
+                )
+            wait_until(lambda: home.memfds() == memfds, "no memfd left behind")
+            # The same bytes in messages within the limit are taken.
+            client.put(data, key="small-messages", chunk=512 << 10)
+        with connect_broker(home.socket_path) as checker:
+            assert [entry.key for entry in checker.list()] == ["small-messages"]
+            with checker.get("small-messages") as mapped:
+                assert bytes(mapped.as_slice()) == data
+            checker.delete("small-messages")
+
+
+@pytest.mark.timeout(40)
+def test_a_stalled_upload_loses_its_reservation_and_its_memory() -> None:
+    with cluster((*at(0), "--upload-timeout", "2s")) as running:
+        home = running.brokers[0]
+        memfds = home.memfds()
+        uploader = spawn(UPLOADER, running.url(0), running.token())
+        try:
+            assert read_line(uploader) == "sent"  # 8 MiB of the 32 it declared, then nothing
+            started = time.monotonic()
+            with connect_broker(home.socket_path) as checker:
+                wait_until(
+                    lambda: (s := checker.stats()).blobs == 0 and s.bytes == 0,
+                    "the stalled upload's reservation to be released",
+                    timeout=15,
+                )
+                assert time.monotonic() - started < 8
+                assert "cut" not in {entry.key for entry in checker.list()}
+                # Its key and its bytes are free again while its client still holds the call.
+                assert uploader.poll() is None
+                checker.put_bytes(b"the key is free", key="cut")
+                checker.delete("cut")
+            # The gRPC thread still holds a duplicate of the memfd, but none of its pages.
+            wait_until(lambda: memfd_bytes(home) == 0, "the written pages to be released")
+            assert "event=flight.upload_stalled" in home.log()
+        finally:
+            uploader.kill()
+            uploader.communicate()
+        wait_until(lambda: home.memfds() == memfds, "no memfd left once the client is gone")

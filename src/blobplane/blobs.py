@@ -56,6 +56,7 @@ __all__ = [
     "MappedRead",
     "ProducerBlob",
     "SharedMemoryBlobs",
+    "fresh_blobs",
     "map_descriptor",
     "read_blob_contents",
 ]
@@ -75,13 +76,17 @@ class MappedRead:
 
     def __init__(
         self,
-        mapped: mmap.mmap | None,
+        mapped: mmap.mmap | bytes | None,
         size: int,
         on_close: Callable[[], None] | None = None,
         *,
         owned: bool = True,
     ) -> None:
-        """*mapped* may be longer than *size*; an *owned* mapping is unmapped on close."""
+        """*mapped* may be longer than *size*; an *owned* mapping is unmapped on close.
+
+        *mapped* may also be bytes that came inside a control message (see
+        `Channel.recv_bytes`): read-only too, with nothing to unmap.
+        """
         self._mapped = mapped
         self._size = size
         self._on_close = on_close
@@ -111,10 +116,10 @@ class MappedRead:
 
     def call_when_unmapped(self, callback: Callable[[], None]) -> None:
         """Run *callback* once the memory is unmapped: after `close()` and the last view."""
-        if self._mapped is None:
-            callback()
-        else:
+        if isinstance(self._mapped, mmap.mmap):
             weakref.finalize(self._mapped, callback)
+        else:
+            callback()
 
     def close(self) -> None:
         """Release the mapping (deferred while views are alive); closing twice is fine."""
@@ -123,7 +128,7 @@ class MappedRead:
         self._closed = True
         mapped, self._mapped = self._mapped, None
         on_close, self._on_close = self._on_close, None
-        if self._owned:
+        if self._owned and isinstance(mapped, mmap.mmap):
             unmap_when_unused(mapped)
         if on_close is not None:
             on_close()
@@ -450,6 +455,19 @@ class SharedMemoryBlobs:
                 f"({record.token!r})"
             )
         return record
+
+
+_fresh: SharedMemoryBlobs | None = None
+_fresh_lock = threading.Lock()
+
+
+def fresh_blobs() -> SharedMemoryBlobs:
+    """A process-wide memfd allocator for blobs that live only while they travel."""
+    global _fresh
+    with _fresh_lock:
+        if _fresh is None:
+            _fresh = SharedMemoryBlobs(BlobBackend.MEMFD)
+        return _fresh
 
 
 def map_descriptor(

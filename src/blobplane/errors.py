@@ -332,3 +332,11 @@ class BrokerShutdown(ConnectionClosed):
 class PeerUnreachable(BrokenResource):
     """A peer broker (over Arrow Flight) could not be reached, refused this broker, stalled,
     or failed in the middle of a transfer; nothing of the transfer was published."""
+
+
+# -- spilling -----------------------------------------------------------------------------
+
+
+class BlobLost(BlobNotFound):
+    """The broker spilled the blob to disk and could not read it back intact (a damaged or
+    missing spill file); the blob is gone, as if deleted."""

@@ -8,9 +8,6 @@ and `blobplane rm` as separate processes (each its own connection) against a rea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +16,7 @@ from blobplane.broker import BlobRegistry, FreeBlob, Grant, Right
 from blobplane.broker.tokens import TokenAuthority, load_key
 from blobplane.client import connect_broker
 from blobplane.errors import NotOwner, RightMissing
-from brokers import DEADLINE_S, Broker, running_broker, wait_until
+from brokers import Broker, cli_error, cli_ok, run_cli, running_broker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,33 +142,6 @@ def test_ownership_through_the_account_ends_with_the_blob(reg: BlobRegistry) -> 
 # -- over the wire ----------------------------------------------------------------------------
 
 
-def blobplane(
-    *args: str, env: dict[str, str], stdin: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "blobplane.cli", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=DEADLINE_S,
-        check=False,
-        env={**os.environ, **env},
-    )
-
-
-def ok(result: subprocess.CompletedProcess[bytes]) -> str:
-    assert result.returncode == 0, result.stderr.decode()
-    return result.stdout.decode()
-
-
-def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
-    err = result.stderr.decode()
-    assert result.returncode == 1, (result.returncode, err)
-    assert err.startswith("error: ")
-    assert err.count("\n") == 1
-    assert "Traceback" not in err
-    return err
-
-
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[Broker]:
     with running_broker("--require-token") as broker:
@@ -192,16 +162,16 @@ def test_put_then_rm_from_the_command_line_with_the_same_token(guarded: Broker) 
     at = {"BLOBPLANE_BROKER": guarded.socket_path}
     mine = mint(guarded, "put")  # no delete right: ownership alone allows the rm
     theirs = mint(guarded, "put")
-    ok(blobplane("put", "-", "--key", "own-a", env={**at, "BLOBPLANE_TOKEN": mine}, stdin=b"a"))
-    ok(blobplane("put", "-", "--key", "own-b", env={**at, "BLOBPLANE_TOKEN": theirs}, stdin=b"b"))
+    cli_ok(run_cli("put", "-", "--key", "own-a", env={**at, "BLOBPLANE_TOKEN": mine}, stdin=b"a"))
+    cli_ok(run_cli("put", "-", "--key", "own-b", env={**at, "BLOBPLANE_TOKEN": theirs}, stdin=b"b"))
 
-    refused = one_line_error(blobplane("rm", "own-a", env={**at, "BLOBPLANE_TOKEN": theirs}))
+    refused = cli_error(run_cli("rm", "own-a", env={**at, "BLOBPLANE_TOKEN": theirs}))
     assert "'delete'" in refused
     assert "only delete the blobs it created" in refused
     assert {"own-a", "own-b"} <= keys(guarded)
 
-    ok(blobplane("rm", "own-a", env={**at, "BLOBPLANE_TOKEN": mine}))
-    ok(blobplane("rm", "own-b", "--token", theirs, env=at))
+    cli_ok(run_cli("rm", "own-a", env={**at, "BLOBPLANE_TOKEN": mine}))
+    cli_ok(run_cli("rm", "own-b", "--token", theirs, env=at))
     assert not {"own-a", "own-b"} & keys(guarded)
     wait_until(lambda: guarded.fds() == before, "the broker's fds to come back")
 
@@ -226,11 +196,11 @@ def test_a_reconnect_with_the_same_token_renews_and_deletes(guarded: Broker) -> 
 def test_ls_shows_whose_account_a_blob_is(guarded: Broker) -> None:
     token = mint(guarded, "put,list")
     at = {"BLOBPLANE_BROKER": guarded.socket_path, "BLOBPLANE_TOKEN": token}
-    ok(blobplane("put", "-", "--key", "accounted", env=at, stdin=b"z"))
+    cli_ok(run_cli("put", "-", "--key", "accounted", env=at, stdin=b"z"))
     (entry,) = [
-        e for e in json.loads(ok(blobplane("ls", "--json", env=at))) if e["key"] == "accounted"
+        e for e in json.loads(cli_ok(run_cli("ls", "--json", env=at))) if e["key"] == "accounted"
     ]
     claims = TokenAuthority(load_key(guarded.key_path)).verify(token)
     assert entry["account"] == f"token:{claims.id}"
     assert entry["owner"] is None  # the connection that put it is gone; its token is not
-    ok(blobplane("rm", "accounted", env=at))
+    cli_ok(run_cli("rm", "accounted", env=at))

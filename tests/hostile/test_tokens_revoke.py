@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from blobplane.errors import (
     TokenExpired,
     TokenRefused,
 )
-from brokers import DEADLINE_S, Broker, broker_folder, running_broker, start, wait_until
+from brokers import DEADLINE_S, Broker, broker_folder, run_cli, running_broker, start, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -217,16 +216,6 @@ def test_check_current_refuses_an_expired_grant(followed: TokenAuthority) -> Non
 # -- a running broker --------------------------------------------------------------------------
 
 
-def blobplane(*args: str, socket_path: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "blobplane.cli", *args],
-        capture_output=True,
-        timeout=DEADLINE_S,
-        check=False,
-        env={**os.environ, "BLOBPLANE_BROKER": socket_path},
-    )
-
-
 @pytest.fixture
 def guarded(no_leaks: None) -> Iterator[Broker]:
     with running_broker("--require-token") as broker:
@@ -236,15 +225,15 @@ def guarded(no_leaks: None) -> Iterator[Broker]:
 
 
 def token_create(broker: Broker, *extra: str) -> str:
-    created = blobplane(
-        "token", "create", "--rights", "all", *extra, socket_path=broker.socket_path
+    created = run_cli(
+        "token", "create", "--rights", "all", *extra, env={"BLOBPLANE_BROKER": broker.socket_path}
     )
     assert created.returncode == 0, created.stderr.decode()
     return created.stdout.decode().strip()
 
 
 def revoke_all(broker: Broker, *extra: str) -> subprocess.CompletedProcess[bytes]:
-    return blobplane("token", "revoke-all", *extra, socket_path=broker.socket_path)
+    return run_cli("token", "revoke-all", *extra, env={"BLOBPLANE_BROKER": broker.socket_path})
 
 
 def test_revoke_all_refuses_tokens_on_the_running_broker(guarded: Broker) -> None:
@@ -310,7 +299,7 @@ def test_a_key_file_opened_to_others_refuses_every_token_until_fixed(guarded: Br
     try:
         with pytest.raises(TokenRefused, match="mode 0644"):
             connect_broker(guarded.socket_path, token=token)
-        refused = blobplane("token", "create", socket_path=guarded.socket_path)
+        refused = run_cli("token", "create", env={"BLOBPLANE_BROKER": guarded.socket_path})
         assert refused.returncode == 1
         assert b"mode 0644" in refused.stderr
     finally:

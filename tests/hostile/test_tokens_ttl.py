@@ -11,7 +11,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from blobplane.client import BrokerClient, connect_broker, connect_broker_async
 from blobplane.errors import ConnectionClosed, InvalidSize, PeerRefused, TokenExpired
 from blobplane.types import BlobId
 from blobplane.wire import ErrorReply, UserPayload
-from brokers import DEADLINE_S, Broker, running_broker, wait_until
+from brokers import Broker, run_cli, running_broker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -217,13 +216,7 @@ def test_a_raw_mint_of_one_millisecond_is_the_shortest_token(
 
 
 def token_create(broker: Broker, *ttl: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "blobplane.cli", "token", "create", "--ttl", *ttl],
-        capture_output=True,
-        timeout=DEADLINE_S,
-        check=False,
-        env={**os.environ, "BLOBPLANE_BROKER": broker.socket_path},
-    )
+    return run_cli("token", "create", "--ttl", *ttl, env={"BLOBPLANE_BROKER": broker.socket_path})
 
 
 @pytest.mark.parametrize("ttl", ["0", "0s", "0ms", "0h0m", "-1", "-5m", "0.0", "nan", "inf"])

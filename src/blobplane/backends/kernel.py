@@ -1,9 +1,11 @@
-"""Two Linux calls the `os` module lacks, through ctypes: cachestat(2) and statfs's f_type.
+"""Linux calls the `os` module lacks, through ctypes: cachestat(2), statfs's f_type, and
+fallocate(2)'s hole punching.
 
-Both answer questions a reader asks of a file it was handed, and both may be
-missing: cachestat needs Linux 6.5 (and a seccomp filter that lets it
-through), ctypes needs a C library to load. Each function returns None when
-it cannot answer, and the caller falls back to what it can check without it.
+The first two answer questions a reader asks of a file it was handed, and
+both may be missing: cachestat needs Linux 6.5 (and a seccomp filter that
+lets it through), ctypes needs a C library to load. Each function returns
+None (or False) when it cannot answer, and the caller falls back to what it
+can do without it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import platform
 import sys
 import threading
 
-__all__ = ["HUGETLBFS_MAGIC", "TMPFS_MAGIC", "cached_pages", "filesystem_magic"]
+__all__ = ["HUGETLBFS_MAGIC", "TMPFS_MAGIC", "cached_pages", "filesystem_magic", "punch_hole"]
 
 TMPFS_MAGIC = 0x01021994  # tmpfs, /dev/shm and every memfd
 HUGETLBFS_MAGIC = 0x958458F6  # hugetlbfs and memfds made with MFD_HUGETLB
@@ -63,6 +65,7 @@ def _load_libc() -> ctypes.CDLL | None:
         libc.syscall.restype = ctypes.c_long
         libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
         libc.statfs.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     except (OSError, AttributeError):
         return None
     return libc
@@ -120,3 +123,20 @@ def filesystem_magic(target: int | str) -> int | None:
     if result != 0:
         return None
     return _F_TYPE.from_buffer(buffer).value & 0xFFFFFFFF
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the pages of [offset, offset + length) of *fd*'s file now, its size kept.
+
+    For every holder of the file at once: what a thread still holding the fd
+    wrote is given back without waiting for it. False when it could not be
+    done (no C library, a file system without holes, a write seal).
+    """
+    if _libc is None or length <= 0:
+        return False
+    flags = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    return bool(_libc.fallocate(fd, flags, offset, length) == 0)

@@ -10,13 +10,13 @@ import errno
 import mmap
 import os
 
+from blobplane.backends.hugepages import HUGE_PAGE_SIZE, MADV_POPULATE_WRITE, advise_huge
 from blobplane.errors import NotBytesLike, OutOfBounds, os_errors
 from blobplane.types import is_int
 
-# MADV_POPULATE_WRITE (Linux 5.14): fault every page in one syscall instead of
-# one fault per 4 KiB page during the fill; it also turns a full tmpfs into an
-# ENOSPC/EFAULT error here instead of SIGBUS later.
-MADV_POPULATE_WRITE = 23
+# MADV_POPULATE_WRITE faults every page in one syscall instead of one fault per
+# page during the fill; it also turns a full tmpfs into an ENOSPC/EFAULT error
+# here instead of SIGBUS later.
 _populate_supported = True
 
 
@@ -27,6 +27,11 @@ def map_writable(fd: int, size: int, *, prefault: bool) -> mmap.mmap | None:
         return None
     with os_errors("mapping a blob writable"):
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+    try:
+        advise_huge(mapped, size)
+    except BaseException:
+        mapped.close()
+        raise
     if prefault and _populate_supported:
         try:
             with os_errors(f"pre-faulting {size} bytes of shared memory"):
@@ -49,13 +54,18 @@ def map_readonly(fd: int, size: int) -> mmap.mmap | None:
     try:
         # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
         # exported memoryviews read-only (a write would otherwise segfault).
-        return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     except OSError:
         # Translated here rather than by a `with` around the call: a channel maps
         # every blob it receives on the way to its answer, and this costs nothing
         # when the call succeeds.
         with os_errors("mapping a blob read-only"):
             raise
+    # Maps the file's huge pages whole, where it has them. Tested here first: a
+    # channel maps every blob it receives, most of them small.
+    if size >= HUGE_PAGE_SIZE:
+        advise_huge(mapped, size)
+    return mapped
 
 
 def unmap_when_unused(mapped: mmap.mmap | None) -> None:

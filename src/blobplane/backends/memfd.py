@@ -7,6 +7,7 @@ import fcntl
 import os
 
 from blobplane.backends.base import Allocation, Backend
+from blobplane.backends.hugepages import allocate_pages
 from blobplane.backends.memlimit import check_can_allocate
 from blobplane.errors import BlobBusy, os_errors
 from blobplane.types import BlobBackend, BlobId, UnixFd
@@ -41,7 +42,8 @@ def create_sealable_memfd(name: str) -> int:
 def allocate_memfd(size: int, name: str) -> int:
     """A new sealable memfd of *size* bytes, its pages allocated now; the caller owns the fd.
 
-    posix_fallocate sizes the memfd and allocates its pages in one pass: a
+    posix_fallocate sizes the memfd and allocates its pages in one pass
+    (`hugepages.allocate_pages`: in huge pages where the kernel allows): a
     pre-fault that follows only maps them (3-5% faster than faulting fresh
     pages in), and a full /dev/shm or memory cgroup fails here with
     `OutOfSharedMemory`, not with SIGBUS in whoever fills it. A size larger
@@ -53,8 +55,7 @@ def allocate_memfd(size: int, name: str) -> int:
     fd = create_sealable_memfd(name)
     try:
         if size:
-            with os_errors(f"allocating {size} bytes for a memfd"):
-                os.posix_fallocate(fd, 0, size)
+            allocate_pages(fd, size)
     except BaseException:
         os.close(fd)
         raise

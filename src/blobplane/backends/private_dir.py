@@ -122,6 +122,27 @@ def _lock(fd: int, kind: int) -> bool:
     return True
 
 
+def try_exclusive_lock(fd: int) -> bool:
+    """Lock the whole file behind *fd* (open for writing) for this open file description.
+
+    Without waiting: False when another open file description holds a lock
+    on it. The lock lasts while any fd of this description does, and goes when
+    the process dies however it dies. An OFD lock (see the module doc); where
+    those are missing, flock(2), which behaves the same here.
+    """
+    if _LOCKS_WORK:
+        with os_errors("locking a file"):
+            return _lock(fd, fcntl.F_WRLCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        with os_errors("locking a file"):
+            raise exc from None
+    return True
+
+
 def hold_creator_lock(fd: int) -> None:
     """Mark the file behind *fd* (open read-write) as held by its creator; see the module doc."""
     if _LOCKS_WORK:

@@ -24,6 +24,8 @@ from blobplane.broker.registry import (
     Pending,
     Placed,
     Ready,
+    Restore,
+    Spill,
     WakeWaiters,
 )
 from blobplane.broker.rights import ALL_RIGHTS, Grant, Right, parse_rights
@@ -46,7 +48,9 @@ __all__ = [
     "Pending",
     "Placed",
     "Ready",
+    "Restore",
     "Right",
+    "Spill",
     "WakeWaiters",
     "parse_rights",
 ]

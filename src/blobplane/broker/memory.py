@@ -132,6 +132,10 @@ class FdTable:
         old, self._fds[blob_id] = self._fds[blob_id], fd
         os.close(old)
 
+    def take(self, blob_id: BlobId) -> int:
+        """Stop holding the blob's fd and hand it to the caller, who closes it."""
+        return self._fds.pop(blob_id)
+
     def dup(self, blob_id: BlobId) -> int:
         """A duplicate to send: it stays valid even if the blob is freed while it is in flight."""
         with os_errors(f"duplicating the fd of blob {blob_id}"):

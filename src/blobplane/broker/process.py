@@ -29,9 +29,17 @@ class BrokerProcess:
     @property
     def flight_url(self) -> str | None:
         """Where its Flight endpoint listens (`serve --flight`), from its ready line."""
+        return self._ready_word("flight=")
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where its Prometheus endpoint listens (`serve --metrics`), from its ready line."""
+        return self._ready_word("metrics=")
+
+    def _ready_word(self, prefix: str) -> str | None:
         for word in self.ready_line.split():
-            if word.startswith("flight="):
-                return word.removeprefix("flight=")
+            if word.startswith(prefix):
+                return word.removeprefix(prefix)
         return None
 
     def stop(self, timeout: float = 10.0) -> int:

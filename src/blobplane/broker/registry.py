@@ -9,15 +9,19 @@ changes the state and returns its result together with a list of *actions*
 that the server carries out in order: close the broker's fd of a blob
 (`FreeBlob`), tell a producer that a pool slot came back (`NotifyProducer`),
 answer the gets that wait for a blob (`WakeWaiters`), log why a blob went
-(`Evicted`). The registry never touches an fd, a socket or a timer; time
-comes from the injected clock (seconds, `time.monotonic` by default).
+(`Evicted`), write a blob out to its spill file or read it back (`Spill`,
+`Restore`). The registry never touches an fd, a file, a socket or a timer;
+time comes from the injected clock (seconds, `time.monotonic` by default).
 
-A blob lives in one of three states::
+A blob lives in one of these states::
 
     create ──> ALLOCATED ──seal──> SEALED ──delete/lease/evict/producer gone──> DELETED
     put ─────────────────────────> SEALED                                         │
     ALLOCATED ──delete/lease/owner gone──> freed                                  │
     DELETED ──last reference released──> freed <──────────────────────────────────┘
+
+    SEALED ──memory pressure──> SPILLED ──get──> RESTORING ──restored──> SEALED
+    SPILLED, RESTORING ──delete/lease──> freed;  RESTORING ──spill file damaged──> freed
 
 Only a SEALED blob can be got; each get counts one reference of the caller,
 each release gives one back. An ALLOCATED blob answers get with `Pending`:
@@ -57,6 +61,20 @@ Eviction (when enabled) takes sealed, non-pooled blobs that nobody
 references, least recently used first (use = put, seal, get, release). It is
 planned before anything changes: when even evicting every candidate would not
 make room, nothing is evicted and the request is refused.
+
+Spilling (with *spill*) takes the same blobs as eviction, least recently
+used first, and for the memory limit it replaces eviction: a spilled blob's
+bytes move to a file (`Spill`, the server writes it and then closes the
+memfd) and stop counting against the memory limit, but they still count
+against the account's quota, since the blob still exists and can be got.
+A cached blob is evicted rather than spilled: it can be fetched again.
+`--evict` beside spilling then only frees room under a quota, from the
+account's own idle blobs, spilled ones included. A get of a spilled blob
+answers `Pending(restore=True)`: the server calls `restore()`, which makes
+room the same way (spilling others) and reserves the memory, and parks the
+get; every get of it meanwhile parks too, and `restored()` wakes them all.
+A restore that finds the file damaged ends with `restore_failed(lost=True)`:
+the blob is gone (`Evicted` with `LOST`).
 
 A lease that has run out makes the blob unusable at once (get, seal and renew
 say `LeaseExpired`) even before `expire()` reclaims it; `create` and `put`
@@ -110,6 +128,8 @@ __all__ = [
     "Pending",
     "Placed",
     "Ready",
+    "Restore",
+    "Spill",
     "WakeWaiters",
 ]
 
@@ -120,6 +140,8 @@ class BlobState(enum.StrEnum):
     ALLOCATED = "allocated"  # the broker made it; its owner is filling it
     SEALED = "sealed"  # immutable and published: gets succeed
     DELETED = "deleted"  # withdrawn: no new gets; freed when the last reference goes
+    SPILLED = "spilled"  # sealed, its bytes in a spill file instead of memory
+    RESTORING = "restoring"  # sealed, being read back from its spill file
 
 
 class EvictReason(enum.StrEnum):
@@ -127,6 +149,7 @@ class EvictReason(enum.StrEnum):
     MEMORY = "memory-pressure"
     ABANDONED = "abandoned"  # its owner disconnected before sealing it
     PRODUCER_GONE = "producer-gone"  # the producer of a pooled slot disconnected
+    LOST = "lost"  # its spill file could not be read back intact
 
 
 # -- actions: what the server must do after a call ---------------------------------------
@@ -164,7 +187,32 @@ class Evicted:
     reason: EvictReason
 
 
-Action: TypeAlias = FreeBlob | NotifyProducer | WakeWaiters | Evicted
+@dataclass(frozen=True, slots=True)
+class Spill:
+    """Write blob *id*'s *size* bytes to its spill file, then close the broker's fd of it.
+
+    The registry already counts the blob as spilled: if the write fails, call
+    `spill_failed()`; if a get asked for it meanwhile (it is RESTORING), put
+    the fd back and call `restored()`.
+    """
+
+    id: BlobId
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """Read blob *id* back from its spill file into a new sealed memfd.
+
+    Then `restored()`, or `restore_failed()` (`lost=True` when the file was
+    damaged). Its memory is reserved already.
+    """
+
+    id: BlobId
+    size: int
+
+
+Action: TypeAlias = FreeBlob | NotifyProducer | WakeWaiters | Evicted | Spill | Restore
 
 
 # -- results --------------------------------------------------------------------------
@@ -214,9 +262,14 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """The blob is not sealed yet: park the request, and `get()` again on `WakeWaiters(id)`."""
+    """The blob is not ready: park the request, and `get()` again on `WakeWaiters(id)`.
+
+    Not sealed yet; or, with *restore*, its bytes are in a spill file: call
+    `restore()` first (which starts a restore unless one is under way).
+    """
 
     id: BlobId
+    restore: bool = False
 
 
 GetResult: TypeAlias = Ready | Pending
@@ -236,7 +289,7 @@ class BrokerStats:
     clients: int
     blobs: int  # every blob the registry holds, withdrawn ones still referenced included
     allocated: int
-    sealed: int
+    sealed: int  # spilled ones included
     deleted: int  # withdrawn but still referenced
     pooled: int
     bytes: int  # accounted against the memory limit, pooled slots included
@@ -246,6 +299,10 @@ class BrokerStats:
     evictions: int  # for memory since the start
     expirations: int  # leases that ran out since the start
     accounts: tuple[AccountUsage, ...]
+    spilled: int = 0  # sealed blobs whose bytes are in spill files, not memory
+    spilled_bytes: int = 0  # their bytes: counted in their accounts, not in `bytes`
+    spills: int = 0  # blobs chosen to be spilled since the start
+    restores: int = 0  # blobs read back since the start
 
 
 # -- internal records ---------------------------------------------------------------------
@@ -290,6 +347,9 @@ class _Blob:
     references: int = 0
     deadline_entry: int = -1  # the tiebreak of its one valid entry in the deadline heap
     cached: bool = False  # a copy of a peer's blob: evictable even without `evict`
+    # Its charge is in `_spilled_bytes`, not `_bytes` (SPILLED; a RESTORING blob
+    # has its memory reserved again).
+    spilled: bool = False
 
     def info(self) -> BlobInfo:
         return BlobInfo(
@@ -318,9 +378,10 @@ class _Blob:
 class BlobRegistry:
     """Every blob the broker holds, with references, leases and quotas; see the module doc.
 
-    *memory_limit* (None: none) bounds the bytes of all non-pooled blobs; with
-    *evict*, room is made by evicting idle sealed blobs instead of refusing.
-    Not thread-safe: one event loop (or one lock) drives it.
+    *memory_limit* (None: none) bounds the bytes of all blobs in memory; with
+    *evict*, room is made by evicting idle sealed blobs instead of refusing;
+    with *spill*, by spilling them to files. Not thread-safe: one event loop
+    (or one lock) drives it.
     """
 
     def __init__(
@@ -328,6 +389,7 @@ class BlobRegistry:
         *,
         memory_limit: int | None = None,
         evict: bool = False,
+        spill: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if memory_limit is not None and (not is_int(memory_limit) or memory_limit < 0):
@@ -336,13 +398,15 @@ class BlobRegistry:
             )
         self.memory_limit = memory_limit
         self.evict = evict
+        self.spill = spill
         self._clock = clock
         self._blobs: dict[BlobId, _Blob] = {}
         self._keys: dict[str, _Blob] = {}
         self._clients: dict[ClientId, _Client] = {}
         self._accounts: dict[str, _Account] = {}
-        # Sealed, non-pooled, unreferenced, live blobs in order of last use:
-        # exactly the eviction candidates, oldest first.
+        # Sealed (in memory or spilled), non-pooled, unreferenced, live blobs in
+        # order of last use: exactly the eviction candidates, oldest first; those
+        # in memory are the spill candidates.
         self._idle: OrderedDict[BlobId, _Blob] = OrderedDict()
         # (deadline, tiebreak, id); an entry is stale once its blob is gone or has
         # a newer entry (renewed), and is skipped when met.
@@ -350,9 +414,12 @@ class BlobRegistry:
         self._tiebreak = itertools.count()
         self._bytes = 0
         self._pooled_bytes = 0
+        self._spilled_bytes = 0
         self._references = 0
         self._evictions = 0
         self._expirations = 0
+        self._spills = 0
+        self._restores = 0
 
     # -- connections ---------------------------------------------------------------------
 
@@ -473,7 +540,7 @@ class BlobRegistry:
             raise NotOwner(
                 f"{blob.describe()} was created by another client; only its creator can seal it"
             )
-        if blob.state is BlobState.SEALED:
+        if blob.state is not BlobState.ALLOCATED:
             raise BlobSealed(f"{blob.describe()} is already sealed")
         if blob.expired(self._clock()):
             raise LeaseExpired(
@@ -505,11 +572,13 @@ class BlobRegistry:
     # -- reading -----------------------------------------------------------------------
 
     def get(self, client: ClientId, target: BlobId | str) -> GetResult:
-        """A sealed blob: count a reference for *client*. An unsealed one: `Pending`."""
+        """A sealed blob: count a reference for *client*. An unsealed or spilled one: `Pending`."""
         state = self._client(client)
         blob = self._readable(state, target)
         if blob.state is BlobState.ALLOCATED:
             return Pending(blob.id)
+        if blob.state is not BlobState.SEALED:
+            return Pending(blob.id, restore=True)
         blob.holders[client] = blob.holders.get(client, 0) + 1
         blob.references += 1
         self._references += 1
@@ -545,6 +614,80 @@ class BlobRegistry:
         self._references -= 1
         blob.last_used = self._clock()
         return self._after_release(blob)
+
+    # -- spilling ------------------------------------------------------------------------
+
+    def restore(self, blob_id: BlobId) -> list[Action]:
+        """Begin bringing a spilled blob back: make room, reserve its memory, `Restore` it.
+
+        Nothing when it is being restored already (or is back). Raises
+        `MemoryLimitExceeded` when no room can be made (nothing changes then).
+        """
+        blob = self._blob(blob_id)
+        if blob.state is not BlobState.SPILLED:
+            return []
+        now = self._clock()
+        if blob.expired(now):
+            raise LeaseExpired(
+                f"{blob.describe()}'s lease of {blob.lease_ms} ms has run out; it is being "
+                "reclaimed"
+            )
+        due = self._due(now)
+        evicted, spilled = self._make_room(None, blob.charge, due, restoring=blob)
+        actions = self._sweep(now)
+        actions += self._take_room(evicted, spilled)
+        self._idle.pop(blob.id, None)
+        blob.state = BlobState.RESTORING
+        blob.spilled = False
+        self._spilled_bytes -= blob.charge
+        self._bytes += blob.charge
+        actions.append(Restore(blob.id, blob.size))
+        return actions
+
+    def restored(self, blob_id: BlobId) -> list[Action]:
+        """The restored blob is in memory again: wake the gets waiting for it."""
+        blob = self._blob(blob_id)
+        if blob.state is not BlobState.RESTORING:
+            raise BlobNotFound(f"{blob.describe()} is not being restored")
+        blob.state = BlobState.SEALED
+        blob.last_used = self._clock()
+        self._idle[blob.id] = blob
+        self._restores += 1
+        return [WakeWaiters(blob.id)]
+
+    def restore_failed(self, blob_id: BlobId, *, lost: bool) -> list[Action]:
+        """The restore did not bring the blob back; the server has answered its gets.
+
+        *lost*: its spill file is damaged, so the blob goes (`Evicted` with
+        `LOST`, then `FreeBlob`). Otherwise (no memory for it, say) it stays
+        spilled and its reserved memory is given back.
+        """
+        blob = self._blob(blob_id)
+        if blob.state is not BlobState.RESTORING:
+            raise BlobNotFound(f"{blob.describe()} is not being restored")
+        if lost:
+            return self._withdraw(blob, EvictReason.LOST)
+        self._to_disk(blob)
+        self._idle[blob.id] = blob
+        return []
+
+    def spill_failed(self, blob_id: BlobId) -> list[Action]:
+        """Writing the spilled blob out failed; the server still holds its memory.
+
+        The blob is in memory again, counted against the limit even when that
+        takes the broker over it for a while: the memory was never given back.
+        """
+        blob = self._blob(blob_id)
+        if blob.state is not BlobState.SPILLED:
+            raise BlobNotFound(f"{blob.describe()} is not spilled")
+        blob.state = BlobState.SEALED
+        blob.spilled = False
+        self._spilled_bytes -= blob.charge
+        self._bytes += blob.charge
+        # The last candidate from now on: the next request that needs room would
+        # only fail to write it out again.
+        self._idle.move_to_end(blob.id)
+        return []
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -595,11 +738,13 @@ class BlobRegistry:
         if client is not None:
             self._require(self._client(client), Right.STATS)
         states = [blob.state for blob in self._blobs.values()]
+        spilled = states.count(BlobState.SPILLED)
+        on_disk = spilled + states.count(BlobState.RESTORING)
         return BrokerStats(
             clients=len(self._clients),
             blobs=len(self._blobs),
             allocated=states.count(BlobState.ALLOCATED),
-            sealed=states.count(BlobState.SEALED),
+            sealed=states.count(BlobState.SEALED) + on_disk,
             deleted=states.count(BlobState.DELETED),
             pooled=sum(blob.pooled for blob in self._blobs.values()),
             bytes=self._bytes,
@@ -612,6 +757,10 @@ class BlobRegistry:
                 AccountUsage(a.name, a.bytes, a.blobs, a.max_bytes, a.clients)
                 for a in self._accounts.values()
             ),
+            spilled=spilled,
+            spilled_bytes=self._spilled_bytes,
+            spills=self._spills,
+            restores=self._restores,
         )
 
     # -- internals -----------------------------------------------------------------------
@@ -741,11 +890,10 @@ class BlobRegistry:
                 f"the key {key!r} already names live {holder.describe()}; delete it first "
                 "or choose another key"
             )
-        victims = self._make_room(state.account, charge, due)
+        evicted, spilled = self._make_room(state.account, charge, due)
 
         actions = self._sweep(now)
-        for victim in victims:
-            actions += self._withdraw(victim, EvictReason.MEMORY)
+        actions += self._take_room(evicted, spilled)
         blob = _Blob(
             id=token.id,
             size=size,
@@ -774,19 +922,31 @@ class BlobRegistry:
         self._set_deadline(blob, now)
         return Placed(blob.info(), actions)
 
-    def _make_room(self, account: _Account, size: int, due: dict[BlobId, _Blob]) -> list[_Blob]:
-        """The blobs to evict so that *size* more bytes fit; raises when they cannot."""
+    def _make_room(
+        self,
+        account: _Account | None,
+        size: int,
+        due: dict[BlobId, _Blob],
+        *,
+        restoring: _Blob | None = None,
+    ) -> tuple[list[_Blob], list[_Blob]]:
+        """The blobs to evict and to spill so that *size* more bytes fit; raises when they cannot.
+
+        *account*: whose quota the bytes count against (None: a restore, whose
+        bytes count there already). *restoring*: the spilled blob they are for.
+        """
         # Expired blobs nobody holds are freed by the sweep that precedes placing.
         reclaimed = [b for b in due.values() if b.references == 0]
         over_limit = over_quota = 0
         if self.memory_limit is not None:
-            over_limit = self._bytes - sum(b.charge for b in reclaimed) + size - self.memory_limit
-        if account.max_bytes is not None:
+            in_memory = sum(b.charge for b in reclaimed if not b.spilled)
+            over_limit = self._bytes - in_memory + size - self.memory_limit
+        if account is not None and account.max_bytes is not None:
             mine = sum(b.charge for b in reclaimed if b.account is account)
             over_quota = account.bytes - mine + size - account.max_bytes
         if over_limit <= 0 and over_quota <= 0:
-            return []
-        if account.max_bytes is not None and size > account.max_bytes:
+            return [], []
+        if account is not None and account.max_bytes is not None and size > account.max_bytes:
             raise ClientQuotaExceeded(
                 f"a blob of {format_size(size)} can never fit this client's quota of "
                 f"{format_size(account.max_bytes)} (max_bytes of its token); "
@@ -797,51 +957,90 @@ class BlobRegistry:
                 f"a blob of {format_size(size)} can never fit the broker's memory limit of "
                 f"{format_size(self.memory_limit)}; start the broker with a larger --memory-limit"
             )
-        victims: list[_Blob] = []
-        candidates = [
-            blob
-            for blob in self._idle.values()
-            if blob.id not in due and (self.evict or blob.cached)
-        ]
-        if candidates:
-            # The quota first, from this account's own blobs; then the global
-            # limit, from anyone's: no blob of another goes for this quota's sake.
-            for blob in candidates:
+        evicted: list[_Blob] = []
+        spilled: list[_Blob] = []
+        # The quota first, from this account's own blobs (spilled ones too: they
+        # count there); then the global limit, from anyone's blobs in memory: no
+        # blob of another goes for this quota's sake.
+        if over_quota > 0:
+            for blob in self._idle.values():
                 if over_quota <= 0:
                     break
-                if blob.account is account:
-                    victims.append(blob)
+                if blob.account is account and blob.id not in due and self._evictable(blob):
+                    evicted.append(blob)
                     over_quota -= blob.charge
-                    over_limit -= blob.charge
-            taken = {blob.id for blob in victims}
-            for blob in candidates:
-                if over_limit <= 0 or over_quota > 0:
+                    if not blob.spilled:
+                        over_limit -= blob.charge
+        if over_quota <= 0 and over_limit > 0:
+            taken = {blob.id for blob in evicted}
+            for blob in self._idle.values():
+                if over_limit <= 0:
                     break
-                if blob.id not in taken:
-                    victims.append(blob)
-                    over_limit -= blob.charge
+                if blob.spilled or blob.id in due or blob.id in taken:
+                    continue
+                # A copy of a peer's blob can be fetched again: not worth the disk.
+                if blob.cached or (self.evict and not self.spill):
+                    evicted.append(blob)
+                elif self.spill:
+                    spilled.append(blob)
+                else:
+                    continue
+                over_limit -= blob.charge
         if over_quota > 0:
+            assert account is not None
             raise ClientQuotaExceeded(
                 f"a blob of {format_size(size)} would take this client's account "
                 f"{account.name!r} {format_size(over_quota)} over its quota of "
                 f"{format_size(account.max_bytes or 0)} ({format_size(account.bytes)} in use"
                 + (", after evicting all its idle sealed blobs" if self.evict else "")
+                + (", spilled blobs included" if self.spill else "")
                 + "); release or delete blobs, or ask for a token with a larger --max-bytes"
             )
         if over_limit > 0:
             assert self.memory_limit is not None
+            what = (
+                f"a blob of {format_size(size)}"
+                if restoring is None
+                else f"restoring {restoring.describe()} ({format_size(size)}) from disk"
+            )
             raise MemoryLimitExceeded(
-                f"a blob of {format_size(size)} would take the broker {format_size(over_limit)} "
+                f"{what} would take the broker {format_size(over_limit)} "
                 f"over its memory limit of {format_size(self.memory_limit)} "
                 f"({format_size(self._bytes)} in use"
                 + (
-                    ", even after evicting every sealed blob that nobody references); "
+                    ", even after spilling every sealed blob that nobody references to disk); "
+                    "release references or delete blobs"
+                    if self.spill
+                    else ", even after evicting every sealed blob that nobody references); "
                     "release references or delete blobs"
                     if self.evict
-                    else "); release or delete blobs, or start the broker with --evict"
+                    else "); release or delete blobs, or start the broker with --evict "
+                    "or --spill-dir"
                 )
             )
-        return victims
+        return evicted, spilled
+
+    def _evictable(self, blob: _Blob) -> bool:
+        """Whether room for a quota may be made by evicting *blob* (an idle one)."""
+        return self.evict or blob.cached
+
+    def _take_room(self, evicted: list[_Blob], spilled: list[_Blob]) -> list[Action]:
+        """Carry out what `_make_room` chose."""
+        actions: list[Action] = []
+        for victim in evicted:
+            actions += self._withdraw(victim, EvictReason.MEMORY)
+        for victim in spilled:
+            self._to_disk(victim)
+            self._spills += 1
+            actions.append(Spill(victim.id, victim.size))
+        return actions
+
+    def _to_disk(self, blob: _Blob) -> None:
+        """Count *blob*'s bytes as on disk (SPILLED) instead of in memory."""
+        blob.state = BlobState.SPILLED
+        blob.spilled = True
+        self._bytes -= blob.charge
+        self._spilled_bytes += blob.charge
 
     def _withdraw(self, blob: _Blob, reason: EvictReason | None) -> list[Action]:
         actions: list[Action] = []
@@ -854,9 +1053,10 @@ class BlobRegistry:
         if blob.key is not None and self._keys.get(blob.key) is blob:
             del self._keys[blob.key]
         self._idle.pop(blob.id, None)
-        was_allocated = blob.state is BlobState.ALLOCATED
+        # Gets wait for an unsealed or restoring blob: they learn it is gone.
+        waited_for = blob.state in (BlobState.ALLOCATED, BlobState.RESTORING)
         blob.state = BlobState.DELETED
-        if was_allocated:
+        if waited_for:
             actions.append(WakeWaiters(blob.id))
         if blob.references == 0:
             actions += self._free(blob)
@@ -876,7 +1076,10 @@ class BlobRegistry:
         self._idle.pop(blob.id, None)
         blob.account.blobs -= 1
         blob.account.bytes -= blob.charge
-        self._bytes -= blob.charge
+        if blob.spilled:
+            self._spilled_bytes -= blob.charge
+        else:
+            self._bytes -= blob.charge
         if blob.pooled:
             self._pooled_bytes -= blob.charge
         self._drop_if_unused(blob.account)

@@ -48,7 +48,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blobplane.backends.mapping import physical_memory
 from blobplane.backends.memlimit import memory_ceiling
@@ -101,10 +101,13 @@ from blobplane.broker.registry import (
     FreeBlob,
     NotifyProducer,
     Pending,
+    Restore,
+    Spill,
     WakeWaiters,
 )
 from blobplane.broker.rights import Grant
 from blobplane.broker.session import Session, Waiter
+from blobplane.broker.spill import SpillDir
 from blobplane.broker.tokens import TokenAuthority
 from blobplane.channel import aio
 from blobplane.errors import (
@@ -112,7 +115,9 @@ from blobplane.errors import (
     BlobClosed,
     BlobDeleted,
     BlobError,
+    BlobLost,
     BlobNotFound,
+    BrokenResource,
     BrokerLimitReached,
     BrokerShutdown,
     ConnectionClosed,
@@ -132,6 +137,7 @@ if TYPE_CHECKING:
     from blobplane.broker.flight.config import FlightConfig
     from blobplane.broker.flight.federation import Federation
     from blobplane.broker.flight.service import FlightEndpoint
+    from blobplane.broker.metrics import BrokerMetrics, Gauges
 
 __all__ = ["BrokerConfig", "BrokerServer", "serve"]
 
@@ -172,6 +178,12 @@ class BrokerConfig:
     # A Flight endpoint beside the socket and peers to fetch missing keys from
     # (blobplane.broker.flight); None: neither. Needs pyarrow.
     flight: FlightConfig | None = None
+    # Where idle blobs go when memory is short (blobplane.broker.spill); None:
+    # nowhere, requests that do not fit are refused (or make room with `evict`).
+    spill_dir: str | None = None
+    # (host, port) of a Prometheus endpoint (blobplane.broker.metrics); None: no metrics.
+    # Needs prometheus-client.
+    metrics: tuple[str, int] | None = None
 
 
 class _EndSession(Exception):
@@ -186,13 +198,25 @@ class BrokerServer:
         self.memory_limit = (
             default_memory_limit() if config.memory_limit is None else config.memory_limit
         )
-        self.registry = BlobRegistry(memory_limit=self.memory_limit, evict=config.evict)
+        self.registry = BlobRegistry(
+            memory_limit=self.memory_limit,
+            evict=config.evict,
+            spill=config.spill_dir is not None,
+        )
         # The listener would make the socket's folder too; the key file beside it needs it first.
         folder = os.path.dirname(os.path.abspath(config.socket_path))
         if not os.path.isdir(folder):
             ensure_private_dir(folder)
         self.key_path = config.key_path or key_path_for(config.socket_path)
         self.authority = TokenAuthority.from_key_file(self.key_path)
+        self.spill = None if config.spill_dir is None else SpillDir.open(config.spill_dir)
+        # Spill files being written and read, in threads; the memfd a write reads
+        # is out of the fd table (`Spill`) until the write is over.
+        self._spilling: dict[BlobId, asyncio.Future[_Timed]] = {}
+        self._restoring: dict[BlobId, asyncio.Future[None]] = {}
+        # The writes a put started, which its connection waits for before its next
+        # request: a client cannot pile up memory faster than the disk takes it.
+        self._spill_waits: dict[ClientId, list[asyncio.Future[_Timed]]] = {}
         self.fds = memory.FdTable()
         self._max_blob = physical_memory()
         self._sessions: dict[ClientId, Session] = {}
@@ -213,6 +237,12 @@ class BrokerServer:
         self._started = time.monotonic()
         self.flight: FlightEndpoint | None = None
         self.federation: Federation | None = None
+        # None without metrics: then each call site costs one test of None.
+        self.metrics: BrokerMetrics | None = None
+        if config.metrics is not None:
+            from blobplane.broker.metrics import BrokerMetrics
+
+            self.metrics = BrokerMetrics(self._gauges)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -234,11 +264,16 @@ class BrokerServer:
             require_token=self.config.require_token,
             evict=self.config.evict,
             key_file=self.key_path,
+            spill_dir=None if self.spill is None else self.spill.path,
         )
+        if self.spill is not None:
+            self._spill_started(self.spill)
         accepting = loop.create_task(self._accept(listener))
         try:
             if self.config.flight is not None:
                 self._start_flight(self.config.flight)
+            if self.metrics is not None and self.config.metrics is not None:
+                self.metrics.start(*self.config.metrics)
             if ready is not None:
                 ready(listener.path)
             await self._stop.wait()
@@ -250,6 +285,8 @@ class BrokerServer:
             await asyncio.gather(accepting, return_exceptions=True)
             await self._stop_flight()
             await self._shutdown()
+            if self.metrics is not None:
+                await self.metrics.stop()
 
     def stop(self) -> None:
         """Begin a clean shutdown (what SIGINT and SIGTERM do)."""
@@ -275,6 +312,8 @@ class BrokerServer:
             session = Session(client, channel, account=f"client:{client}")
             if refusal := self._connection_refusal():
                 event("client.rejected", logging.WARNING, client=client, reason=refusal)
+                if self.metrics is not None:
+                    self.metrics.refused(None, refusal)
                 session.post(_refusal(0, refusal))
                 session.close()
                 continue
@@ -338,7 +377,10 @@ class BrokerServer:
             await asyncio.gather(*late, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
+        await self._spill_io_done()
         self.fds.close_all()
+        if self.spill is not None:
+            self.spill.close()
         event("broker.stopped", pid=os.getpid())
 
     # -- one connection --------------------------------------------------------------------
@@ -361,6 +403,8 @@ class BrokerServer:
                 try:
                     if create is not None:
                         await self._handle_create(session, create)
+                    if spills := self._spill_waits.pop(session.client, None):
+                        await asyncio.wait(spills)
                     if session.pending:
                         await session.flush()
                 finally:
@@ -417,7 +461,7 @@ class BrokerServer:
             reader.stop()
             wake.set_exception(exc)
             return
-        if create is None and not session.pending:
+        if create is None and not session.pending and session.client not in self._spill_waits:
             session.busy = False
             return
         # A create to await, or replies the socket did not take: the next request waits.
@@ -460,6 +504,8 @@ class BrokerServer:
                 error=type(exc).__name__,
                 reason=exc,
             )
+            if self.metrics is not None:
+                self.metrics.refused(request, exc)
             session.post(_refusal(request.rid, exc))
             await _flush_briefly(session)
             raise _EndSession(f"refused: {type(exc).__name__}") from None
@@ -521,6 +567,7 @@ class BrokerServer:
             # blobs must not outlive its connection.
             session.close()
             self._sessions.pop(session.client, None)
+            self._spill_waits.pop(session.client, None)
             try:
                 if self.registry.connected(session.client):
                     self._carry_out(self.registry.disconnect(session.client))
@@ -547,10 +594,13 @@ class BrokerServer:
                 self.authority.check_current(session.token_grant)
             except TokenRefused as exc:
                 close_fds(fds)
+                if self.metrics is not None:
+                    self.metrics.refused(request, exc)
                 session.post(_refusal(0, exc))
                 raise _EndSession(f"{type(exc).__name__}: {exc}") from None
         if isinstance(request, Create):
             return request  # no fds ride with it: `_decode` saw to that
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             if isinstance(request, Put):
                 fd, fds = fds[0], ()
@@ -562,15 +612,20 @@ class BrokerServer:
         finally:
             close_fds(fds)
             self._schedule_expiry()
+            if self.metrics is not None:
+                self.metrics.handled(request, started)
         return None
 
     async def _handle_create(self, session: Session, request: Create) -> None:
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             await self._create(session, request)
         except BlobError as exc:
             self._refuse(session, request, exc)
         finally:
             self._schedule_expiry()
+            if self.metrics is not None:
+                self.metrics.handled(request, started)
 
     def _refuse(self, session: Session, request: Request, exc: BlobError) -> None:
         quiet = isinstance(request, Release | Delete) and not request.ack
@@ -582,6 +637,8 @@ class BrokerServer:
             error=type(exc).__name__,
             reason=exc,
         )
+        if self.metrics is not None:
+            self.metrics.refused(request, exc)
         if not quiet:
             session.post(_refusal(request.rid, exc))
 
@@ -642,6 +699,9 @@ class BrokerServer:
         placed = self.registry.create(client, size, key=request.key, lease_ms=request.lease_ms)
         self._carry_out(placed.actions)
         blob_id = placed.id
+        if spills := self._spills_of(placed.actions):
+            # The memory it takes is what they give back.
+            await asyncio.wait(spills)
         try:
             fd = await _allocate(size, blob_id)
         except BlobError:
@@ -702,6 +762,8 @@ class BrokerServer:
             raise
         self.fds.add(placed.id, readonly)
         self._carry_out(placed.actions)
+        if spills := self._spills_of(placed.actions):
+            self._spill_waits.setdefault(session.client, []).extend(spills)
         if request.key is not None:
             self._wake(request.key)  # the readers waiting for it first: they are the hurry
         session.post(
@@ -759,6 +821,16 @@ class BrokerServer:
             self._park(session, request, target, waiter)
             return
         if isinstance(result, Pending):
+            if result.restore:
+                # Bringing a blob back from disk is the broker's own work, not a wait
+                # for a producer: whatever the get's timeout, it waits for that.
+                parked = self._park(session, request, result.id, waiter, timed=False)
+                try:
+                    self._carry_out(self.registry.restore(result.id))
+                except BlobError:
+                    self._unpark(parked)
+                    raise
+                return
             if request.timeout_ms == 0:
                 raise Timeout(f"blob {result.id} is not sealed yet, and the get would not wait")
             self._park(session, request, result.id, waiter)
@@ -777,8 +849,14 @@ class BrokerServer:
         session.post(BlobReply(rid=request.rid, blob=_entry(result.info)), (sent,))
 
     def _park(
-        self, session: Session, request: Get, on: BlobId | str, waiter: Waiter | None
-    ) -> None:
+        self,
+        session: Session,
+        request: Get,
+        on: BlobId | str,
+        waiter: Waiter | None,
+        *,
+        timed: bool = True,
+    ) -> Waiter:
         if waiter is None:
             if len(session.waiters) >= self.config.max_waiting_gets:
                 raise BrokerLimitReached(
@@ -793,7 +871,7 @@ class BrokerServer:
                 )
             waiter = Waiter(session, request)
             self._waiting_by_account[session.account] = waiting + 1
-            if request.timeout_ms is not None:
+            if request.timeout_ms is not None and timed:
                 loop = asyncio.get_running_loop()
                 waiter.timer = loop.call_later(
                     request.timeout_ms / 1000, self._waiter_timed_out, waiter
@@ -804,6 +882,7 @@ class BrokerServer:
             self._by_key.setdefault(on, {})[waiter] = None
         else:
             self._by_id.setdefault(on, {})[waiter] = None
+        return waiter
 
     def _unpark(self, waiter: Waiter) -> None:
         if waiter.timer is not None:
@@ -842,6 +921,8 @@ class BrokerServer:
                 self._get(waiter.session, waiter.request, waiter, woken_by)
             except BlobError as exc:
                 self._unpark(waiter)
+                if self.metrics is not None:
+                    self.metrics.refused(waiter.request, exc)
                 waiter.session.post(_refusal(waiter.request.rid, exc))
 
     def _waiter_timed_out(self, waiter: Waiter) -> None:
@@ -853,12 +934,10 @@ class BrokerServer:
             if isinstance(on, str)
             else f"blob {on} was not sealed"
         )
-        waiter.session.post(
-            _refusal(
-                waiter.request.rid,
-                Timeout(f"{what} within the get's timeout of {waiter.request.timeout_ms} ms"),
-            )
-        )
+        timeout = Timeout(f"{what} within the get's timeout of {waiter.request.timeout_ms} ms")
+        if self.metrics is not None:
+            self.metrics.refused(waiter.request, timeout)
+        waiter.session.post(_refusal(waiter.request.rid, timeout))
 
     # -- registry actions, leases --------------------------------------------------------------
 
@@ -867,6 +946,14 @@ class BrokerServer:
             match action:
                 case FreeBlob(id=blob_id):
                     self.fds.close(blob_id)
+                    # A file being written is removed once the write is over.
+                    if self.spill is not None and blob_id not in self._spilling:
+                        self.spill.remove(blob_id)
+                case Spill(id=blob_id, size=size):
+                    self._start_spill(blob_id, size)
+                case Restore(id=blob_id, size=size):
+                    # After the spills that make room for it (listed before it).
+                    self._start_restore(blob_id, size, self._spills_of(actions))
                 case WakeWaiters(id=blob_id):
                     self._wake(blob_id)
                 case NotifyProducer(client=client, id=blob_id):
@@ -875,6 +962,142 @@ class BrokerServer:
                         producer.post(SlotFree(id=blob_id.uuid))
                 case Evicted(id=blob_id, key=key, size=size, reason=reason):
                     event("blob.evicted", blob=blob_id, key=key, size=size, reason=reason.value)
+                    if self.metrics is not None:
+                        self.metrics.withdrawn(reason)
+
+    # -- spilling (blobplane.broker.spill) -------------------------------------------------------
+
+    def _spill_started(self, spill: SpillDir) -> None:
+        if spill.leftovers:
+            event("spill.cleaned", folder=spill.path, files=spill.leftovers)
+        if spill.on_tmpfs:
+            event(
+                "spill.on_tmpfs",
+                logging.WARNING,
+                folder=spill.path,
+                reason="the spill folder is in memory (tmpfs): spilled blobs still take memory",
+            )
+
+    def _spills_of(self, actions: list[Action]) -> list[asyncio.Future[_Timed]]:
+        """The writes under way of the blobs *actions* spill."""
+        return [
+            future
+            for action in actions
+            if isinstance(action, Spill) and (future := self._spilling.get(action.id))
+        ]
+
+    def _start_spill(self, blob_id: BlobId, size: int) -> None:
+        assert self.spill is not None
+        fd = self.fds.take(blob_id)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, _timed, self.spill.write_file, blob_id, fd, size)
+        self._spilling[blob_id] = future
+        future.add_done_callback(lambda done: self._spill_done(blob_id, fd, size, done))
+
+    def _spill_done(
+        self, blob_id: BlobId, fd: int, size: int, done: asyncio.Future[_Timed]
+    ) -> None:
+        assert self.spill is not None
+        del self._spilling[blob_id]
+        error = done.exception() if not done.cancelled() else BrokenResource("cancelled")
+        try:
+            state: BlobState | None = self.registry.info(blob_id).state
+        except BlobNotFound:
+            state = None
+        if error is None and state is BlobState.SPILLED:
+            checksum, seconds = done.result()
+            self.spill.written(blob_id, checksum)
+            os.close(fd)  # the memory goes back to the host
+            event("blob.spilled", logging.DEBUG, blob=blob_id, size=size, seconds=f"{seconds:.6f}")
+            if self.metrics is not None:
+                self.metrics.spilled()
+            return
+        if error is None:
+            self.spill.written(blob_id, done.result()[0])
+            self.spill.remove(blob_id)  # the memfd is whole: the file is not needed
+        if state is None:
+            os.close(fd)  # freed (deleted, lease over) while it was written
+            return
+        self.fds.add(blob_id, fd)
+        if state is BlobState.RESTORING:
+            # A get came while it was written: it never left memory.
+            event("blob.restored", logging.DEBUG, blob=blob_id, size=size, seconds=0, disk=False)
+            if self.metrics is not None:
+                self.metrics.restored()
+            self.apply(self.registry.restored(blob_id))
+            return
+        event("blob.spill_failed", logging.WARNING, blob=blob_id, size=size, error=error)
+        self.apply(self.registry.spill_failed(blob_id))
+
+    def _start_restore(
+        self, blob_id: BlobId, size: int, after: list[asyncio.Future[_Timed]]
+    ) -> None:
+        if blob_id in self._spilling:
+            return  # the write's end puts the memfd back (`_spill_done`)
+        task = asyncio.get_running_loop().create_task(self._restore(blob_id, size, after))
+        self._restoring[blob_id] = task
+
+    async def _restore(
+        self, blob_id: BlobId, size: int, after: list[asyncio.Future[_Timed]]
+    ) -> None:
+        assert self.spill is not None
+        fd: int | None = None
+        seconds = 0.0
+        error: BlobError | None = None
+        try:
+            if after:
+                await asyncio.wait(after)  # the memory this takes is what they give back
+            checksum = self.spill.checksum(blob_id)
+            if checksum is None:
+                raise BlobLost(f"blob {blob_id} was spilled, but its spill file was never written")
+            fd, seconds = await _restore_in_thread(self.spill, blob_id, size, checksum)
+        except BlobError as exc:
+            error = exc
+        except Exception as exc:
+            LOGGER.error("event=blob.restore_bug blob=%s", blob_id, exc_info=exc)
+            error = BrokenResource(f"restoring blob {blob_id} failed: {type(exc).__name__}")
+        finally:
+            del self._restoring[blob_id]
+        try:
+            restoring = self.registry.info(blob_id).state is BlobState.RESTORING
+        except BlobNotFound:
+            restoring = False
+        if not restoring:  # freed (deleted, lease over) meanwhile: its file went with it
+            if fd is not None:
+                os.close(fd)
+            return
+        if fd is not None:
+            self.fds.add(blob_id, fd)
+            self.spill.remove(blob_id)
+            event("blob.restored", logging.DEBUG, blob=blob_id, size=size, seconds=f"{seconds:.6f}")
+            if self.metrics is not None:
+                self.metrics.restored()
+            self.apply(self.registry.restored(blob_id))
+            return
+        assert error is not None
+        lost = isinstance(error, BlobLost)
+        event(
+            "blob.lost" if lost else "blob.restore_failed",
+            logging.WARNING,
+            blob=blob_id,
+            size=size,
+            error=type(error).__name__,
+            reason=error,
+        )
+        # Its gets learn why, rather than that it is gone.
+        for waiter in list(self._by_id.get(blob_id, ())):
+            self._unpark(waiter)
+            if self.metrics is not None:
+                self.metrics.refused(waiter.request, error)
+            waiter.session.post(_refusal(waiter.request.rid, error))
+        self.apply(self.registry.restore_failed(blob_id, lost=lost))
+
+    async def _spill_io_done(self) -> None:
+        """Wait for the spill files being written and read (their threads cannot be stopped)."""
+        while self._spilling or self._restoring:
+            pending: list[asyncio.Future[Any]] = [*self._spilling.values()]
+            pending += self._restoring.values()
+            await asyncio.wait(pending)
 
     def _schedule_expiry(self) -> None:
         deadline = self.registry.next_deadline()
@@ -924,6 +1147,21 @@ class BrokerServer:
     def flight_url(self) -> str | None:
         """Where the Flight endpoint listens (its real port), once `run()` started it."""
         return None if self.flight is None else self.flight.address.url
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the metrics endpoint listens (its real port), once `run()` started it."""
+        return None if self.metrics is None else self.metrics.url
+
+    def _gauges(self) -> Gauges:
+        from blobplane.broker.metrics import Gauges
+
+        return Gauges.read(
+            self.registry.stats(),
+            self.registry.list(include_deleted=True),
+            connections=len(self._sessions),
+            waiting_gets=sum(len(s.waiters) for s in self._sessions.values()),
+        )
 
     def new_client_id(self) -> ClientId:
         """A registry client id no connection uses: one per Flight call or fetch."""
@@ -1077,6 +1315,34 @@ async def _allocate(size: int, blob_id: BlobId) -> int:
     except asyncio.CancelledError:
         future.add_done_callback(_close_result)
         raise
+
+
+# What a spill file's thread returns (a checksum, or a restored fd) and its seconds.
+_Timed = tuple[int, float]
+
+
+def _timed(function: Callable[..., int], *args: object) -> _Timed:
+    """*function(*args)*, and how long it took: the I/O alone, not its wait for a thread."""
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+async def _restore_in_thread(spill: SpillDir, blob_id: BlobId, size: int, checksum: int) -> _Timed:
+    future = asyncio.get_running_loop().run_in_executor(
+        None, _timed, spill.read_file, blob_id, size, checksum
+    )
+    try:
+        # Shielded: a cancelled restore must still close what the thread makes.
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_timed)
+        raise
+
+
+def _close_timed(future: asyncio.Future[_Timed]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        os.close(future.result()[0])
 
 
 def _close_result(future: asyncio.Future[int]) -> None:

@@ -25,7 +25,7 @@ from blobplane.channel.base import (
     TimeoutArg,
     as_message,
     channel_pair,
-    check_timeout,
+    connect_limit,
 )
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
@@ -493,6 +493,17 @@ class AsyncChannel(ChannelBase):
         sent = ops.send_blob(self._core, blob, meta, wait)
         return sent if isinstance(sent, int) else await self._run(sent, limit, "send_blob")
 
+    async def send_bytes(self, data: object, *, timeout: TimeoutArg = DEFAULT) -> int:
+        """Send *data* (any buffer) for the peer's `recv_bytes`; return its request id.
+
+        Up to 64 KiB (`Connection.payload_limit`) it rides inside the
+        message; larger, in a fresh sealed memfd, and the call returns once
+        the peer mapped it.
+        """
+        limit = self._timeout(timeout)
+        sent = ops.send_bytes(self._core, data)
+        return sent if isinstance(sent, int) else await self._run(sent, limit, "send_bytes")
+
     async def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
 
@@ -509,6 +520,14 @@ class AsyncChannel(ChannelBase):
         if isinstance(handoff, Handoff):
             return handoff
         return await self._run(handoff, limit, "recv_handoff")
+
+    async def recv_bytes(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
+        """What the peer's `send_bytes` sent: read-only, zero copy; close it when done."""
+        limit = self._timeout(timeout)
+        received = ops.receive_bytes(self._core)
+        if isinstance(received, MappedRead):
+            return received
+        return await self._run(received, limit, "recv_bytes")
 
     async def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""
@@ -606,9 +625,7 @@ async def connect(
     wait: float = 0.0,
 ) -> AsyncChannel:
     """`channel.connect` for asyncio (*wait*: seconds to wait for the listener to appear)."""
-    limit = check_timeout(timeout)
-    if wait > 0 and limit is not None:
-        limit = max(limit, wait)
+    limit = connect_limit(timeout, wait)
     op = ops.connect(os.fspath(path), transport, wait=wait)
     sock = await run(op, None, limit, "connect", _Waits())
     return AsyncChannel(sock, timeout=timeout, allowed_uids=allowed_uids)

@@ -18,6 +18,7 @@ from blobplane.channel.transport import (
     socket_pair,
 )
 from blobplane.errors import InvalidSize
+from blobplane.types import is_number
 from blobplane.wire import MAX_FDS_PER_MESSAGE, MAX_FRAME_SIZE, Message, UserPayload
 
 __all__ = [
@@ -75,13 +76,17 @@ def channel_pair(wrap: Callable[[socket.socket], C], transport: Transport | None
 
 
 def check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and (
-        not isinstance(timeout, int | float)
-        or isinstance(timeout, bool)
-        or not timeout >= 0  # NaN too
-    ):
+    if timeout is not None and (not is_number(timeout) or not timeout >= 0):  # NaN too
         raise InvalidSize(f"a timeout is a number of seconds >= 0 or None, got {timeout!r}")
     return None if timeout is not None and timeout >= FOREVER_S else timeout
+
+
+def connect_limit(timeout: float | None, wait: float) -> float | None:
+    """How long a connect may take: *timeout*, but at least the *wait* for a listener."""
+    limit = check_timeout(timeout)
+    if wait > 0 and limit is not None:
+        limit = max(limit, wait)
+    return limit
 
 
 class ChannelBase:

@@ -210,7 +210,9 @@ class ChannelCore:
         # One slot more than allowed, to tell "too many fds" from "the kernel dropped some".
         self._fd_capacity = max_fds + 1
         self._ancillary_size = socket.CMSG_SPACE(self._fd_capacity * _FD.size)
-        self._receive_timeout: float | None = None  # SO_RCVTIMEO as set, None: none
+        # The waits the SO_RCVTIMEO as set serves (`_set_receive_timeout`): at
+        # first none is set, which serves a wait without end.
+        self._waits_served = (math.inf, math.inf)
         # Messages put aside while a reply was awaited (`defer`), oldest first.
         self._unread: deque[Received] = deque()
         # What `wait_received` took in, for the next `poll_received` (at most one).
@@ -357,9 +359,7 @@ class ChannelCore:
             elif until is None:
                 return None
             else:
-                event = self._read(
-                    None if until == math.inf else max(0.0, until - time.monotonic())
-                )
+                event = self._read(max(0.0, until - time.monotonic()))
             if type(event) is Received and not self.pooled_out:
                 return event  # `_taken` has nothing to do
             return self._taken(event)
@@ -384,13 +384,13 @@ class ChannelCore:
         `poll_received`; returns whether anything is kept.
         """
         if not self._arrived:
-            received = self._taken(self._read(timeout))
+            received = self._taken(self._read(math.inf if timeout is None else timeout))
             if received is not None:
                 self._arrived.append(received)
         return bool(self._arrived)
 
-    def _read(self, timeout: float | None) -> Event | None:
-        """One recvmsg, waiting up to *timeout* seconds (None: forever, 0: not at all).
+    def _read(self, timeout: float) -> Event | None:
+        """One recvmsg, waiting up to *timeout* seconds (math.inf: forever, 0: not at all).
 
         A datagram goes to the wire and the event it makes of it is returned;
         stream bytes are fed to the wire, and NEED_DATA says to ask it. None:
@@ -403,9 +403,10 @@ class ChannelCore:
         if not self.intact:
             self.check_usable()
         flags = _RECV_FLAGS
-        if timeout != 0:
+        if timeout:
             flags = _WAIT_FLAGS
-            if timeout != self._receive_timeout:
+            low, high = self._waits_served
+            if not low <= timeout <= high:
                 self._set_receive_timeout(timeout)
         try:
             size, ancillary, got, _ = self.sock.recvmsg_into(
@@ -448,15 +449,13 @@ class ChannelCore:
             raise self._protocol_failure(exc) from None
         return NEED_DATA
 
-    def _set_receive_timeout(self, timeout: float | None) -> None:
-        current = self._receive_timeout
-        if (
-            timeout is not None
-            and current is not None
-            and timeout * 0.5 <= current <= timeout + 0.001
-        ):
-            return
-        seconds = 0.0 if timeout is None else max(timeout, 1e-6)  # 0 would wait forever
+    def _set_receive_timeout(self, timeout: float) -> None:
+        """Set SO_RCVTIMEO for a wait of *timeout* seconds (math.inf: forever).
+
+        The waits it then serves with no call to the kernel: those it ends at
+        most a millisecond late, or not before half their time.
+        """
+        seconds = 0.0 if timeout == math.inf else max(timeout, 1e-6)  # 0 would wait forever
         whole = int(seconds)
         micros = math.ceil((seconds - whole) * 1_000_000)
         if micros == 1_000_000:  # a hair under a whole second: the kernel says EDOM
@@ -465,7 +464,9 @@ class ChannelCore:
             self.sock.setsockopt(_SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micros))
         except OSError as exc:
             raise self._os_failure(exc, "receiving") from exc
-        self._receive_timeout = timeout
+        self._waits_served = (
+            (math.inf, math.inf) if timeout == math.inf else (timeout - 0.001, timeout * 2)
+        )
 
     def _taken(self, event: Event | None) -> Received | None:
         """What a received event means here: a message handed out, nothing yet, or the end."""

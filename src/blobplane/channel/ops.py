@@ -33,15 +33,15 @@ import errno
 import mmap
 import socket
 import time
-from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
+from collections.abc import Callable, Sequence
+from types import GeneratorType, TracebackType
+from typing import Self, TypeVar, cast
 
 import msgspec
 
 from blobplane.backends.checks import check_received_fd
-from blobplane.backends.mapping import map_readonly
-from blobplane.blobs import MappedRead, ProducerBlob
+from blobplane.backends.mapping import byte_view, map_readonly
+from blobplane.blobs import MappedRead, ProducerBlob, fresh_blobs
 from blobplane.channel.core import ChannelCore, Op, Wait
 from blobplane.channel.transport import Transport, check_path, default_transport, new_socket
 from blobplane.errors import (
@@ -62,7 +62,16 @@ from blobplane.errors import (
 from blobplane.fds import close_fds
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobToken, UnixFd
-from blobplane.wire import Ack, BlobHandoff, ErrorCode, ErrorReply, Message, Received, SlotRef
+from blobplane.wire import (
+    Ack,
+    BlobHandoff,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    Received,
+    SlotRef,
+    UserPayload,
+)
 from blobplane.wire.messages import MAX_ERROR_TEXT, MAX_META
 
 __all__ = [
@@ -72,14 +81,18 @@ __all__ = [
     "connect",
     "loan_slot",
     "receive",
+    "receive_bytes",
     "receive_handoff",
     "send",
     "send_blob",
+    "send_bytes",
     "try_send",
 ]
 
 # Test hook (see the module's docstring): False runs every operation through its generator.
 INLINE = True
+
+T = TypeVar("T")
 
 
 class Handoff(msgspec.Struct, frozen=True, gc=False):
@@ -254,8 +267,9 @@ def send_blob(
         fd, token = sendable
     if len(meta) > MAX_META:
         raise InvalidSize(f"meta holds {len(meta)} bytes; a handoff carries at most {MAX_META}")
-    # Built from a live token and checked meta: valid already.
-    handoff = BlobHandoff(token=token, meta=bytes(meta), slot=slot)
+    # Built from a live token and checked meta: valid already. Its id is
+    # `frame`'s to settle: this one, unless a send slips in first.
+    handoff = BlobHandoff(id=core.wire.next_id(), token=token, meta=bytes(meta), slot=slot)
     if wait:
         if not core.intact:
             core.check_usable()  # closed or broken beats busy
@@ -296,6 +310,40 @@ def send_blob(
         raise
     core.receiving.release()
     return sent
+
+
+def send_bytes(core: ChannelCore, data: object, until: float | None = None) -> int | Op[int]:
+    """Send *data* (any buffer) for the peer's `receive_bytes`; its request id.
+
+    Up to the wire's `payload_limit` (64 KiB less a few bytes, by default)
+    the bytes ride inside the message: one datagram, no memfd. Larger, they
+    go in a fresh sealed memfd blob, handed over as `send_blob` does and
+    waited for until the peer mapped it.
+    """
+    view = byte_view(data)
+    size = view.nbytes
+    if size <= core.wire.payload_limit:
+        payload = data if type(data) is bytes else view.tobytes()
+        return send(core, UserPayload(id=core.wire.next_id(), data=payload), validate=False)
+    blob = fresh_blobs().create(size)
+    try:
+        blob.write_all(view)
+        blob.seal()
+        sent = send_blob(core, blob, b"", True, until)
+    except BaseException:
+        blob.cleanup()
+        raise
+    if isinstance(sent, int):
+        blob.cleanup()
+        return sent
+    return _freed_after(sent, blob)
+
+
+def _freed_after(sending: Op[int], blob: ProducerBlob) -> Op[int]:
+    try:
+        return (yield from sending)
+    finally:
+        blob.cleanup()
 
 
 def _lent_out(core: ChannelCore, loan: PoolLoan | None, request_id: int) -> None:
@@ -437,6 +485,23 @@ def receive_handoff(core: ChannelCore, until: float | None = None) -> Handoff | 
     channel stays usable. Anything but a handoff is left for `recv()` and
     `UnexpectedMessage` is raised.
     """
+    return _receive_settled(core, until, _settle)
+
+
+def receive_bytes(core: ChannelCore, until: float | None = None) -> MappedRead | Op[MappedRead]:
+    """What the peer's `send_bytes` sent, read-only: the message's own bytes, or a blob's.
+
+    A blob is mapped and acknowledged as `receive_handoff` does it (its
+    metadata is dropped). Anything else is left for `recv()` and
+    `UnexpectedMessage` is raised.
+    """
+    return _receive_settled(core, until, _settle_bytes)
+
+
+def _receive_settled(
+    core: ChannelCore, until: float | None, settle: Callable[[ChannelCore, Received], T | Op[T]]
+) -> T | Op[T]:
+    """Hold `receiving`, take the next message (looking until *until*) and *settle* it."""
     if not core.intact:
         core.check_usable()  # closed or broken beats busy
     if not core.receiving.take():
@@ -445,37 +510,57 @@ def receive_handoff(core: ChannelCore, until: float | None = None) -> Handoff | 
         if until is not None:
             core.wire.prepare_ack()  # the answer, built while the look waits
         received = core.poll_received(until=until) if INLINE else None
-        settled = None if received is None else _settle(core, received)
+        settled = None if received is None else settle(core, received)
     except BaseException:
         core.receiving.release()
         raise
-    if isinstance(settled, Handoff):
+    if settled is not None and not isinstance(settled, GeneratorType):
         core.receiving.release()
         return settled
-    return _settle_later(core, settled)
+    return _settle_later(core, settled, settle)
 
 
-def _settle_later(core: ChannelCore, answering: Op[Handoff] | None) -> Op[Handoff]:
-    """`receive_handoff` from where it stopped: the arrival (if *answering* is None), the reply.
+def _settle_later(
+    core: ChannelCore,
+    answering: Op[T] | None,
+    settle: Callable[[ChannelCore, Received], T | Op[T]],
+) -> Op[T]:
+    """`_receive_settled` from where it stopped: the arrival (if *answering* is None), the reply.
 
     Holds `receiving`, which it releases at the end.
     """
     try:
         if answering is None:
             core.wire.prepare_ack()  # the answer, built while this waits
-            if INLINE:  # `receive_handoff` found nothing an instant ago
+            if INLINE:  # `_receive_settled` found nothing an instant ago
                 yield Wait.READABLE
             received = core.poll_received()
             while received is None:
                 yield Wait.READABLE
                 received = core.poll_received()
-            settled = _settle(core, received)
-            if isinstance(settled, Handoff):
-                return settled
+            settled = settle(core, received)
+            if not isinstance(settled, GeneratorType):
+                return cast(T, settled)
             answering = settled
         return (yield from answering)
     finally:
         core.receiving.release()
+
+
+def _settle_bytes(core: ChannelCore, received: Received) -> MappedRead | Op[MappedRead]:
+    """`receive_bytes` once *received* is in: the bytes of a payload, else `_settle`'s blob."""
+    payload = received.message
+    if type(payload) is UserPayload and not received.fds:
+        return MappedRead(payload.data, len(payload.data))
+    settled = _settle(core, received)
+    if isinstance(settled, Handoff):
+        return settled.blob
+    return _blob_of(settled)
+
+
+def _blob_of(settling: Op[Handoff]) -> Op[MappedRead]:
+    handoff = yield from settling
+    return handoff.blob
 
 
 _REFUSAL_CODES: tuple[tuple[type[BlobError], ErrorCode], ...] = (

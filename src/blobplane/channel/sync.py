@@ -20,7 +20,7 @@ from blobplane.channel.base import (
     TimeoutArg,
     as_message,
     channel_pair,
-    check_timeout,
+    connect_limit,
 )
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore, Op, Wait
 from blobplane.channel.ops import Handoff
@@ -190,6 +190,20 @@ class Channel(ChannelBase):
             return sent
         return run(sent, self._waits, until, limit, "send_blob")
 
+    def send_bytes(self, data: object, *, timeout: TimeoutArg = DEFAULT) -> int:
+        """Send *data* (any buffer) for the peer's `recv_bytes`; return its request id.
+
+        Up to 64 KiB (`Connection.payload_limit`) it rides inside the
+        message; larger, in a fresh sealed memfd, and the call returns once
+        the peer mapped it.
+        """
+        limit = self._timeout(timeout)
+        until = deadline(limit)
+        sent = ops.send_bytes(self._core, data, until)
+        if isinstance(sent, int):
+            return sent
+        return run(sent, self._waits, until, limit, "send_bytes")
+
     def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.
 
@@ -209,6 +223,15 @@ class Channel(ChannelBase):
         if isinstance(handoff, Handoff):
             return handoff
         return run(handoff, self._waits, until, limit, "recv_handoff")
+
+    def recv_bytes(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
+        """What the peer's `send_bytes` sent: read-only, zero copy; close it when done."""
+        limit = self._timeout(timeout)
+        until = deadline(limit)
+        received = ops.receive_bytes(self._core, until)
+        if isinstance(received, MappedRead):
+            return received
+        return run(received, self._waits, until, limit, "recv_bytes")
 
     def recv_blob(self, *, timeout: TimeoutArg = DEFAULT) -> MappedRead:
         """The next blob, mapped read-only after the sealing checks, and acknowledged."""
@@ -289,9 +312,7 @@ def connect(
     *wait*: seconds to wait for a listener that is not there yet (default: none,
     `ConnectionRefused` at once).
     """
-    limit = check_timeout(timeout)
-    if wait > 0 and limit is not None:
-        limit = max(limit, wait)
+    limit = connect_limit(timeout, wait)
     op = ops.connect(os.fspath(path), transport, wait=wait)
     sock = run(op, _Waits(None), deadline(limit), limit, "connect")
     return Channel(sock, timeout=timeout, allowed_uids=allowed_uids)

@@ -9,7 +9,7 @@ becomes one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import logging
 import os
 import stat
@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, ParamSpec, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import click
 import msgspec
@@ -32,18 +32,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from blobplane.broker.address import ENV_SOCKET, ENV_TOKEN, key_path_for, resolve_socket
+from blobplane.broker.address import key_path_for, resolve_socket
 from blobplane.cli import federation
-from blobplane.cli.options import seconds_option
+from blobplane.cli.options import (
+    client_options,
+    host_port_option,
+    one_line_errors,
+    seconds_option,
+    socket_option,
+)
 from blobplane.cli.tables import stats_table
 from blobplane.durations import format_duration
-from blobplane.errors import BlobError, BlobNotFound
+from blobplane.errors import BlobNotFound
 from blobplane.sizes import format_size, parse_size
 from blobplane.types import BlobId
 
 __all__ = ["COMMANDS", "stats_table"]
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 # Files at least this large get a progress bar (on a terminal).
@@ -63,49 +68,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 def _duration_ms(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     seconds = seconds_option(ctx, param, value)
     return None if seconds is None else max(1, round(seconds * 1000))
-
-
-def _socket_option(function: Callable[P, T]) -> Callable[P, T]:
-    return click.option(
-        "--socket",
-        "socket_path",
-        envvar=ENV_SOCKET,
-        default=None,
-        metavar="PATH",
-        help=f"The broker's socket (default: ${ENV_SOCKET}, else the default socket).",
-    )(function)
-
-
-def _client_options(function: Callable[P, T]) -> Callable[P, T]:
-    function = click.option(
-        "--token",
-        envvar=ENV_TOKEN,
-        default=None,
-        help=f"A token from `blobplane token create` (default: ${ENV_TOKEN}).",
-    )(function)
-    return _socket_option(function)
-
-
-def _one_line_errors(function: Callable[P, T]) -> Callable[P, T]:
-    """A `BlobError` or an `OSError` is a message for people: one line on stderr, status 1.
-
-    (Usage errors stay click's: its message and status 2.)
-    """
-
-    @functools.wraps(function)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return function(*args, **kwargs)
-        except BlobError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except OSError as exc:
-            what = exc.strerror or str(exc)
-            where = f": {exc.filename}" if exc.filename is not None else ""
-            click.echo(f"error: {what}{where}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 @contextmanager
@@ -149,7 +111,7 @@ def _targets(text: str, by_id: bool) -> list[str | BlobId]:
 
 
 @click.command()
-@_socket_option
+@socket_option
 @click.option(
     "--memory-limit",
     callback=_size,
@@ -175,6 +137,16 @@ def _targets(text: str, by_id: bool) -> list[str | BlobId]:
     help="When memory is short, evict idle sealed blobs (least recently used) instead of refusing.",
 )
 @click.option(
+    "--spill-dir",
+    default=None,
+    metavar="DIR",
+    help=(
+        "When memory is short, move idle sealed blobs (least recently used) to files in "
+        "DIR, and read them back when they are got. Made 0700 if missing; one broker per "
+        "DIR; the files do not outlive the broker."
+    ),
+)
+@click.option(
     "--key-file",
     default=None,
     metavar="PATH",
@@ -187,8 +159,18 @@ def _targets(text: str, by_id: bool) -> list[str | BlobId]:
     show_default=True,
     help="debug logs every request.",
 )
+@click.option(
+    "--metrics",
+    callback=host_port_option,
+    default=None,
+    metavar="HOST:PORT",
+    help=(
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free one); "
+        "keep it on loopback. Needs blobplane[metrics]."
+    ),
+)
 @federation.serve_options
-@_one_line_errors
+@one_line_errors
 def serve(
     *,
     socket_path: str | None,
@@ -196,14 +178,17 @@ def serve(
     max_connections: int,
     require_token: bool,
     evict: bool,
+    spill_dir: str | None,
     key_file: str | None,
     log_level: str,
+    metrics: tuple[str, int] | None,
     **flight: Any,
 ) -> None:
     """Run the broker until SIGINT or SIGTERM.
 
-    Prints 'ready socket=PATH pid=PID' (and ' flight=URL' with --flight) on
-    stdout once it listens; logs go to stderr, one key=value line per event.
+    Prints 'ready socket=PATH pid=PID' (and ' flight=URL' with --flight,
+    ' metrics=URL' with --metrics) on stdout once it listens; logs go to
+    stderr, one key=value line per event.
     """
     import asyncio
 
@@ -211,22 +196,32 @@ def serve(
     from blobplane.broker.server import BrokerConfig, BrokerServer
 
     logs.configure(getattr(logging, log_level.upper()))
+    if metrics is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise click.UsageError(
+            "--metrics needs prometheus-client: pip install 'blobplane[metrics]'"
+        )
     config = BrokerConfig(
         socket_path=resolve_socket(socket_path),
         memory_limit=memory_limit,
         max_connections=max_connections,
         require_token=require_token,
         evict=evict,
+        spill_dir=spill_dir,
         key_path=key_file,
         flight=federation.flight_config(**flight),
+        metrics=metrics,
     )
 
     async def main() -> None:
         server = BrokerServer(config)
 
         def ready(path: str) -> None:
-            url = server.flight_url
-            click.echo(f"ready socket={path} pid={os.getpid()}" + (f" flight={url}" if url else ""))
+            url, metrics_url = server.flight_url, server.metrics_url
+            click.echo(
+                f"ready socket={path} pid={os.getpid()}"
+                + (f" flight={url}" if url else "")
+                + (f" metrics={metrics_url}" if metrics_url else "")
+            )
             sys.stdout.flush()
 
         await server.run(ready)
@@ -254,8 +249,8 @@ def serve(
     metavar="DURATION",
     help="Free it after this long (e.g. 10m, 1h); default: keep it until deleted.",
 )
-@_client_options
-@_one_line_errors
+@client_options
+@one_line_errors
 def put(
     file: str,
     *,
@@ -331,8 +326,8 @@ def _read_into(source: BinaryIO, view: memoryview, label: str) -> None:
     help="Fetch it from the broker whose Flight endpoint is at URL (no local broker needed).",
 )
 @federation.remote_options
-@_client_options
-@_one_line_errors
+@client_options
+@one_line_errors
 def get(
     *,
     key: str,
@@ -437,8 +432,8 @@ def _write_from(sink: BinaryIO, view: memoryview, label: str) -> None:
     help="List the sealed blobs of the broker whose Flight endpoint is at URL instead.",
 )
 @federation.remote_options
-@_client_options
-@_one_line_errors
+@client_options
+@one_line_errors
 def ls(
     *,
     include_deleted: bool,
@@ -489,8 +484,8 @@ def ls(
 @click.command()
 @click.argument("key")
 @click.option("--id", "by_id", is_flag=True, help="KEY is a blob id.")
-@_client_options
-@_one_line_errors
+@client_options
+@one_line_errors
 def rm(key: str, by_id: bool, socket_path: str | None, token: str | None) -> None:
     """Delete the blob under KEY (or with that id).
 
@@ -504,8 +499,8 @@ def rm(key: str, by_id: bool, socket_path: str | None, token: str | None) -> Non
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
-@_client_options
-@_one_line_errors
+@client_options
+@one_line_errors
 def stats(as_json: bool, socket_path: str | None, token: str | None) -> None:
     """The broker's totals: blobs, bytes, references."""
     from blobplane.client import connect_broker
@@ -550,14 +545,14 @@ def token() -> None:
     help="How long the token is valid (e.g. 30m, 1h, 7d; 'never' for no expiry).",
 )
 @click.option("--blob", "blob", default=None, help="Only allow getting this one blob (id).")
-@_socket_option
+@socket_option
 @click.option(
     "--key-file",
     default=None,
     metavar="PATH",
     help="The broker's secret key (default: the socket path + '.key').",
 )
-@_one_line_errors
+@one_line_errors
 def create_token(
     *,
     rights: str,
@@ -586,14 +581,14 @@ def create_token(
 
 
 @token.command(name="revoke-all")
-@_socket_option
+@socket_option
 @click.option(
     "--key-file",
     default=None,
     metavar="PATH",
     help="The broker's secret key (default: the socket path + '.key').",
 )
-@_one_line_errors
+@one_line_errors
 def revoke_all(*, socket_path: str | None, key_file: str | None) -> None:
     """Revoke every token: replace the broker's secret key with a fresh one.
 
@@ -614,7 +609,7 @@ def revoke_all(*, socket_path: str | None, key_file: str | None) -> None:
 
 
 @click.command(name="demo-broker")
-@_one_line_errors
+@one_line_errors
 def demo_broker() -> None:
     """A broker, a producer and two consumers of frames."""
     from blobplane.cli import broker_demo
@@ -632,7 +627,7 @@ def demo_broker() -> None:
     help="The size of each blob.",
 )
 @click.option("--count", type=click.IntRange(1, 64), default=4, show_default=True)
-@_one_line_errors
+@one_line_errors
 def demo_federation(size: int | None, count: int) -> None:
     """Two brokers on this machine: blobs put on one, got from the other over Flight."""
     from blobplane.cli import federation_demo

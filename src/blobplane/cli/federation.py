@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blobplane.cli.options import seconds_option
-from blobplane.sizes import format_size
+from blobplane.sizes import format_size, parse_size
 from blobplane.types import BlobId
 
 __all__ = [
@@ -65,6 +65,13 @@ def _tls_options(function: Callable[P, T], *, serving: bool) -> Callable[P, T]:
     ):
         function = option(function)
     return function
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def serve_options(function: Callable[P, T]) -> Callable[P, T]:
@@ -112,6 +119,24 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
                 metavar="DURATION",
                 help="A peer that answers or sends nothing for this long is given up on.",
             ),
+            click.option(
+                "--upload-timeout",
+                callback=seconds_option,
+                default="30s",
+                show_default=True,
+                metavar="DURATION",
+                help="A Flight upload that sends nothing for this long is dropped, and the "
+                "memory it reserved released.",
+            ),
+            click.option(
+                "--max-message",
+                callback=_size_option,
+                default="256MiB",
+                show_default=True,
+                metavar="SIZE",
+                help="The largest message a Flight upload may send (64KiB to 1GiB); an "
+                "upload that sends a larger one is dropped.",
+            ),
         )
     ):
         function = option(function)
@@ -130,6 +155,8 @@ def flight_config(
     peer_token: str | None,
     cache_ttl: float | None,
     peer_timeout: float | None,
+    upload_timeout: float | None,
+    max_message: int,
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
@@ -142,7 +169,12 @@ def flight_config(
                 raise click.UsageError(f"{name} goes with --flight or --peer")
         return None
     need_pyarrow()
-    from blobplane.broker.flight.config import DEFAULT_PEER_TIMEOUT_S, FlightConfig, TlsFiles
+    from blobplane.broker.flight.config import (
+        DEFAULT_PEER_TIMEOUT_S,
+        DEFAULT_UPLOAD_TIMEOUT_S,
+        FlightConfig,
+        TlsFiles,
+    )
 
     return FlightConfig.from_text(
         flight,
@@ -152,6 +184,8 @@ def flight_config(
         peer_token=peer_token,
         cache_ttl=cache_ttl,
         peer_timeout=DEFAULT_PEER_TIMEOUT_S if peer_timeout is None else peer_timeout,
+        upload_timeout=DEFAULT_UPLOAD_TIMEOUT_S if upload_timeout is None else upload_timeout,
+        max_message_bytes=max_message,
     )
 
 

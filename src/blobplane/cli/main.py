@@ -6,6 +6,8 @@ import click
 from rich.console import Console
 
 from blobplane.cli.broker import COMMANDS as BROKER_COMMANDS
+from blobplane.cli.doctor import doctor
+from blobplane.cli.top import top
 from blobplane.sizes import parse_size
 from blobplane.streams.protocol import Backpressure
 from blobplane.types import BlobBackend
@@ -95,7 +97,7 @@ def demo(
     demo_module.run(total, blob_size, Console(), BlobBackend(backend))
 
 
-for _command in BROKER_COMMANDS:
+for _command in (*BROKER_COMMANDS, top, doctor):
     main.add_command(_command)
 
 

@@ -10,7 +10,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Self, TypeAlias, TypeVar
 
-from blobplane.blobs import ProducerBlob
+from blobplane.blobs import ProducerBlob, fresh_blobs
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import BlobEntry, Delete, Request, SlotFree, StatsEntry, Welcome
 from blobplane.channel import DEFAULT, aio
@@ -36,7 +36,6 @@ from blobplane.errors import (
 )
 from blobplane.objects.allowlist import AllowList
 from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
-from blobplane.objects.transfer import fresh_blobs
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobId
 from blobplane.wire import Message

@@ -9,16 +9,14 @@ buffer of the rebuilt object is collected.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from blobplane.blobs import SharedMemoryBlobs
+from blobplane.blobs import fresh_blobs
 from blobplane.channel.aio import AsyncChannel
 from blobplane.channel.sync import Channel
 from blobplane.objects.allowlist import AllowList
 from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
 from blobplane.pool import BlobPool
-from blobplane.types import BlobBackend
 
 __all__ = [
     "fresh_blobs",
@@ -27,18 +25,6 @@ __all__ = [
     "send_obj",
     "send_obj_async",
 ]
-
-_allocator: SharedMemoryBlobs | None = None
-_allocator_lock = threading.Lock()
-
-
-def fresh_blobs() -> SharedMemoryBlobs:
-    """A process-wide memfd allocator for fresh object blobs (each lives only while it travels)."""
-    global _allocator
-    with _allocator_lock:
-        if _allocator is None:
-            _allocator = SharedMemoryBlobs(BlobBackend.MEMFD)
-        return _allocator
 
 
 def send_obj(

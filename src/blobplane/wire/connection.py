@@ -40,9 +40,11 @@ from blobplane.wire.frames import (
 from blobplane.wire.messages import (
     DECODE_ERRORS,
     DECODER,
+    MAX_REQUEST_ID,
     Ack,
     ErrorReply,
     Message,
+    UserPayload,
     decode_error,
     decode_message,
     encode_message_into,
@@ -91,6 +93,12 @@ class Connection:
         self._datagram = framing == "datagram"
         self._max_frame_size = self.limits.max_frame_size
         self._max_fds = self.limits.max_fds
+        # The most bytes a `UserPayload` carries in one frame: the frame's limit
+        # less the header and the rest of the largest such message (the largest
+        # id, and a 32-bit length where the empty payload's has 8 bits).
+        empty = bytearray()
+        encode_message_into(UserPayload(id=MAX_REQUEST_ID, data=b""), empty)
+        self.payload_limit = max(0, self._max_frame_size - HEADER_SIZE - len(empty) - 3)
         self._ours, self._theirs = new_directions(max_open_handoffs)
         # What may be sent in the directions' states (`SEND_ALLOWED`), looked up
         # again whenever one changes (`_set_state`), not for every message.
@@ -262,26 +270,30 @@ class Connection:
 
         The frame is recorded as sent: the caller transmits it whole, with
         the fds in the same sendmsg() (or calls `abandon` if it cannot). A
-        message built with id 0 gets `next_id()`. Raises `LocalProtocolError`
-        if the protocol forbids sending it, every time from then on. The
-        fields of a Struct built in Python are not type-checked by msgspec,
-        so the encoded message is decoded once more to refuse here what the
-        peer would refuse; a driver may skip that (*validate* False) for
-        messages it builds itself from values that are valid already.
+        message built with id 0 gets `next_id()`, and so does one built by
+        the driver (*validate* False) with an id another message has taken
+        since: a driver builds with `next_id()`, so that the usual case makes
+        no copy. Raises `LocalProtocolError` if the protocol forbids sending
+        it, every time from then on. The fields of a Struct built in Python
+        are not type-checked by msgspec, so the encoded message is decoded
+        once more to refuse here what the peer would refuse; a driver may
+        skip that (*validate* False) for messages it builds itself from
+        values that are valid already.
         """
         ours = self._ours
         if ours.state is _ERROR:
             raise LocalProtocolError(self._local_error)
+        next_id = ours.last_id + 1
         buffer: bytearray | None = None
         prepared = self._prepared
         if prepared is not None and message is prepared[0]:
             self._prepared = None
-            if message.id == ours.last_id + 1:
+            if message.id == next_id:
                 buffer = prepared[1]  # encoded and checked ahead (`prepare_ack`)
-            else:  # something else went first: the Ack's id has gone
-                message = msgspec.structs.replace(message, id=ours.last_id + 1)
-        elif message.id == 0:
-            message = msgspec.structs.replace(message, id=ours.last_id + 1)
+        if message.id != next_id and (message.id == 0 or not validate):
+            # Numbered now: built with id 0, or built by the driver with the
+            # `next_id()` of then, which something sent since has taken.
+            message = msgspec.structs.replace(message, id=next_id)
         # Refused for the state alone (the peer broke the protocol, or we closed):
         # nothing of ours was wrong, so our side stays able to say goodbye.
         if type(message) not in self._may_send:

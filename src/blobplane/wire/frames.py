@@ -126,6 +126,18 @@ def datagram_payload(
     many fds, a bad header, a length or fd count other than the header says.
     """
     size = len(data)
+    # Every datagram received comes here: the usual verdict, a whole frame,
+    # first, from the checks below in one expression; anything else goes
+    # through them one by one, which say what is wrong.
+    if size >= HEADER_SIZE and not truncated:
+        magic, version, announced, length = HEADER.unpack_from(data)
+        if (
+            magic == MAGIC
+            and version == VERSION
+            and announced == fd_count <= limits.max_fds
+            and HEADER_SIZE + length == size <= limits.max_frame_size
+        ):
+            return data[HEADER_SIZE:]
     if truncated:
         raise RemoteProtocolError(
             f"a datagram longer than the maximum frame size of "

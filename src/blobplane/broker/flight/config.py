@@ -12,6 +12,8 @@ __all__ = [
     "DEFAULT_CACHE_TTL_S",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_PEER_TIMEOUT_S",
+    "DEFAULT_UPLOAD_TIMEOUT_S",
+    "MAX_MESSAGE_BYTES",
     "FlightConfig",
     "TlsFiles",
 ]
@@ -21,9 +23,16 @@ __all__ = [
 DEFAULT_CACHE_TTL_S = 600.0
 # A peer that sends nothing for this long is given up on; so is one that does not answer.
 DEFAULT_PEER_TIMEOUT_S = 10.0
+# An upload that sends nothing for this long is dropped: its reservation (bytes, key) and
+# what it wrote are released.
+DEFAULT_UPLOAD_TIMEOUT_S = 30.0
 # Record batches of this many bytes: below 2 GiB (a Flight message's limit) with room to
-# spare, large enough that the per-message cost vanishes (8-16 MiB measured fastest).
+# spare, large enough that the per-message cost vanishes (4-16 MiB measure the same).
 DEFAULT_CHUNK_BYTES = 8 << 20
+# The largest Flight message taken from the other side: a peer's DoGet stream (gRPC refuses
+# a larger one before taking it in) and, by default, a client's upload. Four times the
+# largest chunk a broker sends.
+MAX_MESSAGE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,10 @@ class FlightConfig:
     cache_ttl: float | None = DEFAULT_CACHE_TTL_S
     peer_timeout: float = DEFAULT_PEER_TIMEOUT_S
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # An upload's messages may be this large at most (its data and metadata)...
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    # ...and it may send nothing for this long at most.
+    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT_S
 
     @classmethod
     def from_text(
@@ -106,3 +119,9 @@ class FlightConfig:
             raise InvalidSize(f"the cache ttl must be positive, got {self.cache_ttl!r}")
         if not 4096 <= self.chunk_bytes <= 64 << 20:
             raise InvalidSize(f"chunks are 4 KiB to 64 MiB, got {self.chunk_bytes}")
+        if not 64 << 10 <= self.max_message_bytes <= 1 << 30:
+            raise InvalidSize(
+                f"the largest upload message is 64 KiB to 1 GiB, got {self.max_message_bytes}"
+            )
+        if not self.upload_timeout > 0:
+            raise InvalidSize(f"the upload timeout must be positive, got {self.upload_timeout!r}")

@@ -21,7 +21,7 @@ small pool of threads:
    against the memory limit from now on, and the gets parked on the key now
    wait for this blob's seal, like gets of a blob a client is filling. A
    memfd of that size is made and filled as the chunks come (`Filling`:
-   pages allocated ahead of the bytes).
+   each chunk written through the fd, where it belongs).
 3. Complete, it is sealed, published with a lease of ``--cache-ttl``, and
    the parked gets are answered with an fd of it, exactly as for a blob put
    here. The client API does not change.
@@ -56,9 +56,10 @@ from typing import TYPE_CHECKING
 from blobplane.backends.mapping import physical_memory
 from blobplane.broker import memory
 from blobplane.broker.flight.address import FlightAddress
+from blobplane.broker.flight.arrow import keep_transfer_buffers
 from blobplane.broker.flight.client import FlightBlobClient, RemoteBlob
 from blobplane.broker.flight.config import FlightConfig
-from blobplane.broker.flight.filling import Filling, allocate_unfilled
+from blobplane.broker.flight.filling import Filling, allocate_unfilled, stalled
 from blobplane.broker.logs import LOGGER, event
 from blobplane.broker.registry import BlobState, ClientId
 from blobplane.broker.rights import Grant, Right
@@ -141,6 +142,7 @@ class Federation:
     def __init__(
         self, server: BrokerServer, config: FlightConfig, own: FlightAddress | None
     ) -> None:
+        keep_transfer_buffers()
         self.server = server
         self.config = config
         own_spot = None if own is None else (own.host, own.port)
@@ -437,16 +439,9 @@ class Federation:
 
     async def _watch(self, fetch: _Fetch, stream: RemoteBlob) -> None:
         """Cancel a stream that brings nothing for the peer timeout."""
-        timeout = self.config.peer_timeout
-        seen, since = stream.received, time.monotonic()
-        while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            if stream.received != seen:
-                seen, since = stream.received, time.monotonic()
-            elif time.monotonic() - since >= timeout:
-                fetch.stalled = True
-                stream.cancel()
-                return
+        await stalled(lambda: stream.received, self.config.peer_timeout)
+        fetch.stalled = True
+        stream.cancel()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -475,15 +470,12 @@ def _fill(stream: RemoteBlob, fd: int, size: int) -> None:
     """In a thread: the stream's bytes into the memfd; closes *fd*."""
     try:
         filling = Filling(fd, size)
-        try:
-            out = filling.writer(0, size)
-            for view in stream.chunks():
-                out.append(view)
-            if not out.complete:
-                raise PeerUnreachable(f"the stream ended after {out.position} of {size} bytes")
-            filling.finish()
-        finally:
-            filling.close()
+        out = filling.writer(0, size)
+        for view in stream.chunks():
+            out.append(view)
+        if not out.complete:
+            raise PeerUnreachable(f"the stream ended after {out.position} of {size} bytes")
+        filling.finish()
     finally:
         os.close(fd)
 

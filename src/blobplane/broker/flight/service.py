@@ -13,8 +13,10 @@ gRPC's threads and ask the broker's loop for every step through the `Bridge`.
   ``"lease_ms"``), reserves the blob (key, memory limit, quota) before the
   first byte, writes the batches straight into the new memfd as they come,
   and seals and publishes it once exactly N bytes arrived. A short, long or
-  interrupted upload publishes nothing and frees its memory. The answer is
-  one metadata message, ``{"id", "key", "size"}``.
+  interrupted upload publishes nothing and frees its memory; so does one
+  that sends a message larger than ``max_message_bytes`` or nothing for the
+  upload timeout (`Bridge.attach`). The answer is one metadata message,
+  ``{"id", "key", "size"}``.
 - **ListFlights** lists the sealed blobs (criteria: a key prefix), each
   with a ticket by id; **GetFlightInfo** and **GetSchema** describe one, by
   a descriptor path ``[key]`` or a command holding a ticket.
@@ -22,8 +24,9 @@ gRPC's threads and ask the broker's loop for every step through the `Bridge`.
 Every call must carry ``authorization: Bearer <token>``, a token of this
 broker's key (`blobplane token create`); the rights are those of the local
 socket: ``get`` for DoGet, GetFlightInfo and GetSchema, ``put`` for DoPut,
-``list`` for ListFlights. Refusals are Flight errors whose extra info names
-the `blobplane.errors` class.
+``list`` for ListFlights. A DoPut's token is checked as soon as its headers
+arrive, before gRPC reads its first message. Refusals are Flight errors
+whose extra info names the `blobplane.errors` class.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from blobplane.broker.flight.arrow import (
     batches,
     check_schema,
     chunk_view,
+    keep_transfer_buffers,
     stream_schema,
     to_flight_error,
 )
@@ -66,8 +70,10 @@ from blobplane.errors import (
     BrokerShutdown,
     InvalidSize,
     RemoteProtocolError,
+    Timeout,
     TokenRefused,
 )
+from blobplane.sizes import format_size
 from blobplane.types import BlobId
 
 if TYPE_CHECKING:
@@ -86,7 +92,15 @@ class _Bearer(flight.ServerMiddleware):  # type: ignore[misc]
 
 
 class _BearerFactory(flight.ServerMiddlewareFactory):  # type: ignore[misc]
-    """Takes the bearer token of every call; the loop verifies it (`Bridge.grant`)."""
+    """Takes the bearer token of every call; the loop verifies it (`Bridge.grant`).
+
+    An upload's token is verified here, before gRPC takes in any of its
+    messages: only a bearer of a 'put' token makes the broker read one.
+    """
+
+    def __init__(self, bridge: Bridge) -> None:
+        super().__init__()
+        self._bridge = bridge
 
     def start_call(self, info: Any, headers: dict[str, list[Any]]) -> _Bearer:
         for value in headers.get("authorization", ()):
@@ -94,6 +108,12 @@ class _BearerFactory(flight.ServerMiddlewareFactory):  # type: ignore[misc]
             if text[: len(_BEARER)].lower() == _BEARER:
                 token = text[len(_BEARER) :].strip()
                 if 0 < len(token) <= MAX_TOKEN_CHARS:
+                    if info.method == flight.FlightMethod.DO_PUT:
+                        bridge = self._bridge
+                        try:
+                            bridge.call(bridge.upload_grant, token)
+                        except BlobError as exc:
+                            raise to_flight_error(exc) from None
                     return _Bearer(token)
         raise to_flight_error(
             TokenRefused(
@@ -120,10 +140,11 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             # Mutual TLS: a client must show a certificate signed by the CA.
             verify_client=tls and ca is not None,
             root_certificates=ca if tls else None,
-            middleware={_AUTH: _BearerFactory()},
+            middleware={_AUTH: _BearerFactory(bridge)},
         )
         self._bridge = bridge
         self._chunk = config.chunk_bytes
+        self._max_message = config.max_message_bytes
         self._stopping = stopping
 
     # -- DoGet ---------------------------------------------------------------------------
@@ -132,9 +153,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         bridge = self._bridge
         try:
             wanted = decode_ticket(ticket.ticket)
-            reading = bridge.call(
-                bridge.open_read, _token(context), wanted.target, undo=bridge.undo_read
-            )
+            reading = bridge.read(_token(context), wanted.target)
         except BlobError as exc:
             raise _refused("get", context, exc) from None
         try:
@@ -243,6 +262,19 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
                     break
                 except (pa.ArrowException, flight.FlightError) as exc:
                     raise RemoteProtocolError(f"the upload broke off: {exc}") from None
+                if writing.stalled:
+                    raise Timeout(
+                        f"the upload sent nothing for {bridge.upload_timeout} s; it was dropped "
+                        "and its memory released"
+                    )
+                received = _message_bytes(chunk)
+                if received > self._max_message:
+                    raise InvalidSize(
+                        f"a message of {format_size(received)} is larger than the "
+                        f"{format_size(self._max_message)} this endpoint takes in one message: "
+                        "send smaller record batches; nothing was published"
+                    )
+                writing.received += received
                 if chunk.data is not None:
                     out.append(chunk_view(chunk.data))
             if not out.complete:
@@ -254,7 +286,6 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             info: BlobInfo = bridge.call(bridge.commit, writing)
             return info
         finally:
-            filling.close()
             os.close(filling_fd)
 
     # -- listing -------------------------------------------------------------------------
@@ -302,6 +333,12 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         return info
 
 
+def _message_bytes(chunk: Any) -> int:
+    """What one received Flight message held: its record batch's buffers and its metadata."""
+    size = 0 if chunk.data is None else chunk.data.get_total_buffer_size()
+    return size + (0 if chunk.app_metadata is None else chunk.app_metadata.size)
+
+
 def encode_key_ticket(key: str) -> bytes:
     from blobplane.broker.flight.tickets import BlobTicket
 
@@ -337,10 +374,11 @@ class FlightEndpoint:
     """The Flight server of a broker: started in `start()`, stopped (bounded) by `stop()`."""
 
     def __init__(self, server: BrokerServer, config: FlightConfig, address: FlightAddress) -> None:
+        keep_transfer_buffers()
         self._config = config
         self._address = address
         self._stopping = threading.Event()
-        self.bridge = Bridge(server, asyncio.get_running_loop())
+        self.bridge = Bridge(server, asyncio.get_running_loop(), config.upload_timeout)
         self._service: _Service | None = None
         self.address = address
         # Calls outlived the shutdown's grace: gRPC would wait for them at interpreter
@@ -369,6 +407,7 @@ class FlightEndpoint:
         """
         self._stopping.set()
         self.bridge.closed = True
+        self.bridge.stop()
         service, self._service = self._service, None
         if service is None:
             return
