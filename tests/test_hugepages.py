@@ -16,6 +16,7 @@ from blobplane import BlobBackend, SharedMemoryBlobs, channel
 from blobplane.backends.hugepages import HUGE_PAGE_SIZE, MODE_TTL_S, SHMEM_ENABLED, shmem_thp_mode
 from blobplane.backends.mapping import map_readonly
 from blobplane.blobs import ProducerBlob
+from brokers import cli_ok, run_cli
 from children import CHILD_TIMEOUT_S
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.timeout(120)]
@@ -124,21 +125,13 @@ def test_under_never_a_blob_is_made_and_read_as_before(shmem_thp: str) -> None:
             local.close()
 
 
-def doctor(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blobplane.cli", "doctor", *args],
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=False,
-        env={**os.environ, "COLUMNS": "80", "LINES": "24"},
-    )
+def doctor(*args: str) -> str:
+    """`blobplane doctor` in an 80x24 terminal: its output."""
+    return cli_ok(run_cli("doctor", *args, env={"COLUMNS": "80", "LINES": "24"}))
 
 
 def test_doctor_reports_each_setting_with_its_value() -> None:
-    result = doctor("--json")
-    assert result.returncode == 0, result.stderr
-    findings = {entry["setting"]: entry for entry in json.loads(result.stdout)}
+    findings = {entry["setting"]: entry for entry in json.loads(doctor("--json"))}
     assert set(findings) == {
         "shmem huge pages",
         "reserved huge pages",
@@ -158,12 +151,11 @@ def test_doctor_reports_each_setting_with_its_value() -> None:
 
 
 def test_doctor_fits_80_columns_and_prints_its_commands_whole() -> None:
-    result = doctor()
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    output = doctor()
+    lines = output.splitlines()
     table = [line for line in lines if not line.startswith("to change ")]
     assert table
     assert all(len(line) <= 80 for line in table), "\n".join(table)
-    assert "shmem huge pages" in result.stdout
+    assert "shmem huge pages" in output
     if os.path.exists(SHMEM_ENABLED) and setting() in ("never", "deny"):
         assert f"to change shmem huge pages: echo advise | sudo tee {SHMEM_ENABLED}" in lines

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -23,7 +21,7 @@ from blobplane.errors import (
     Timeout,
     TokenRefused,
 )
-from brokers import DEADLINE_S, Broker, broker_folder, running_broker, wait_until
+from brokers import DEADLINE_S, Broker, broker_folder, run_cli, running_broker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -244,25 +242,21 @@ def test_the_endpoint_stops_with_the_broker(no_leaks: None) -> None:
 def test_a_taken_port_is_one_line_and_leaves_no_socket(no_leaks: None) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken, broker_folder() as folder:
         path = os.path.join(folder, "b.sock")
-        result = serve("--socket", path, "--metrics", f"127.0.0.1:{taken.getsockname()[1]}")
-        assert result.returncode == 1, result.stderr
-        assert result.stderr.splitlines()[-1].startswith("error: ")
-        assert "Traceback" not in result.stderr
+        status, err = serve("--socket", path, "--metrics", f"127.0.0.1:{taken.getsockname()[1]}")
+        assert status == 1, err
+        assert err.splitlines()[-1].startswith("error: ")
+        assert "Traceback" not in err
         assert not os.path.exists(path)
 
 
 @pytest.mark.parametrize("address", ["9464", "127.0.0.1", ":9464", "127.0.0.1:99999", "h:p"])
 def test_a_malformed_address_is_a_usage_error(address: str) -> None:
-    result = serve("--socket", "/nonexistent/b.sock", "--metrics", address)
-    assert result.returncode == 2, result.stderr
-    assert "HOST:PORT" in result.stderr
+    status, err = serve("--socket", "/nonexistent/b.sock", "--metrics", address)
+    assert status == 2, err
+    assert "HOST:PORT" in err
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blobplane", "serve", *args],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE_S,
-        check=False,
-    )
+def serve(*args: str) -> tuple[int, str]:
+    """`blobplane serve ARGS` that is expected to stop at once: its status and stderr."""
+    result = run_cli("serve", *args)
+    return result.returncode, result.stderr.decode()
