@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 
 from blobplane import BlobPool, channel
 from blobplane.errors import Timeout
-from blobplane.objects import send_obj
+from blobplane.objects import recv_obj, send_obj
+from blobplane.wire import UserPayload
 from children import CHILD_TIMEOUT_S
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -154,3 +156,26 @@ def test_a_pooled_object_keeps_its_slot_until_it_is_collected(
         assert child.wait(timeout=CHILD_TIMEOUT_S) == 0
     child.stdin.close()
     child.stdout.close()
+
+
+def test_a_small_object_rides_inside_the_message_and_a_large_one_in_a_memfd() -> None:
+    ours, theirs = channel.socketpair(timeout=CHILD_TIMEOUT_S)
+    with ours, theirs:
+        small = {"frame": 7, "labels": ["a", "b"], "scores": np.arange(16.0)}
+        send_obj(ours, small)
+        message, fds = theirs.recv()
+        assert isinstance(message, UserPayload)
+        assert fds == ()
+        assert len(message.data) <= ours.payload_limit
+        # What came is the packed object: a receiver's recv_obj rebuilds it.
+        send_obj(ours, small)
+        got = recv_obj(theirs)
+        assert got["labels"] == ["a", "b"]
+        np.testing.assert_array_equal(got["scores"], small["scores"])
+        big = np.arange(1 << 17, dtype=np.float64)  # 1 MiB: out of the message
+        sender = threading.Thread(target=send_obj, args=(ours, big))
+        sender.start()
+        handoff = theirs.recv_handoff()
+        sender.join(CHILD_TIMEOUT_S)
+        with handoff:
+            assert len(handoff.blob) > big.nbytes

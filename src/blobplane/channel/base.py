@@ -120,6 +120,11 @@ class ChannelBase:
         return "seqpacket" if self._core.framing == "datagram" else "stream"
 
     @property
+    def payload_limit(self) -> int:
+        """The most bytes `send_bytes` carries inside a message; more go in a memfd."""
+        return self._core.wire.payload_limit
+
+    @property
     def allow_sparse(self) -> bool:
         """Whether received blobs may have pages not allocated yet (default: False, refused).
 

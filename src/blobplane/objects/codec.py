@@ -190,22 +190,49 @@ def pack(
     and a fixed trailer saying where the header is. This is what travels
     over channels (`send_obj`) and through the broker.
     """
-    pickled = _pickle(obj, threshold)
-    stream_at = pickled.size
-    header = ObjectHeader(
-        b"", pickled.offsets, pickled.lengths, pickled.size, stream_at, len(pickled.stream)
-    )
-    encoded = header.to_msgpack()
-    header_at = stream_at + len(pickled.stream)
-    size = header_at + len(encoded) + _TRAILER.size
+    return Packed(obj, threshold).into(target, timeout)
 
-    def write(view: memoryview) -> None:
+
+class Packed:
+    """*obj* pickled, its large buffers apart: `size` bytes of `pack`'s layout, to `write`.
+
+    For a caller that chooses where the bytes go by their size: a small
+    object fits inside a channel's message (`send_obj`).
+    """
+
+    def __init__(self, obj: object, threshold: int = DEFAULT_THRESHOLD) -> None:
+        self._pickled = pickled = _pickle(obj, threshold)
+        self._stream_at = pickled.size
+        header = ObjectHeader(
+            b"", pickled.offsets, pickled.lengths, pickled.size, pickled.size, len(pickled.stream)
+        )
+        self._encoded = header.to_msgpack()
+        self._header_at = self._stream_at + len(pickled.stream)
+        self.size = self._header_at + len(self._encoded) + _TRAILER.size
+
+    def write(self, view: memoryview) -> None:
+        """Lay the object out in the first `size` bytes of *view*."""
+        pickled, header_at, size = self._pickled, self._header_at, self.size
         pickled.write(view)
-        view[stream_at:header_at] = pickled.stream
-        view[header_at : header_at + len(encoded)] = encoded
-        _TRAILER.pack_into(view, size - _TRAILER.size, _MAGIC, header_at, len(encoded))
+        view[self._stream_at : header_at] = pickled.stream
+        view[header_at : header_at + len(self._encoded)] = self._encoded
+        _TRAILER.pack_into(view, size - _TRAILER.size, _MAGIC, header_at, len(self._encoded))
 
-    return _fill(target, size, write, timeout)
+    def to_bytes(self) -> bytearray:
+        buffer = bytearray(self.size)
+        with memoryview(buffer) as view:
+            self.write(view)
+        return buffer
+
+    @overload
+    def into(self, target: SharedMemoryBlobs, timeout: float | None = ...) -> ProducerBlob: ...
+
+    @overload
+    def into(self, target: BlobPool | PoolLoan, timeout: float | None = ...) -> PoolLoan: ...
+
+    def into(self, target: Target, timeout: float | None = None) -> ProducerBlob | PoolLoan:
+        """A sealed blob of *target*, or a slot of it (see `pack`), holding the object."""
+        return _fill(target, self.size, self.write, timeout)
 
 
 def unpack(

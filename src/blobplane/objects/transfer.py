@@ -15,7 +15,7 @@ from blobplane.blobs import fresh_blobs
 from blobplane.channel.aio import AsyncChannel
 from blobplane.channel.sync import Channel
 from blobplane.objects.allowlist import AllowList
-from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
+from blobplane.objects.codec import DEFAULT_THRESHOLD, Packed, pack, unpack
 from blobplane.pool import BlobPool
 
 __all__ = [
@@ -35,13 +35,22 @@ def send_obj(
     threshold: int = DEFAULT_THRESHOLD,
     timeout: float | None = 30.0,
 ) -> None:
-    """Send *obj*; returns once the peer mapped it (fresh blob) or it is under way (pool slot)."""
+    """Send *obj*; returns once the peer mapped it (fresh blob) or it is under way.
+
+    An object whose packed form fits in a message (`Channel.payload_limit`)
+    travels inside it, with no memfd; a larger one in a fresh blob, or in a
+    slot of *pool* if given.
+    """
     if pool is not None:
         with channel.loan(pool, timeout=timeout) as loan:
             pack(obj, loan, threshold=threshold)
             channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    blob = pack(obj, fresh_blobs(), threshold=threshold)
+    packed = Packed(obj, threshold)
+    if packed.size <= channel.payload_limit:
+        channel.send_bytes(packed.to_bytes(), timeout=timeout)
+        return
+    blob = packed.into(fresh_blobs(), timeout)
     try:
         channel.send_blob(blob, timeout=timeout)
     finally:
@@ -52,7 +61,7 @@ def recv_obj(
     channel: Channel, *, restricted: bool | AllowList = False, timeout: float | None = 30.0
 ) -> Any:
     """The next object; see `blobplane.objects.loads` for what *restricted* refuses."""
-    return unpack(channel.recv_blob(timeout=timeout), restricted=restricted)
+    return unpack(channel.recv_bytes(timeout=timeout), restricted=restricted)
 
 
 async def send_obj_async(
@@ -69,7 +78,11 @@ async def send_obj_async(
             pack(obj, loan, threshold=threshold)
             await channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    blob = pack(obj, fresh_blobs(), threshold=threshold)
+    packed = Packed(obj, threshold)
+    if packed.size <= channel.payload_limit:
+        await channel.send_bytes(packed.to_bytes(), timeout=timeout)
+        return
+    blob = packed.into(fresh_blobs(), timeout)
     try:
         await channel.send_blob(blob, timeout=timeout)
     finally:
@@ -80,4 +93,4 @@ async def recv_obj_async(
     channel: AsyncChannel, *, restricted: bool | AllowList = False, timeout: float | None = 30.0
 ) -> Any:
     """`recv_obj` for an asyncio channel."""
-    return unpack(await channel.recv_blob(timeout=timeout), restricted=restricted)
+    return unpack(await channel.recv_bytes(timeout=timeout), restricted=restricted)
