@@ -95,53 +95,72 @@ class Direction:
         """Record *message*, with *fd_count* fds, as sent by this direction, if it may send it now.
 
         Raises this direction's protocol error, with nothing recorded, if not.
-        The one check of every message, sent or received.
+        The one check of every message, sent or received: each message type's
+        usual case is one test, and `_refusal` says what is wrong otherwise.
         """
-        if message.id <= self.last_id:
-            raise self.error(
-                f"{self.name} sent request id {message.id} after {self.last_id}; ids must increase"
-            )
-        if fd_count > max_fds:
-            raise self.error(
-                f"{self.name} sent {fd_count} fds with one message; "
-                f"the per-message maximum is {max_fds}"
-            )
+        kind = type(message)
+        if message.id <= self.last_id or fd_count > max_fds:
+            raise self._refusal(message, fd_count, other, max_fds)
         # Then what the message's type says: the fds it needs (a handoff those of
         # its descriptor kind, a payload any number, replies none) and the open
         # handoffs it opens or answers.
-        if type(message) is UserPayload:
-            pass
-        elif type(message) is BlobHandoff:
+        if kind is BlobHandoff:
+            if (
+                fd_count != message.fds  # type: ignore[union-attr]
+                or fd_count != FDS_PER_KIND[message.kind]  # type: ignore[union-attr]
+                or len(self.open_handoffs) >= self.max_open_handoffs
+            ):
+                raise self._refusal(message, fd_count, other, max_fds)
+            self.open_handoffs.add(message.id)
+        elif kind is Ack:
+            if fd_count or message.reply_to not in other.open_handoffs:  # type: ignore[union-attr]
+                raise self._refusal(message, fd_count, other, max_fds)
+            other.open_handoffs.discard(message.reply_to)  # type: ignore[union-attr]
+        elif kind is ErrorReply:
+            if fd_count or message.reply_to > other.last_id:  # type: ignore[union-attr]
+                raise self._refusal(message, fd_count, other, max_fds)
+            other.open_handoffs.discard(message.reply_to)  # type: ignore[union-attr]
+        elif fd_count and kind is not UserPayload:
+            raise self._refusal(message, fd_count, other, max_fds)
+        self.last_id = message.id
+
+    def _refusal(
+        self, message: Message, fd_count: int, other: Direction, max_fds: int
+    ) -> ProtocolError:
+        """Why `record` refuses *message*: the first of its checks that fails, in words."""
+        if message.id <= self.last_id:
+            return self.error(
+                f"{self.name} sent request id {message.id} after {self.last_id}; ids must increase"
+            )
+        if fd_count > max_fds:
+            return self.error(
+                f"{self.name} sent {fd_count} fds with one message; "
+                f"the per-message maximum is {max_fds}"
+            )
+        if isinstance(message, BlobHandoff):
             if fd_count != message.fds:
-                raise self._fd_mismatch(message, message.fds, fd_count)
+                return self._fd_mismatch(message, message.fds, fd_count)
             if message.fds != FDS_PER_KIND[message.kind]:
-                raise self.error(
+                return self.error(
                     f"{describe(message)} says {message.fds} fds ride with it; "
                     f"a {message.kind} descriptor takes {FDS_PER_KIND[message.kind]}"
                 )
-            if len(self.open_handoffs) >= self.max_open_handoffs:
-                raise self.error(
-                    f"{self.name} has {len(self.open_handoffs)} handoffs waiting for an "
-                    f"answer, the most allowed; wait for replies before sending more"
-                )
-            self.open_handoffs.add(message.id)
-        elif fd_count:
-            raise self._fd_mismatch(message, 0, fd_count)
-        elif type(message) is Ack:
-            if message.reply_to not in other.open_handoffs:
-                raise self.error(
-                    f"{describe(message)} acknowledges request {message.reply_to}, which is "
-                    f"not a handoff from {other.name} waiting for an answer"
-                )
-            other.open_handoffs.discard(message.reply_to)
-        elif type(message) is ErrorReply:
-            if message.reply_to > other.last_id:
-                raise self.error(
-                    f"{describe(message)} answers request {message.reply_to}, but {other.name} "
-                    f"has sent ids up to {other.last_id} only"
-                )
-            other.open_handoffs.discard(message.reply_to)
-        self.last_id = message.id
+            return self.error(
+                f"{self.name} has {len(self.open_handoffs)} handoffs waiting for an "
+                f"answer, the most allowed; wait for replies before sending more"
+            )
+        if fd_count:
+            return self._fd_mismatch(message, 0, fd_count)
+        if isinstance(message, Ack):
+            return self.error(
+                f"{describe(message)} acknowledges request {message.reply_to}, which is "
+                f"not a handoff from {other.name} waiting for an answer"
+            )
+        assert isinstance(message, ErrorReply)
+        return self.error(
+            f"{describe(message)} answers request {message.reply_to}, but {other.name} "
+            f"has sent ids up to {other.last_id} only"
+        )
 
     def _fd_mismatch(self, message: Message, wanted: int, fd_count: int) -> ProtocolError:
         return self.error(
