@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from _common import MIB, environment, fmt_size, parse_size
+from blobplane.backends.hugepages import SHMEM_ENABLED, read_shmem_thp_mode
 
-SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 TARGET = 5.0  # advise over the 4 KiB-page path, at 64 MiB
 DEFAULT_SIZES = [64 * MIB, 512 * MIB]
 DEFAULT_ROUNDS = 7
@@ -63,12 +63,7 @@ print(shmem_thp_mode(), *times)
 
 
 def current_setting() -> str | None:
-    try:
-        with open(SHMEM_ENABLED) as file:
-            text = file.read()
-    except OSError:
-        return None
-    return text[text.index("[") + 1 : text.index("]")]
+    return read_shmem_thp_mode() or None
 
 
 def set_setting(mode: str) -> None:

@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from blobplane.backends.hugepages import SHMEM_ENABLED, read_shmem_thp_mode
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "hugepages.py"
-SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 
 def setting() -> str | None:
-    try:
-        text = Path(SHMEM_ENABLED).read_text()
-    except OSError:
-        return None
-    return text[text.index("[") + 1 : text.index("]")]
+    return read_shmem_thp_mode() or None
 
 
 @pytest.mark.timeout(120)

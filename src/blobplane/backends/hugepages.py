@@ -34,6 +34,7 @@ __all__ = [
     "MADV_POPULATE_WRITE",
     "advise_huge",
     "allocate_pages",
+    "read_shmem_thp_mode",
     "shmem_thp_mode",
 ]
 
@@ -59,21 +60,24 @@ HUGE_PAGE_SIZE = _read_pmd_size()
 _mode: tuple[float, str] = (-MODE_TTL_S, "")
 
 
-def shmem_thp_mode() -> str:
-    """The bracketed word of shmem_enabled (``never``, ``advise``, ...), "" where there is none."""
-    global _mode
-    now = time.monotonic()
-    if now - _mode[0] < MODE_TTL_S:
-        return _mode[1]
+def read_shmem_thp_mode() -> str:
+    """The bracketed word of shmem_enabled (``never``, ``advise``, ...), read now; "" if none."""
     try:
         with open(SHMEM_ENABLED, "rb") as file:
             text = file.read().decode("ascii", "replace")
     except OSError:
-        text = ""
+        return ""
     start, end = text.find("["), text.find("]")
-    mode = text[start + 1 : end] if 0 <= start < end else ""
-    _mode = (now, mode)
-    return mode
+    return text[start + 1 : end] if 0 <= start < end else ""
+
+
+def shmem_thp_mode() -> str:
+    """`read_shmem_thp_mode`, read again at most once every `MODE_TTL_S`."""
+    global _mode
+    now = time.monotonic()
+    if now - _mode[0] >= MODE_TTL_S:
+        _mode = (now, read_shmem_thp_mode())
+    return _mode[1]
 
 
 def advise_huge(mapped: mmap.mmap, size: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from blobplane.blobs import fresh_blobs
+from blobplane.blobs import ProducerBlob, fresh_blobs
 from blobplane.channel.aio import AsyncChannel
 from blobplane.channel.sync import Channel
 from blobplane.objects.allowlist import AllowList
@@ -25,6 +25,16 @@ __all__ = [
     "send_obj",
     "send_obj_async",
 ]
+
+
+def _packed(
+    obj: object, threshold: int, limit: int, timeout: float | None
+) -> bytearray | ProducerBlob:
+    """*obj* packed: bytes to send inside a message if they fit in *limit*, else a sealed blob."""
+    packed = Packed(obj, threshold)
+    if packed.size <= limit:
+        return packed.to_bytes()
+    return packed.into(fresh_blobs(), timeout)
 
 
 def send_obj(
@@ -46,15 +56,14 @@ def send_obj(
             pack(obj, loan, threshold=threshold)
             channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    packed = Packed(obj, threshold)
-    if packed.size <= channel.payload_limit:
-        channel.send_bytes(packed.to_bytes(), timeout=timeout)
+    packed = _packed(obj, threshold, channel.payload_limit, timeout)
+    if isinstance(packed, bytearray):
+        channel.send_bytes(packed, timeout=timeout)
         return
-    blob = packed.into(fresh_blobs(), timeout)
     try:
-        channel.send_blob(blob, timeout=timeout)
+        channel.send_blob(packed, timeout=timeout)
     finally:
-        blob.cleanup()
+        packed.cleanup()
 
 
 def recv_obj(
@@ -78,15 +87,14 @@ async def send_obj_async(
             pack(obj, loan, threshold=threshold)
             await channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    packed = Packed(obj, threshold)
-    if packed.size <= channel.payload_limit:
-        await channel.send_bytes(packed.to_bytes(), timeout=timeout)
+    packed = _packed(obj, threshold, channel.payload_limit, timeout)
+    if isinstance(packed, bytearray):
+        await channel.send_bytes(packed, timeout=timeout)
         return
-    blob = packed.into(fresh_blobs(), timeout)
     try:
-        await channel.send_blob(blob, timeout=timeout)
+        await channel.send_blob(packed, timeout=timeout)
     finally:
-        blob.cleanup()
+        packed.cleanup()
 
 
 async def recv_obj_async(
