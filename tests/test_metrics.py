@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from blobplane.broker.metrics import MAX_SCRAPES
 from blobplane.broker.server import BrokerConfig, BrokerServer
 from blobplane.client import connect_broker
 from blobplane.errors import (
@@ -260,3 +261,37 @@ def serve(*args: str) -> tuple[int, str]:
     """`blobplane serve ARGS` that is expected to stop at once: its status and stderr."""
     result = run_cli("serve", *args)
     return result.returncode, result.stderr.decode()
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+def test_silent_connections_to_the_endpoint_hold_few_threads_and_no_client_waits(
+    no_leaks: None,
+) -> None:
+    with running_broker("--metrics", "127.0.0.1:0") as broker:
+        url = broker.handle.metrics_url
+        assert url is not None
+        scrape(url)
+        before = threads_of(broker.pid)
+        host, port = url.removeprefix("http://").split("/")[0].rsplit(":", 1)
+        address = (host, int(port))
+        silent = [socket.create_connection(address, timeout=DEADLINE_S) for _ in range(64)]
+        try:
+            wait_until(lambda: threads_of(broker.pid) >= before + MAX_SCRAPES, "the scrape threads")
+            assert threads_of(broker.pid) <= before + MAX_SCRAPES
+            # Past the bound, a connection is closed at once.
+            assert silent[-1].recv(1) == b""
+            with connect_broker(broker.socket_path) as client:
+                client.put_bytes(b"served", key="during")
+                with client.get("during") as mapped:
+                    assert bytes(mapped.as_slice()) == b"served"
+                client.delete("during")
+        finally:
+            for sock in silent:
+                sock.close()
+        # The silent ones go (closed, or idle past SCRAPE_IDLE_S): scrapes are answered again.
+        wait_until(lambda: threads_of(broker.pid) <= before, "the scrape threads to end")
+        assert "blobplane_requests_total" in fetch(url)

@@ -7,11 +7,15 @@ evictions, expired leases, spills) is counted by `BrokerMetrics`, which the
 server calls at a few points; with metrics off the server holds None and
 calls nothing.
 
-The HTTP endpoint is prometheus_client's: a thread that answers each scrape
-in a thread of its own. The registry is not thread-safe, so a scrape does not
-read it there: it asks the broker's event loop for a `Gauges` snapshot and
-waits for it (`SCRAPE_WAIT_S` at most; a loop that does not answer in time
-leaves the gauges out of that scrape, the counters still come).
+The HTTP endpoint is prometheus_client's WSGI app in a small threading
+server of the standard library's: each scrape is answered in a thread of its
+own, at most `MAX_SCRAPES` at once (a connection past them is closed at
+once), and a connection that sends nothing for `SCRAPE_IDLE_S` is dropped,
+so that clients that connect and stay silent cannot pin the broker's
+threads. The registry is not thread-safe, so a scrape does not read it
+there: it asks the broker's event loop for a `Gauges` snapshot and waits for
+it (`SCRAPE_WAIT_S` at most; a loop that does not answer in time leaves the
+gauges out of that scrape, the counters still come).
 
 Every metric has a fixed, small set of label values: request kinds, error
 class names, blob states. Keys, client ids and account names never become
@@ -24,13 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -40,12 +47,16 @@ from blobplane.broker.protocol import Request
 from blobplane.broker.registry import BlobInfo, BlobState, BrokerStats, EvictReason
 from blobplane.errors import BlobError, TokenRefused
 
-__all__ = ["SCRAPE_WAIT_S", "BrokerMetrics", "Gauges"]
+__all__ = ["MAX_SCRAPES", "SCRAPE_IDLE_S", "SCRAPE_WAIT_S", "BrokerMetrics", "Gauges"]
 
 NAMESPACE = "blobplane"
 # How long a scrape waits for the event loop's snapshot. A loop this late is
 # stuck or shutting down; the scrape goes without the gauges rather than hang.
 SCRAPE_WAIT_S = 2.0
+# Scrapes answered at once; Prometheus makes one per interval.
+MAX_SCRAPES = 8
+# A connection silent this long is closed (a scrape's request takes microseconds).
+SCRAPE_IDLE_S = 5.0
 # Handling a request takes microseconds; a create that allocates a large memfd
 # takes milliseconds. (Parked gets count their handling, not their wait.)
 LATENCY_BUCKETS = (
@@ -94,6 +105,40 @@ class Gauges:
             count[info.state] += 1
             charged[info.state] += info.charge
         return cls(stats, count, charged, connections, waiting_gets)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    # A connection that sends nothing for this long gives its thread back.
+    timeout = SCRAPE_IDLE_S
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the broker logs its own events; a scrape is not one
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per scrape, `MAX_SCRAPES` at most: a connection past them is closed."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class BrokerMetrics:
@@ -146,7 +191,14 @@ class BrokerMetrics:
     def start(self, host: str, port: int) -> None:
         """Serve /metrics on *host*:*port* (0: any free port) from a thread; call on the loop."""
         self._loop = asyncio.get_running_loop()
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_Server", (_BoundedServer,), {"address_family": family})
+        server: WSGIServer = make_server(
+            host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
+        self._server, self._thread = server, thread
 
     async def stop(self) -> None:
         """Stop serving and close the listening socket (its port is free once this returns)."""
