@@ -30,6 +30,7 @@ import asyncio
 import concurrent.futures
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -133,6 +134,12 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper that went silent (SCRAPE_IDLE_S) or hung up is its own affair;
+        # anything else is a bug, printed as the standard library does.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
