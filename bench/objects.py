@@ -6,8 +6,9 @@ that reply. Variants, interleaved in a new random order each round:
 
 - raw bytes, blobplane channel: the array's bytes in a fresh sealed blob
   (the reference for the pickling overhead: same transport, no pickle)
-- blobplane objects, fresh blob (`send_obj`)
-- blobplane objects, pool slot (`send_obj(pool=...)`)
+- blobplane objects, default (`send_obj`: in a slot of the channel's AutoPool)
+- blobplane objects, sealed=True (`send_obj(sealed=True)`: a fresh sealed blob)
+- blobplane objects, own pool slot (`send_obj(pool=...)`)
 - multiprocessing.Queue (pickle through a pipe)
 - Ray (`ray.put` in the driver, `ray.get` in an actor), if `ray` imports
 
@@ -42,6 +43,9 @@ from blobplane.wire import UserPayload
 
 MIB = 1 << 20
 RAW = "raw bytes, blobplane channel"
+AUTO = "blobplane objects, default (auto pool)"
+SEALED = "blobplane objects, sealed=True (fresh blob)"
+POOLED = "blobplane objects, own pool slot"
 
 
 def total(obj: Any) -> float:
@@ -101,7 +105,7 @@ def _queue_receiver(inbox: Any, outbox: Any) -> None:
 
 @dataclass
 class ChannelVariant:
-    mode: str  # raw | fresh | pooled
+    mode: str  # raw | auto | sealed | pooled
     path: str
     process: Any = None
     ch: Any = None
@@ -125,7 +129,7 @@ class ChannelVariant:
                 blob.seal()
                 self.ch.send_blob(blob, timeout=120)
         else:
-            send_obj(self.ch, obj, pool=self.pool, timeout=120)
+            send_obj(self.ch, obj, pool=self.pool, sealed=self.mode == "sealed", timeout=120)
         while True:
             message, _ = self.ch.recv(timeout=120)
             if isinstance(message, UserPayload):
@@ -210,8 +214,9 @@ def _run_in(
             senders: dict[str, Callable[[Any], float]] = {}
             stops: list[Callable[[], None]] = []
             modes = [
-                ("fresh", "blobplane objects, fresh blob"),
-                ("pooled", "blobplane objects, pool slot"),
+                ("auto", AUTO),
+                ("sealed", SEALED),
+                ("pooled", POOLED),
             ]
             if isinstance(obj, np.ndarray):  # raw bytes are the reference for arrays only
                 modes.insert(0, ("raw", RAW))
@@ -277,7 +282,7 @@ def report(results: dict[str, dict[str, list[float]]], console: Console) -> None
         if RAW not in timings:
             continue
         raw = statistics.median(timings[RAW])
-        fresh = statistics.median(timings["blobplane objects, fresh blob"])
+        fresh = statistics.median(timings[SEALED])
         console.print(f"{name}: pickling overhead over raw bytes {100 * (fresh / raw - 1):+.1f}%")
 
 

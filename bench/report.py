@@ -446,6 +446,7 @@ def ring(data: Data) -> str:
 QUEUE = "multiprocessing.Queue"
 RAY_OBJECTS = "Ray put/get"
 RAW_OBJECTS = "raw bytes, blobplane channel"
+SEALED_OBJECTS = "blobplane objects, sealed=True (fresh blob)"
 
 
 def objects(data: Data) -> str:
@@ -483,7 +484,7 @@ def objects(data: Data) -> str:
     overheads = []
     for payload in dict.fromkeys(r["payload"] for r in results):
         raw = find(results, payload=payload, variant=RAW_OBJECTS)
-        fresh = find(results, payload=payload, variant="blobplane objects, fresh blob")
+        fresh = find(results, payload=payload, variant=SEALED_OBJECTS)
         if raw and fresh:
             overheads.append(f"{payload} {100 * (fresh['median_ns'] / raw['median_ns'] - 1):+.1f}%")
     if overheads:
@@ -735,7 +736,7 @@ def headline(runs: dict[str, Data]) -> str:
             )
     if "objects" in runs:
         r = runs["objects"]["results"]
-        ours = find(r, payload="64 MiB", variant="blobplane objects, pool slot")
+        ours = find(r, payload="64 MiB", variant="blobplane objects, default (auto pool)")
         queue = find(r, payload="64 MiB", variant=QUEUE)
         ray = find(r, payload="64 MiB", variant=RAY_OBJECTS)
         if ours:
@@ -743,7 +744,7 @@ def headline(runs: dict[str, Data]) -> str:
             others += [f"Ray {fmt_time(ray['median_ns'])}"] if ray else []
             add(
                 "objects",
-                "a 64 MiB numpy array, sent and summed (objects, pool slot)",
+                "a 64 MiB numpy array, sent and summed (`send_obj`, default arguments)",
                 fmt_time(ours["median_ns"]),
                 ", ".join(others) or "-",
             )

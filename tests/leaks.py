@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from blobplane.auto_pool import default_auto_pool
 from blobplane.backends.private_dir import SHM_ROOT, shm_root, temp_root
 
 
@@ -39,6 +40,9 @@ class Snapshot:
 
     @classmethod
     def take(cls) -> Snapshot:
+        # The process's AutoPool keeps free slots on purpose, for the next send:
+        # dropped first, so that only what someone still holds counts.
+        default_auto_pool().shrink(0)
         return cls(
             fds=frozenset(open_fds()),
             mappings=blob_mappings(),

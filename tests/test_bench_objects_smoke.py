@@ -18,6 +18,7 @@ def test_objects_benchmark_quick_run() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "blobplane objects, pool slot" in result.stdout
+    assert "blobplane objects, default (auto pool)" in result.stdout
+    assert "blobplane objects, sealed=True (fresh blob)" in result.stdout
     assert "multiprocessing.Queue" in result.stdout
     assert "pickling overhead over raw bytes" in result.stdout

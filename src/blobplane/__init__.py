@@ -1,6 +1,7 @@
 """blobplane: large binary payloads between processes on one host, through shared memory."""
 
 from blobplane import channel
+from blobplane.auto_pool import AutoPool, default_auto_pool
 from blobplane.blobs import (
     MappedRead,
     ProducerBlob,
@@ -24,6 +25,7 @@ from blobplane.types import (
 )
 
 __all__ = [
+    "AutoPool",
     "BlobBackend",
     "BlobError",
     "BlobId",
@@ -42,6 +44,7 @@ __all__ = [
     "connect_broker",
     "connect_broker_async",
     "decode_descriptor",
+    "default_auto_pool",
     "map_descriptor",
     "read_blob_contents",
 ]

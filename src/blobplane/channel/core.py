@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable, Container, Generator, Sequence
 from typing import NoReturn, TypeVar
 
+from blobplane.auto_pool import AutoPool, default_auto_pool
 from blobplane.channel.transport import (
     PeerCredentials,
     check_peer,
@@ -241,7 +242,11 @@ class ChannelCore:
         # Pooled handoffs: slots we sent and hold until the peer's reply, and
         # the slots we received, mapped once each, with the replies owed for them.
         self.pooled_out: dict[int, tuple[BlobPool, int]] = {}
+        # Of those, the handoffs whose replies the library takes (`AutoPool` slots).
+        self._quiet: set[int] = set()
         self.slot_cache = SlotCache()
+        # Where `send_bytes` copies a payload too large for a message (None: fresh blobs).
+        self.auto_pool: AutoPool | None = default_auto_pool()
         # Whether handed-over memfds may have unallocated pages (`checks.check_allocated`).
         self.allow_sparse = False
         self._owed: deque[Message] = deque()
@@ -318,6 +323,7 @@ class ChannelCore:
         self.owing = False
         # No reply can come any more: the slots we lent are ours again.
         pooled, self.pooled_out = self.pooled_out, {}
+        self._quiet.clear()
         for pool, slot in pooled.values():
             _give_back(pool, slot)
 
@@ -472,9 +478,16 @@ class ChannelCore:
         """What a received event means here: a message handed out, nothing yet, or the end."""
         if type(event) is Received:
             if self.pooled_out and type(event.message) in _REPLIES:
-                lent = self.pooled_out.pop(event.message.reply_to, None)  # type: ignore[union-attr]
+                reply_to: int = event.message.reply_to  # type: ignore[union-attr]
+                lent = self.pooled_out.pop(reply_to, None)
                 if lent is not None:
                     _give_back(*lent)
+                    if reply_to in self._quiet:
+                        self._quiet.discard(reply_to)
+                        # The library's own slot came back: nothing for the caller.
+                        # A refusal still is: what it refused did not arrive.
+                        if type(event.message) is Ack:
+                            return None
             return event
         if type(event) is PeerClosed:
             raise self.fail(ConnectionClosed("the peer closed the channel"))
@@ -487,6 +500,34 @@ class ChannelCore:
             )
         self._farewell(exc)
         return self.fail(exc)
+
+    def lend(self, request_id: int, pool: BlobPool, slot: int, quiet: bool) -> None:
+        """Slot *slot* of *pool*, sent as *request_id*, is the peer's until its reply;
+        *quiet*: the library takes that reply (`_taken`), the caller never sees it."""
+        self.pooled_out[request_id] = (pool, slot)
+        if quiet:
+            self._quiet.add(request_id)
+
+    def take_replies(self) -> None:
+        """Take in, without waiting, the replies that have come for quiet slots.
+
+        A producer that only sends would otherwise never read the releases of
+        the slots it sent. What else arrives is kept for `recv()`, up to half
+        of what `defer` keeps: beyond that the replies stay unread (and the
+        slots in use) until the caller receives.
+        """
+        while self._quiet and len(self._unread) < MAX_QUEUED // 2:
+            if not self.receiving.take():
+                return  # a receive in progress takes them
+            try:
+                quiet = len(self._quiet)
+                received = self.poll_received(queued=False, until=0.0)  # a past deadline
+                if received is not None:
+                    self.defer(received)
+                elif len(self._quiet) == quiet:
+                    return  # nothing came
+            finally:
+                self.receiving.release()
 
     def defer(self, received: Received) -> None:
         """Keep *received* for a later `recv()` (it arrived while a reply was awaited)."""

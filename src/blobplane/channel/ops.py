@@ -61,7 +61,7 @@ from blobplane.errors import (
 )
 from blobplane.fds import close_fds
 from blobplane.pool import BlobPool, PoolLoan
-from blobplane.types import BlobToken, UnixFd
+from blobplane.types import BlobToken, UnixFd, is_int
 from blobplane.wire import (
     Ack,
     BlobHandoff,
@@ -86,6 +86,7 @@ __all__ = [
     "send",
     "send_blob",
     "send_bytes",
+    "send_filled",
     "try_send",
 ]
 
@@ -247,12 +248,16 @@ def send_blob(
     meta: bytes,
     wait: bool,
     until: float | None = None,
+    *,
+    quiet: bool = False,
 ) -> int | Op[int]:
     """Hand *blob* over; with *wait*, return once the peer replied (or raise `PeerRefused`).
 
     A plain blob is answered once the peer mapped it. A pool slot is answered
     once the peer released it: the slot is held for the peer until then, so
-    closing the loan right after a ``wait=False`` send is safe.
+    closing the loan right after a ``wait=False`` send is safe. *quiet*: the
+    library takes that answer (a slot of the channel's `AutoPool`), `recv()`
+    never sees it.
     """
     loan: PoolLoan | None = None
     slot = None
@@ -284,9 +289,9 @@ def send_blob(
             _lent_back(loan)
             raise
         if not isinstance(sent, int):
-            return _handed_over(core, blob, loan, sent, wait)
+            return _handed_over(core, blob, loan, sent, wait, quiet=quiet)
         if loan is not None:
-            _lent_out(core, loan, sent)
+            _lent_out(core, loan, sent, quiet)
         if not wait:
             return sent
         core.wire.expect_ack(sent)  # while the peer works on it
@@ -303,7 +308,7 @@ def send_blob(
                     break
                 received = core.poll_received(queued=False, until=until)
         if received is None:
-            return _handed_over(core, blob, loan, sent, wait)
+            return _handed_over(core, blob, loan, sent, wait, quiet=quiet)
     except BaseException:
         if wait:
             core.receiving.release()
@@ -312,22 +317,68 @@ def send_blob(
     return sent
 
 
-def send_bytes(core: ChannelCore, data: object, until: float | None = None) -> int | Op[int]:
+def send_bytes(
+    core: ChannelCore, data: object, until: float | None = None, *, sealed: bool = False
+) -> int | Op[int]:
     """Send *data* (any buffer) for the peer's `receive_bytes`; its request id.
 
     Up to the wire's `payload_limit` (64 KiB less a few bytes, by default)
     the bytes ride inside the message: one datagram, no memfd. Larger, they
-    go in a fresh sealed memfd blob, handed over as `send_blob` does and
-    waited for until the peer mapped it.
+    are copied into shared memory as `send_filled` says.
     """
     view = byte_view(data)
     size = view.nbytes
     if size <= core.wire.payload_limit:
         payload = data if type(data) is bytes else view.tobytes()
         return send(core, UserPayload(id=core.wire.next_id(), data=payload), validate=False)
+    return send_filled(core, size, _copier(view), until, sealed=sealed)
+
+
+def _copier(view: memoryview) -> Callable[[memoryview], None]:
+    def copy(into: memoryview) -> None:
+        into[: view.nbytes] = view
+
+    return copy
+
+
+def send_filled(
+    core: ChannelCore,
+    size: int,
+    write: Callable[[memoryview], None],
+    until: float | None = None,
+    *,
+    sealed: bool = False,
+) -> int | Op[int]:
+    """Send *size* bytes that *write* lays out in the view it is given; the request id.
+
+    Up to the wire's `payload_limit` they ride inside the message. Larger,
+    they go in a slot of the channel's `AutoPool`, sent without waiting (the
+    slot is the library's again once the peer released it); or, with
+    *sealed*, no pool, or no room in it, in a fresh memfd sealed against
+    every write, waited for until the peer mapped it.
+    """
+    if not is_int(size) or size < 0:
+        raise InvalidSize(f"size must be an int >= 0, got {size!r}")
+    if size <= core.wire.payload_limit:
+        buffer = bytearray(size)
+        with memoryview(buffer) as view:
+            write(view)
+        return send(core, UserPayload(id=core.wire.next_id(), data=bytes(buffer)), validate=False)
+    pool = None if sealed else core.auto_pool
+    if pool is not None:
+        core.take_replies()
+        loan = pool.try_loan(size)
+        if loan is not None:
+            try:
+                with loan.buffer as view:
+                    write(view)
+                return send_blob(core, loan, b"", False, until, quiet=True)
+            finally:
+                loan.close()  # the slot stays the peer's until it answers
     blob = fresh_blobs().create(size)
     try:
-        blob.write_all(view)
+        with blob.buffer as view:
+            write(view)
         blob.seal()
         sent = send_blob(core, blob, b"", True, until)
     except BaseException:
@@ -346,10 +397,11 @@ def _freed_after(sending: Op[int], blob: ProducerBlob) -> Op[int]:
         blob.cleanup()
 
 
-def _lent_out(core: ChannelCore, loan: PoolLoan | None, request_id: int) -> None:
-    """A pool slot sent as *request_id* is held for the peer until its reply."""
+def _lent_out(core: ChannelCore, loan: PoolLoan | None, request_id: int, quiet: bool) -> None:
+    """A pool slot sent as *request_id* is held for the peer until its reply (taken by the
+    library if *quiet*)."""
     if loan is not None:
-        core.pooled_out[request_id] = (loan.pool, loan.slot)
+        core.lend(request_id, loan.pool, loan.slot, quiet)
 
 
 def _lent_back(loan: PoolLoan | None) -> None:
@@ -364,6 +416,8 @@ def _handed_over(
     loan: PoolLoan | None,
     sent: int | Op[int],
     wait: bool,
+    *,
+    quiet: bool,
 ) -> Op[int]:
     """`send_blob` from where it stopped: the rest of the send, then the reply if *wait*.
 
@@ -376,7 +430,7 @@ def _handed_over(
             except BaseException:
                 _lent_back(loan)
                 raise
-            _lent_out(core, loan, sent)
+            _lent_out(core, loan, sent, quiet)
         if wait:
             # The reply cannot have come before the handoff went: wait before looking.
             yield Wait.READABLE

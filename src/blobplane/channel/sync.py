@@ -190,19 +190,43 @@ class Channel(ChannelBase):
             return sent
         return run(sent, self._waits, until, limit, "send_blob")
 
-    def send_bytes(self, data: object, *, timeout: TimeoutArg = DEFAULT) -> int:
+    def send_bytes(
+        self, data: object, *, sealed: bool = False, timeout: TimeoutArg = DEFAULT
+    ) -> int:
         """Send *data* (any buffer) for the peer's `recv_bytes`; return its request id.
 
-        Up to 64 KiB (`Connection.payload_limit`) it rides inside the
-        message; larger, in a fresh sealed memfd, and the call returns once
+        Up to 64 KiB (`payload_limit`) it rides inside the message. Larger,
+        it is copied into a slot of the channel's `auto_pool` and the call
+        returns once it is sent; with *sealed* (or no room in the pool), into
+        a fresh memfd sealed against every write, and the call returns once
         the peer mapped it.
         """
         limit = self._timeout(timeout)
         until = deadline(limit)
-        sent = ops.send_bytes(self._core, data, until)
+        sent = ops.send_bytes(self._core, data, until, sealed=sealed)
         if isinstance(sent, int):
             return sent
         return run(sent, self._waits, until, limit, "send_bytes")
+
+    def send_filled(
+        self,
+        size: int,
+        write: Callable[[memoryview], None],
+        *,
+        sealed: bool = False,
+        timeout: TimeoutArg = DEFAULT,
+    ) -> int:
+        """`send_bytes` of *size* bytes that *write(view)* lays out in the memory they travel in.
+
+        For a producer that builds its bytes in place (`send_obj` does):
+        nothing is copied twice.
+        """
+        limit = self._timeout(timeout)
+        until = deadline(limit)
+        sent = ops.send_filled(self._core, size, write, until, sealed=sealed)
+        if isinstance(sent, int):
+            return sent
+        return run(sent, self._waits, until, limit, "send_filled")
 
     def loan(self, pool: BlobPool, *, timeout: TimeoutArg = DEFAULT) -> PoolLoan:
         """A free slot of *pool*, taking in the peer's releases while it waits for one.

@@ -1,17 +1,19 @@
 """Objects over channels: `send_obj` and `recv_obj` (the broker clients' `put_object` and
 `get_object` pack and unpack the same way).
 
-Each object travels as one packed blob (see `codec.pack`): a fresh sealed
-memfd by default, or a slot of a `BlobPool`. The receiver's rebuilt object
-keeps the memory mapped; a pool slot goes back to the sender once every
-buffer of the rebuilt object is collected.
+Each object travels packed (see `codec.pack`) as `send_bytes` carries bytes:
+inside the message if it fits, else in a slot of the channel's `AutoPool`
+(or, with ``sealed=True``, a fresh sealed memfd), or in a slot of the
+caller's `BlobPool`. The receiver's rebuilt object keeps the memory mapped;
+a slot goes back to the sender once every buffer of the rebuilt object is
+collected.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from blobplane.blobs import ProducerBlob, fresh_blobs
+from blobplane.blobs import fresh_blobs
 from blobplane.channel.aio import AsyncChannel
 from blobplane.channel.sync import Channel
 from blobplane.objects.allowlist import AllowList
@@ -27,43 +29,28 @@ __all__ = [
 ]
 
 
-def _packed(
-    obj: object, threshold: int, limit: int, timeout: float | None
-) -> bytearray | ProducerBlob:
-    """*obj* packed: bytes to send inside a message if they fit in *limit*, else a sealed blob."""
-    packed = Packed(obj, threshold)
-    if packed.size <= limit:
-        return packed.to_bytes()
-    return packed.into(fresh_blobs(), timeout)
-
-
 def send_obj(
     channel: Channel,
     obj: object,
     *,
     pool: BlobPool | None = None,
+    sealed: bool = False,
     threshold: int = DEFAULT_THRESHOLD,
     timeout: float | None = 30.0,
 ) -> None:
-    """Send *obj*; returns once the peer mapped it (fresh blob) or it is under way.
+    """Send *obj*; returns once it is under way (or, in a fresh sealed blob, mapped by the peer).
 
     An object whose packed form fits in a message (`Channel.payload_limit`)
-    travels inside it, with no memfd; a larger one in a fresh blob, or in a
-    slot of *pool* if given.
+    travels inside it, with no memfd; a larger one as `Channel.send_bytes`
+    sends bytes (*sealed* included), or in a slot of *pool* if given.
     """
     if pool is not None:
         with channel.loan(pool, timeout=timeout) as loan:
             pack(obj, loan, threshold=threshold)
             channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    packed = _packed(obj, threshold, channel.payload_limit, timeout)
-    if isinstance(packed, bytearray):
-        channel.send_bytes(packed, timeout=timeout)
-        return
-    try:
-        channel.send_blob(packed, timeout=timeout)
-    finally:
-        packed.cleanup()
+    packed = Packed(obj, threshold)
+    channel.send_filled(packed.size, packed.write, sealed=sealed, timeout=timeout)
 
 
 def recv_obj(
@@ -78,6 +65,7 @@ async def send_obj_async(
     obj: object,
     *,
     pool: BlobPool | None = None,
+    sealed: bool = False,
     threshold: int = DEFAULT_THRESHOLD,
     timeout: float | None = 30.0,
 ) -> None:
@@ -87,14 +75,8 @@ async def send_obj_async(
             pack(obj, loan, threshold=threshold)
             await channel.send_blob(loan, wait=False, timeout=timeout)
         return
-    packed = _packed(obj, threshold, channel.payload_limit, timeout)
-    if isinstance(packed, bytearray):
-        await channel.send_bytes(packed, timeout=timeout)
-        return
-    try:
-        await channel.send_blob(packed, timeout=timeout)
-    finally:
-        packed.cleanup()
+    packed = Packed(obj, threshold)
+    await channel.send_filled(packed.size, packed.write, sealed=sealed, timeout=timeout)
 
 
 async def recv_obj_async(

@@ -1,0 +1,237 @@
+"""`AutoPool`: the pool behind the calls that copy (`send_bytes`, `send_obj`), managed for you.
+
+A fresh memfd costs a page fault per 4 KiB page it is filled through; a
+`BlobPool` slot pays that once. The calls that copy the caller's bytes into
+shared memory anyway take a slot of this pool instead of a fresh blob:
+
+- **By size class.** A payload takes a slot of its class: its size rounded up
+  to a quarter of its power of two (at most 25% more) and to whole pages.
+  A class grows by one slot whenever all of its slots are in use.
+- **Bounded.** All slots together hold at most `max_bytes` (by default an
+  eighth of the host's memory, at most 1 GiB). A payload that finds no room,
+  even after the idle slots of other classes are dropped, is not pooled: the
+  caller sends a fresh blob instead.
+- **Shrunk when idle.** A slot that nobody holds and nobody took for
+  `idle_seconds` is closed, by the next call or by a daemon thread that
+  looks every half of that period. A reader's mapping of it goes when the
+  reader's slot cache lets it go (its channel closes, or newer slots push it
+  out).
+- **One slot, one first cost.** A slot is made when first needed, so a
+  process that sends once pays what one fresh blob of the class costs.
+
+Each slot is a one-slot `BlobPool`, with that pool's protections: readers can
+never map it writable or resize it; its contents are not frozen by the kernel
+(the producer, this library, could still write), which a caller that needs
+immutability enforced against its own process avoids with ``sealed=True``.
+A process forked from one holding a pool starts with an empty one: parent
+and child never share a slot.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+from blobplane.backends.mapping import physical_memory
+from blobplane.errors import BlobError, InvalidSize
+from blobplane.pool import BlobPool, PoolLoan
+from blobplane.types import is_int, is_number
+
+__all__ = ["DEFAULT_IDLE_SECONDS", "AutoPool", "default_auto_pool", "slot_class"]
+
+DEFAULT_IDLE_SECONDS = 30.0
+_MAX_DEFAULT_BYTES = 1 << 30
+
+
+def default_max_bytes() -> int:
+    """An eighth of the host's memory, at most 1 GiB."""
+    return min(_MAX_DEFAULT_BYTES, physical_memory() // 8)
+
+
+def slot_class(size: int) -> int:
+    """The slot size that holds *size* bytes: up to a quarter more, in whole pages."""
+    step = max(1, 1 << max(0, size.bit_length() - 3))  # a quarter of size's power of two
+    rounded = -(-size // step) * step
+    return -(-rounded // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+@dataclass(slots=True)
+class _Slot:
+    pool: BlobPool
+    used: float  # time.monotonic() of its last loan
+
+
+class AutoPool:
+    """Pooled slots by size class, at most *max_bytes* in all, each dropped after *idle_seconds*.
+
+    Thread-safe. `try_loan(size)` gives a slot of at least *size* bytes (its
+    `length` set to *size*), or None when the bound leaves no room.
+    """
+
+    def __init__(
+        self, max_bytes: int | None = None, idle_seconds: float = DEFAULT_IDLE_SECONDS
+    ) -> None:
+        if max_bytes is None:
+            max_bytes = default_max_bytes()
+        if not is_int(max_bytes) or max_bytes < 0:
+            raise InvalidSize(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        if not is_number(idle_seconds) or not idle_seconds > 0:
+            raise InvalidSize(f"idle_seconds must be a number > 0, got {idle_seconds!r}")
+        self.max_bytes = max_bytes
+        self.idle_seconds = float(idle_seconds)
+        self._lock = threading.Lock()
+        self._classes: dict[int, list[_Slot]] = {}
+        self._bytes = 0
+        self._pid = os.getpid()
+        self._closed = False
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of every slot the pool holds now, in use or not."""
+        return self._bytes
+
+    @property
+    def slots(self) -> int:
+        """Slots the pool holds now, in use or not."""
+        with self._lock:
+            return sum(len(slots) for slots in self._classes.values())
+
+    def try_loan(self, size: int) -> PoolLoan | None:
+        """A slot holding *size* bytes, its `length` set; None if the bound leaves no room."""
+        size_class = slot_class(size)
+        if size_class > self.max_bytes:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return None
+            self._forget_after_fork()
+            slots = self._classes.setdefault(size_class, [])
+            for slot in reversed(slots):  # the most recently used first: its pages are warm
+                loan = slot.pool.try_loan()
+                if loan is not None:
+                    slot.used = now
+                    loan.set_length(size)
+                    return loan
+            if self._bytes + size_class > self.max_bytes:
+                self._drop_idle(now, need=self._bytes + size_class - self.max_bytes)
+                if self._bytes + size_class > self.max_bytes:
+                    return None
+            try:
+                pool = BlobPool(size_class, 1)
+            except BlobError:
+                return None  # no memory for it: the caller's fresh blob says why, if it fails too
+            # Looked up again: dropping idle slots may have removed the (empty) class.
+            self._classes.setdefault(size_class, []).append(_Slot(pool, now))
+            self._bytes += size_class
+            loan = pool.try_loan()
+        _watch(self)
+        assert loan is not None  # a new pool's one slot is free
+        loan.set_length(size)
+        return loan
+
+    def shrink(self, idle_seconds: float | None = None) -> int:
+        """Close the slots that nobody holds and nobody took for *idle_seconds* (default: the
+        pool's; 0: every slot nobody holds); the bytes freed."""
+        with self._lock:
+            before = self._bytes
+            self._drop_idle(time.monotonic(), idle_seconds=idle_seconds)
+            return before - self._bytes
+
+    def close(self) -> None:
+        """Close every slot, and make no more: readers keep the mappings they hold."""
+        with self._lock:
+            self._closed = True
+            classes, self._classes = self._classes, {}
+            self._bytes = 0
+        for slots in classes.values():
+            for slot in slots:
+                slot.pool.close()
+
+    def __repr__(self) -> str:
+        return f"<AutoPool {self.slots} slots, {self._bytes} of {self.max_bytes} bytes>"
+
+    def _drop_idle(
+        self, now: float, need: int | None = None, idle_seconds: float | None = None
+    ) -> None:
+        """Close idle free slots, the longest idle first; with *need*, any free ones
+        until that many bytes are gone."""
+        if idle_seconds is None:
+            idle_seconds = self.idle_seconds
+        candidates = sorted(
+            (slot.used, size_class, slot)
+            for size_class, slots in self._classes.items()
+            for slot in slots
+            if slot.pool.free_slots
+        )
+        for used, size_class, slot in candidates:
+            idle = now - used >= idle_seconds
+            if not idle and (need is None or need <= 0):
+                break
+            self._classes[size_class].remove(slot)
+            slot.pool.close()
+            self._bytes -= size_class
+            if need is not None:
+                need -= size_class
+        for size_class in [size for size, slots in self._classes.items() if not slots]:
+            del self._classes[size_class]
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child, drop the parent's slots unclosed: they are the parent's to use."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            for slots in self._classes.values():
+                for slot in slots:
+                    slot.pool.close()  # the child's copies of the fds and mappings
+            self._classes.clear()
+            self._bytes = 0
+
+
+_default: AutoPool | None = None
+_default_lock = threading.Lock()
+
+
+def default_auto_pool() -> AutoPool:
+    """The process's pool, made on first use: what channels use unless told otherwise."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = AutoPool()
+    return _default
+
+
+# -- the idle reaper: one daemon thread for every pool of the process ----------------------
+
+_watched: weakref.WeakSet[AutoPool] = weakref.WeakSet()
+_reaper: threading.Thread | None = None
+_reaper_pid = 0
+_reaper_lock = threading.Lock()
+_reaper_woken = threading.Event()  # a pool joined: its period may be shorter
+
+
+def _watch(pool: AutoPool) -> None:
+    global _reaper, _reaper_pid
+    with _reaper_lock:
+        _watched.add(pool)
+        if _reaper is None or _reaper_pid != os.getpid():
+            _reaper_pid = os.getpid()
+            _reaper = threading.Thread(target=_reap, name="blobplane-auto-pool", daemon=True)
+            _reaper.start()
+    _reaper_woken.set()
+
+
+def _reap() -> None:
+    while True:
+        with _reaper_lock:
+            pools = list(_watched)
+        period = min((pool.idle_seconds for pool in pools), default=DEFAULT_IDLE_SECONDS) / 2
+        for pool in pools:
+            pool.shrink()
+        del pools  # the set is weak: a pool dropped meanwhile goes
+        _reaper_woken.wait(period)
+        _reaper_woken.clear()
