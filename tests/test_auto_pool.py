@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import given
@@ -212,76 +214,71 @@ def take_raw(ch: channel.Channel) -> tuple[BlobHandoff, int]:
     return message, fds[0]
 
 
+@contextmanager
+def producer(role: str, size: int) -> Iterator[tuple[channel.Channel, subprocess.Popen[str]]]:
+    """A child that sends payloads of *size* bytes until killed, and our channel to it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = start(role, "sync", theirs, 0, size)
+    try:
+        with channel.from_socket(ours, timeout=CHILD_TIMEOUT_S) as ch:
+            yield ch, child
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_reader_cannot_write_a_pooled_slot_but_sealed_true_freezes_the_bytes() -> None:
     """The child produces; this process reads the raw fds and tries to write them."""
     size = 256 << 10
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    child = start("produce", "sync", theirs, 0, size)
-    try:
-        with channel.from_socket(ours, timeout=CHILD_TIMEOUT_S) as ch:
-            handoff, fd = take_raw(ch)
+    with producer("produce", size) as (ch, _):
+        handoff, fd = take_raw(ch)
+        try:
+            assert handoff.slot is not None  # a pooled slot
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            assert seals & F_SEAL_FUTURE_WRITE
+            assert not seals & fcntl.F_SEAL_WRITE
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            writable = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
             try:
-                assert handoff.slot is not None  # a pooled slot
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-                assert seals & F_SEAL_FUTURE_WRITE
-                assert not seals & fcntl.F_SEAL_WRITE
                 with pytest.raises(PermissionError):
-                    mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                with pytest.raises(PermissionError):
-                    os.ftruncate(fd, 0)
-                writable = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
-                try:
-                    with pytest.raises(PermissionError):
-                        os.pwrite(writable, b"x", 0)
-                finally:
-                    os.close(writable)
-                assert os.pread(fd, 8, 0) == payload(0, 8)
+                    os.pwrite(writable, b"x", 0)
             finally:
-                os.close(fd)
-    finally:
-        child.kill()
-        child.wait()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    child = start("produce-sealed", "sync", theirs, 0, size)
-    try:
-        with channel.from_socket(ours, timeout=CHILD_TIMEOUT_S) as ch:
-            handoff, fd = take_raw(ch)
-            try:
-                assert handoff.slot is None  # a fresh blob
-                assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
-                ch.send(Ack(reply_to=handoff.id))
-            finally:
-                os.close(fd)
-    finally:
-        child.kill()
-        child.wait()
+                os.close(writable)
+            assert os.pread(fd, 8, 0) == payload(0, 8)
+        finally:
+            os.close(fd)
+    with producer("produce-sealed", size) as (ch, _):
+        handoff, fd = take_raw(ch)
+        try:
+            assert handoff.slot is None  # a fresh blob
+            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+            ch.send(Ack(reply_to=handoff.id))
+        finally:
+            os.close(fd)
 
 
 def test_a_producer_killed_mid_stream_leaves_intact_frames_and_nothing_behind() -> None:
     size = 512 << 10
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    child = start("produce", "sync", theirs, 0, size)
-    try:
-        with channel.from_socket(ours, timeout=CHILD_TIMEOUT_S) as ch:
-            held = []
-            for i in range(6):
-                data = ch.recv_bytes()
-                with data.as_slice() as view:
-                    assert bytes(view) == payload(i, size)
-                if i % 2:
-                    held.append((i, data))  # still mapped when the producer dies
-                else:
-                    data.close()
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=CHILD_TIMEOUT_S)
-            for i, data in held:
-                with data, data.as_slice() as view:
-                    assert bytes(view) == payload(i, size)
-            with pytest.raises(ConnectionClosed):
-                drain(ch)
-    finally:
-        child.kill()
-        child.wait()
+    with producer("produce", size) as (ch, child):
+        held = []
+        for i in range(6):
+            data = ch.recv_bytes()
+            with data.as_slice() as view:
+                assert bytes(view) == payload(i, size)
+            if i % 2:
+                held.append((i, data))  # still mapped when the producer dies
+            else:
+                data.close()
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=CHILD_TIMEOUT_S)
+        for i, data in held:
+            with data, data.as_slice() as view:
+                assert bytes(view) == payload(i, size)
+        with pytest.raises(ConnectionClosed):
+            drain(ch)
 
 
 def drain(ch: channel.Channel) -> None:

@@ -496,14 +496,8 @@ class AsyncChannel(ChannelBase):
     async def send_bytes(
         self, data: object, *, sealed: bool = False, timeout: TimeoutArg = DEFAULT
     ) -> int:
-        """Send *data* (any buffer) for the peer's `recv_bytes`; return its request id.
-
-        Up to 64 KiB (`payload_limit`) it rides inside the message. Larger,
-        it is copied into a slot of the channel's `auto_pool` and the call
-        returns once it is sent; with *sealed* (or no room in the pool), into
-        a fresh memfd sealed against every write, and the call returns once
-        the peer mapped it.
-        """
+        """`Channel.send_bytes`, awaited: *data* inside the message, in an `auto_pool` slot, or
+        (*sealed*, or no room in the pool) in a fresh write-sealed memfd the peer maps first."""
         limit = self._timeout(timeout)
         sent = ops.send_bytes(self._core, data, sealed=sealed)
         return sent if isinstance(sent, int) else await self._run(sent, limit, "send_bytes")
@@ -516,11 +510,7 @@ class AsyncChannel(ChannelBase):
         sealed: bool = False,
         timeout: TimeoutArg = DEFAULT,
     ) -> int:
-        """`send_bytes` of *size* bytes that *write(view)* lays out in the memory they travel in.
-
-        For a producer that builds its bytes in place (`send_obj_async` does):
-        nothing is copied twice.
-        """
+        """`Channel.send_filled`, awaited: *size* bytes laid out by *write(view)* in place."""
         limit = self._timeout(timeout)
         sent = ops.send_filled(self._core, size, write, sealed=sealed)
         return sent if isinstance(sent, int) else await self._run(sent, limit, "send_filled")
