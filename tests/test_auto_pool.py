@@ -328,3 +328,20 @@ def test_a_forked_child_never_shares_a_slot_with_its_parent() -> None:
     assert os.fstat(again.fileno()).st_ino == inode
     again.close()
     pool.close()
+
+
+@pytest.mark.parametrize("transport", ["seqpacket", "stream"])
+def test_a_release_taken_by_the_library_does_not_hide_what_came_with_it(transport: str) -> None:
+    """The peer's release of our slot and its own payload arrive together (one read on a
+    stream): the release is taken, and the payload is there for `recv_bytes`."""
+    pool = AutoPool()
+    left, right = channel.socketpair(transport=transport)  # type: ignore[arg-type]
+    with left, right:
+        left.auto_pool = right.auto_pool = pool
+        left.send_bytes(payload(1, MIB))
+        with right.recv_bytes(timeout=5) as data:
+            assert len(data) == MIB
+        right.send_bytes(payload(2, MIB))  # after the release it owes left
+        with left.recv_bytes(timeout=5) as data, data.as_slice() as view:
+            assert bytes(view) == payload(2, MIB)
+    pool.close()

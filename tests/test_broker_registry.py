@@ -870,6 +870,9 @@ def test_every_refusal_is_a_blob_error_with_advice(clock: Clock) -> None:
 # -- every operation at random: the books always balance ------------------------------------------
 
 
+PUT_KINDS = ("fresh", "pooled", "kept")  # kept: pooled, outliving its producer
+
+
 class RegistryMachine(RuleBasedStateMachine):
     """Random operations against a model of the server: the fds it holds, the references.
 
@@ -891,6 +894,8 @@ class RegistryMachine(RuleBasedStateMachine):
         self.created: set[BlobId] = set()
         self.sealed: set[BlobId] = set()
         self.pooled: set[BlobId] = set()
+        # Pooled blobs put with keep, by producer: the broker's once it goes.
+        self.kept: dict[BlobId, int] = {}
         self.holds: dict[int, Counter[BlobId]] = {}
         self.next_client = 1
 
@@ -919,7 +924,7 @@ class RegistryMachine(RuleBasedStateMachine):
                     assert blob_id in self.fds
                     if reason is EvictReason.MEMORY:
                         assert blob_id in self.sealed
-                        assert blob_id not in self.pooled
+                        assert blob_id not in self.pooled or blob_id in self.kept
                         assert not any(held[blob_id] for held in self.holds.values())
                     if reason is EvictReason.ABANDONED:
                         assert blob_id not in self.sealed
@@ -957,8 +962,19 @@ class RegistryMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def disconnect(self, data: st.DataObject) -> None:
         client = data.draw(st.sampled_from(sorted(self.holds)))
+        kept = self.reg.kept_by(client)
+        assert sorted(kept, key=self.ids.index) == sorted(
+            (b for b, producer in self.kept.items() if producer == client and b in self.fds),
+            key=self.ids.index,
+        )
+        # The server seals some against writes (the others, a process still maps writable).
+        sealed = set(data.draw(st.lists(st.sampled_from(kept), unique=True))) if kept else set()
         del self.holds[client]
-        self.apply(self.reg.disconnect(client))
+        self.apply(self.reg.disconnect(client, sealed))
+        for blob_id in [b for b, producer in self.kept.items() if producer == client]:
+            del self.kept[blob_id]
+            if blob_id in sealed:
+                self.pooled.discard(blob_id)  # the broker's from now on
 
     @precondition(lambda self: self.holds)
     @rule(data=st.data(), size=SIZES, key=KEYS, lease=LEASES)
@@ -970,18 +986,21 @@ class RegistryMachine(RuleBasedStateMachine):
         self.placed(placed, client)
 
     @precondition(lambda self: self.holds)
-    @rule(data=st.data(), size=SIZES, key=KEYS, lease=LEASES, pooled=st.booleans())
+    @rule(data=st.data(), size=SIZES, key=KEYS, lease=LEASES, kind=st.sampled_from(PUT_KINDS))
     def put(
-        self, data: st.DataObject, size: int, key: str | None, lease: int | None, pooled: bool
+        self, data: st.DataObject, size: int, key: str | None, lease: int | None, kind: str
     ) -> None:
+        pooled, keep = kind != "fresh", kind == "kept"
         client = data.draw(st.sampled_from(sorted(self.holds)))
         placed = self.attempt(
-            lambda: self.reg.put(client, size, key=key, lease_ms=lease, pooled=pooled)
+            lambda: self.reg.put(client, size, key=key, lease_ms=lease, pooled=pooled, keep=keep)
         )
         if isinstance(placed, Placed):
             self.sealed.add(placed.id)
             if pooled:
                 self.pooled.add(placed.id)
+                if keep:
+                    self.kept[placed.id] = client
         self.placed(placed, client)
 
     @precondition(lambda self: self.holds and self.ids)
@@ -1098,3 +1117,38 @@ RegistryMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=60, deadline=None
 )
 test_registry_machine = RegistryMachine.TestCase
+
+
+def test_a_kept_pooled_blob_outlives_its_producer_and_is_evicted_like_any(clock: Clock) -> None:
+    reg = registry(clock, memory_limit=200, evict=True)
+    kept = published(reg, 100, "kept", pooled=True, keep=True)
+    gone = published(reg, 50, "gone", pooled=True)
+    unsealable = published(reg, 20, "unsealable", pooled=True, keep=True)
+    assert (reg.stats().pooled, reg.stats().pooled_bytes) == (3, 170)
+    assert reg.kept_by(PRODUCER) == [kept, unsealable]
+    # The server sealed one against writes; the other, someone still maps writable.
+    assert reg.disconnect(PRODUCER, {kept}) == [
+        Evicted(gone, "gone", 50, EvictReason.PRODUCER_GONE),
+        FreeBlob(gone),
+        Evicted(unsealable, "unsealable", 20, EvictReason.PRODUCER_GONE),
+        FreeBlob(unsealable),
+    ]
+    info = ready(reg, CONSUMER, "kept").info
+    assert (info.pooled, info.owner) == (False, None)  # the broker's now, still published
+    assert (reg.stats().pooled, reg.stats().pooled_bytes, reg.stats().bytes) == (0, 0, 100)
+    reg.release(CONSUMER, kept)
+    # Idle, it makes room as any sealed blob does (no producer left to notify).
+    reg.connect(PRODUCER)
+    placed = reg.put(PRODUCER, 150)
+    assert placed.actions == [Evicted(kept, "kept", 100, EvictReason.MEMORY), FreeBlob(kept)]
+
+
+def test_an_idle_kept_slot_is_evicted_back_to_its_live_producer(clock: Clock) -> None:
+    reg = registry(clock, memory_limit=200, evict=True)
+    kept = published(reg, 100, "kept", pooled=True, keep=True)
+    placed = reg.put(CONSUMER, 150)
+    assert placed.actions == [
+        Evicted(kept, "kept", 100, EvictReason.MEMORY),
+        FreeBlob(kept),
+        NotifyProducer(PRODUCER, kept),
+    ]

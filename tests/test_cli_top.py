@@ -51,9 +51,10 @@ def busy(broker: Broker) -> Iterator[BrokerClient]:
         connect_broker(broker.socket_path, name="producer") as producer,
         connect_broker(broker.socket_path, name="reader") as reader,
     ):
-        producer.put_bytes(bytes(900 * KIB), key=HOSTILE_KEY)
-        producer.put_bytes(bytes(800 * KIB), key="a-very-long-key-" + "x" * 200)
-        producer.put_bytes(bytes(700 * KIB))  # no key
+        # Sealed: a pooled blob's state ("sealed (pool)") would take the key's width.
+        producer.put_bytes(bytes(900 * KIB), key=HOSTILE_KEY, sealed=True)
+        producer.put_bytes(bytes(800 * KIB), key="a-very-long-key-" + "x" * 200, sealed=True)
+        producer.put_bytes(bytes(700 * KIB), sealed=True)  # no key
         for index in range(27):
             producer.put_bytes(bytes((index + 1) * KIB), key=f"frame-{index:02}")
         reader.put_bytes(bytes(3 * KIB), key="the-reader's-own")

@@ -8,9 +8,11 @@ shared memory anyway take a slot of this pool instead of a fresh blob:
   to a quarter of its power of two (at most 25% more) and to whole pages.
   A class grows by one slot whenever all of its slots are in use.
 - **Bounded.** All slots together hold at most `max_bytes` (by default an
-  eighth of the host's memory, at most 1 GiB). A payload that finds no room,
-  even after the idle slots of other classes are dropped, is not pooled: the
-  caller sends a fresh blob instead.
+  eighth of the host's memory, at most 1 GiB), and there are at most
+  `max_slots` of them (64 by default: each holds two fds). A payload that
+  finds no room, even after the idle slots of other classes are dropped, is
+  not pooled: the caller sends a fresh blob instead. So is one under
+  `MIN_POOLED_BYTES` (64 KiB), whose page faults cost less than a slot's fds.
 - **Shrunk when idle.** A slot that nobody holds and nobody took for
   `idle_seconds` is closed, by the next call or by a daemon thread that
   looks every half of that period. A reader's mapping of it goes when the
@@ -23,6 +25,8 @@ Each slot is a one-slot `BlobPool`, with that pool's protections: readers can
 never map it writable or resize it; its contents are not frozen by the kernel
 (the producer, this library, could still write), which a caller that needs
 immutability enforced against its own process avoids with ``sealed=True``.
+Its slots can take one more seal (`BlobPool(sealable=True)`): a broker that
+keeps one published after its producer went seals it against every write.
 A process forked from one holding a pool starts with an empty one: parent
 and child never share a slot.
 """
@@ -41,9 +45,18 @@ from blobplane.errors import BlobError, InvalidSize
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import is_int, is_number
 
-__all__ = ["DEFAULT_IDLE_SECONDS", "AutoPool", "default_auto_pool", "slot_class"]
+__all__ = [
+    "DEFAULT_IDLE_SECONDS",
+    "DEFAULT_MAX_SLOTS",
+    "MIN_POOLED_BYTES",
+    "AutoPool",
+    "default_auto_pool",
+    "slot_class",
+]
 
 DEFAULT_IDLE_SECONDS = 30.0
+DEFAULT_MAX_SLOTS = 64
+MIN_POOLED_BYTES = 64 << 10
 _MAX_DEFAULT_BYTES = 1 << 30
 
 
@@ -66,26 +79,35 @@ class _Slot:
 
 
 class AutoPool:
-    """Pooled slots by size class, at most *max_bytes* in all, each dropped after *idle_seconds*.
+    """Pooled slots by size class: at most *max_bytes* and *max_slots* in all, each dropped
+    after *idle_seconds* unused.
 
     Thread-safe. `try_loan(size)` gives a slot of at least *size* bytes (its
-    `length` set to *size*), or None when the bound leaves no room.
+    `length` set to *size*), or None when the bounds leave no room.
     """
 
     def __init__(
-        self, max_bytes: int | None = None, idle_seconds: float = DEFAULT_IDLE_SECONDS
+        self,
+        max_bytes: int | None = None,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        *,
+        max_slots: int = DEFAULT_MAX_SLOTS,
     ) -> None:
         if max_bytes is None:
             max_bytes = default_max_bytes()
         if not is_int(max_bytes) or max_bytes < 0:
             raise InvalidSize(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        if not is_int(max_slots) or max_slots < 0:
+            raise InvalidSize(f"max_slots must be an int >= 0, got {max_slots!r}")
         if not is_number(idle_seconds) or not idle_seconds > 0:
             raise InvalidSize(f"idle_seconds must be a number > 0, got {idle_seconds!r}")
         self.max_bytes = max_bytes
+        self.max_slots = max_slots
         self.idle_seconds = float(idle_seconds)
         self._lock = threading.Lock()
         self._classes: dict[int, list[_Slot]] = {}
         self._bytes = 0
+        self._slots = 0
         self._pid = os.getpid()
         self._closed = False
 
@@ -97,11 +119,12 @@ class AutoPool:
     @property
     def slots(self) -> int:
         """Slots the pool holds now, in use or not."""
-        with self._lock:
-            return sum(len(slots) for slots in self._classes.values())
+        return self._slots
 
     def try_loan(self, size: int) -> PoolLoan | None:
-        """A slot holding *size* bytes, its `length` set; None if the bound leaves no room."""
+        """A slot holding *size* bytes, its `length` set; None if the bounds leave no room."""
+        if size < MIN_POOLED_BYTES:
+            return None
         size_class = slot_class(size)
         if size_class > self.max_bytes:
             return None
@@ -117,17 +140,22 @@ class AutoPool:
                     slot.used = now
                     loan.set_length(size)
                     return loan
-            if self._bytes + size_class > self.max_bytes:
-                self._drop_idle(now, need=self._bytes + size_class - self.max_bytes)
-                if self._bytes + size_class > self.max_bytes:
+            if self._bytes + size_class > self.max_bytes or self._slots >= self.max_slots:
+                self._drop_idle(
+                    now,
+                    need=self._bytes + size_class - self.max_bytes,
+                    slots=self._slots + 1 - self.max_slots,
+                )
+                if self._bytes + size_class > self.max_bytes or self._slots >= self.max_slots:
                     return None
             try:
-                pool = BlobPool(size_class, 1)
+                pool = BlobPool(size_class, 1, sealable=True)
             except BlobError:
                 return None  # no memory for it: the caller's fresh blob says why, if it fails too
             # Looked up again: dropping idle slots may have removed the (empty) class.
             self._classes.setdefault(size_class, []).append(_Slot(pool, now))
             self._bytes += size_class
+            self._slots += 1
             loan = pool.try_loan()
         _watch(self)
         assert loan is not None  # a new pool's one slot is free
@@ -142,12 +170,29 @@ class AutoPool:
             self._drop_idle(time.monotonic(), idle_seconds=idle_seconds)
             return before - self._bytes
 
+    def give_away(self, pool: BlobPool) -> None:
+        """Forget the slot of *pool* (one of this pool's), whose memory someone else keeps now.
+
+        A broker that took a slot over when its producer's connection ended
+        publishes that memory as its own blob: the slot must never be loaned
+        again, and this process lets go of its fds and mapping.
+        """
+        with self._lock:
+            for size_class, slots in self._classes.items():
+                for slot in slots:
+                    if slot.pool is pool:
+                        slots.remove(slot)
+                        self._bytes -= size_class
+                        self._slots -= 1
+                        pool.close()
+                        return
+
     def close(self) -> None:
         """Close every slot, and make no more: readers keep the mappings they hold."""
         with self._lock:
             self._closed = True
             classes, self._classes = self._classes, {}
-            self._bytes = 0
+            self._bytes = self._slots = 0
         for slots in classes.values():
             for slot in slots:
                 slot.pool.close()
@@ -156,27 +201,34 @@ class AutoPool:
         return f"<AutoPool {self.slots} slots, {self._bytes} of {self.max_bytes} bytes>"
 
     def _drop_idle(
-        self, now: float, need: int | None = None, idle_seconds: float | None = None
+        self,
+        now: float,
+        need: int = 0,
+        idle_seconds: float | None = None,
+        slots: int = 0,
     ) -> None:
-        """Close idle free slots, the longest idle first; with *need*, any free ones
-        until that many bytes are gone."""
+        """Close idle free slots, the longest idle first; and any free ones, until *need*
+        bytes and *slots* slots are gone."""
         if idle_seconds is None:
             idle_seconds = self.idle_seconds
         candidates = sorted(
-            (slot.used, size_class, slot)
-            for size_class, slots in self._classes.items()
-            for slot in slots
-            if slot.pool.free_slots
+            (
+                (slot.used, size_class, slot)
+                for size_class, members in self._classes.items()
+                for slot in members
+                if slot.pool.free_slots
+            ),
+            key=lambda candidate: candidate[0],
         )
         for used, size_class, slot in candidates:
-            idle = now - used >= idle_seconds
-            if not idle and (need is None or need <= 0):
+            if now - used < idle_seconds and need <= 0 and slots <= 0:
                 break
             self._classes[size_class].remove(slot)
             slot.pool.close()
             self._bytes -= size_class
-            if need is not None:
-                need -= size_class
+            self._slots -= 1
+            need -= size_class
+            slots -= 1
         for size_class in [size for size, slots in self._classes.items() if not slots]:
             del self._classes[size_class]
 
@@ -188,7 +240,7 @@ class AutoPool:
                 for slot in slots:
                     slot.pool.close()  # the child's copies of the fds and mappings
             self._classes.clear()
-            self._bytes = 0
+            self._bytes = self._slots = 0
 
 
 _default: AutoPool | None = None

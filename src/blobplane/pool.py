@@ -103,9 +103,13 @@ class BlobPool:
     `loan()` a slot, fill it through `loan.buffer`, hand it over (a channel
     calls `retain()` per receiver and the pool hears of each release), close
     the loan. Thread-safe; `loan(timeout=...)` waits for a free slot.
+
+    *sealable* leaves out F_SEAL_SEAL: a broker that keeps a slot published
+    after its producer went seals it against every write then (the kernel
+    allows that only once no writable mapping of it is left).
     """
 
-    def __init__(self, slot_size: int, slots: int) -> None:
+    def __init__(self, slot_size: int, slots: int, *, sealable: bool = False) -> None:
         if not is_int(slot_size) or slot_size <= 0:
             raise InvalidSize(f"slot_size must be a positive int, got {slot_size!r}")
         if not is_int(slots) or slots <= 0:
@@ -129,8 +133,10 @@ class BlobPool:
                 f"blobplane-pool:{self.id}:control", control_size
             )
             self._generations = memoryview(self._control).cast("Q")
+            seals = POOL_SEALS & ~fcntl.F_SEAL_SEAL if sealable else POOL_SEALS
             for index in range(slots):
-                fd, mapped = sealed_memfd(f"blobplane-pool:{self.id}:{index}", mapped_size)
+                name = f"blobplane-pool:{self.id}:{index}"
+                fd, mapped = sealed_memfd(name, mapped_size, seals)
                 self._slots.append(_Slot(fd, mapped))
                 self._free.appendleft(index)  # slot 0 is loaned first
         except BaseException:

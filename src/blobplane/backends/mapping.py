@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Callable
 
 from blobplane.backends.hugepages import HUGE_PAGE_SIZE, MADV_POPULATE_WRITE, advise_huge
 from blobplane.errors import NotBytesLike, OutOfBounds, os_errors
@@ -104,6 +105,16 @@ def physical_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - every Linux has both
         return 2**48
+
+
+def copier(data: object) -> Callable[[memoryview], None]:
+    """A function that copies *data* (any buffer) to the start of the view it is given."""
+    view = byte_view(data)
+
+    def copy(into: memoryview) -> None:
+        into[: view.nbytes] = view
+
+    return copy
 
 
 def write_into(mapped: mmap.mmap | None, size: int, data: object, offset: int, what: str) -> None:

@@ -55,6 +55,27 @@ def seal(fd: int, blob_id: BlobId, size: int) -> None:
     _check_exact_size(fd, size, f"blob {blob_id}")
 
 
+def seal_for_good(fd: int) -> bool:
+    """Seal a kept pool slot against every write, now that its producer went; whether it took.
+
+    Through a writable reopening of the broker's read-only fd. The kernel
+    refuses (False) while any process still maps the slot writable (a child
+    the producer forked, say), or if its seals were sealed: then nothing
+    would stop that process from changing a published blob.
+    """
+    try:
+        writable = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(writable, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    except OSError:
+        return False
+    finally:
+        os.close(writable)
+    return True
+
+
 def _check_exact_size(fd: int, size: int, what: str) -> int:
     with os_errors(f"inspecting {what}"):
         actual = os.fstat(fd).st_size

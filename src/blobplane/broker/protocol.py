@@ -9,7 +9,8 @@ carries a request id (``rid``) that the client picks, and the reply names it::
     client -> broker   Create       -> BlobReply + 1 fd: a writable memfd to fill
                        Seal         -> Ok, once the broker sealed the memfd
                        Put          + 1 fd: a sealed memfd of the client's own (pooled:
-                                    a slot of its BlobPool) -> BlobReply
+                                    a slot of its BlobPool; keep: published still
+                                    once the client has gone) -> BlobReply
                        Get          -> BlobReply + 1 fd: read-only, sealed; counts a reference
                        Release      -> Ok (or nothing with ack=False)
                        Delete       -> Ok (or nothing with ack=False)
@@ -144,6 +145,8 @@ class Put(_Request, frozen=True, tag="put"):
     key: Key | None = None
     lease_ms: Millis | None = None
     pooled: bool = False
+    # Pooled, and published still when the producer disconnects: the broker keeps it.
+    keep: bool = False
 
 
 class Get(_Targeted, frozen=True, tag="get"):

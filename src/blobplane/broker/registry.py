@@ -52,7 +52,11 @@ quota like any blob; it is never evicted, since the producer owns it. It
 stays published until it is deleted, its lease ends or its producer
 disconnects; once it is withdrawn and its last reference is released,
 `NotifyProducer` hands the slot back (only then may the producer write to it
-again).
+again). A pooled blob put with *keep* (the clients' `put_bytes` and
+`put_object` put their automatic pool's slots so) outlives its producer
+instead: when the producer disconnects, the broker takes its memory over and
+it becomes a blob like any other, still published and still counted against
+the account that put it.
 
 A *cached* blob (a copy fetched from a peer broker, `create(cached=True)`)
 is evictable even without *evict*: it can be fetched again.
@@ -88,7 +92,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -350,6 +354,7 @@ class _Blob:
     # Its charge is in `_spilled_bytes`, not `_bytes` (SPILLED; a RESTORING blob
     # has its memory reserved again).
     spilled: bool = False
+    keep: bool = False  # pooled, and stays published when its producer goes
 
     def info(self) -> BlobInfo:
         return BlobInfo(
@@ -370,6 +375,11 @@ class _Blob:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+    @property
+    def idles(self) -> bool:
+        """Whether it may be evicted or spilled when idle: not a slot its producer owns."""
+        return not self.pooled or self.keep
 
     def describe(self) -> str:
         return f"blob {self.id}" + (f" (key {self.key!r})" if self.key is not None else "")
@@ -442,12 +452,23 @@ class BlobRegistry:
         account.clients += 1
         self._clients[client] = _Client(client, grant, account)
 
-    def disconnect(self, client: ClientId) -> list[Action]:
+    def kept_by(self, client: ClientId) -> list[BlobId]:
+        """The pool slots *client* put with *keep* that are in memory: for the server to seal
+        against writes before `disconnect`."""
+        return [
+            blob_id
+            for blob_id in self._client(client).owned
+            if self._blobs[blob_id].keep and not self._blobs[blob_id].spilled
+        ]
+
+    def disconnect(self, client: ClientId, sealed: Container[BlobId] = ()) -> list[Action]:
         """The connection ended, for whatever reason: clean up after it.
 
         Its references are released, the blobs it created but never sealed
         are freed, and its pooled slots are withdrawn (the producer is gone,
-        so nobody is notified). Sealed blobs it published stay.
+        so nobody is notified). Sealed blobs it published stay, and so do the
+        slots it put with *keep* that the server *sealed* against writes
+        (`kept_by`), or that are on disk: those become the broker's.
         """
         state = self._client(client)
         del self._clients[client]
@@ -457,6 +478,8 @@ class BlobRegistry:
             blob.owner = None
             if blob.state is BlobState.ALLOCATED:
                 actions += self._withdraw(blob, EvictReason.ABANDONED)
+            elif blob.keep and (blob.spilled or blob.id in sealed):
+                self._adopt(blob)
             elif blob.pooled and blob.state is BlobState.SEALED:
                 actions += self._withdraw(blob, EvictReason.PRODUCER_GONE)
         for blob_id in state.held:
@@ -508,21 +531,32 @@ class BlobRegistry:
         key: str | None = None,
         lease_ms: int | None = None,
         pooled: bool = False,
+        keep: bool = False,
         charge: int | None = None,
     ) -> Placed:
         """Publish a blob *client* made and sealed itself (the server has checked its fd).
 
         With *pooled*, it is a slot of the client's `BlobPool`: never evicted,
         and handed back with `NotifyProducer` once withdrawn and released by
-        everyone. *charge* is the bytes the blob's memory really holds, as the
-        server measured it (default *size*; a slot may be larger than its
-        payload): that is what counts against the limit and the quota.
+        everyone; with *keep* too, it stays published when its producer
+        disconnects (see the module's doc). *charge* is the bytes the blob's
+        memory really holds, as the server measured it (default *size*; a slot
+        may be larger than its payload): that is what counts against the limit
+        and the quota.
         """
         charge = size if charge is None else charge
         if not is_int(charge) or charge < size:
             raise InvalidSize(f"a blob's charge must be an int, at least its size, got {charge!r}")
         return self._place(
-            client, Right.PUT, size, key, lease_ms, sealed=True, pooled=pooled, charge=charge
+            client,
+            Right.PUT,
+            size,
+            key,
+            lease_ms,
+            sealed=True,
+            pooled=pooled,
+            keep=pooled and keep,
+            charge=charge,
         )
 
     def check_seal(self, client: ClientId, blob_id: BlobId) -> BlobInfo:
@@ -638,9 +672,7 @@ class BlobRegistry:
         actions += self._take_room(evicted, spilled)
         self._idle.pop(blob.id, None)
         blob.state = BlobState.RESTORING
-        blob.spilled = False
-        self._spilled_bytes -= blob.charge
-        self._bytes += blob.charge
+        self._to_memory(blob)
         actions.append(Restore(blob.id, blob.size))
         return actions
 
@@ -671,6 +703,20 @@ class BlobRegistry:
         self._idle[blob.id] = blob
         return []
 
+    def spill_written(self, blob_id: BlobId) -> list[Action]:
+        """The spilled blob is in its file and the server closed its fd of it.
+
+        A kept pool slot is then the broker's blob like any other, and its
+        producer gets the slot back (`NotifyProducer`).
+        """
+        blob = self._blobs.get(blob_id)
+        if blob is None or not blob.pooled or blob.state is not BlobState.SPILLED:
+            return []
+        self._adopt(blob)
+        if blob.owner is None or blob.owner not in self._clients:
+            return []
+        return [NotifyProducer(blob.owner, blob.id)]
+
     def spill_failed(self, blob_id: BlobId) -> list[Action]:
         """Writing the spilled blob out failed; the server still holds its memory.
 
@@ -681,9 +727,7 @@ class BlobRegistry:
         if blob.state is not BlobState.SPILLED:
             raise BlobNotFound(f"{blob.describe()} is not spilled")
         blob.state = BlobState.SEALED
-        blob.spilled = False
-        self._spilled_bytes -= blob.charge
-        self._bytes += blob.charge
+        self._to_memory(blob)
         # The last candidate from now on: the next request that needs room would
         # only fail to write it out again.
         self._idle.move_to_end(blob.id)
@@ -874,6 +918,7 @@ class BlobRegistry:
         sealed: bool,
         pooled: bool,
         charge: int,
+        keep: bool = False,
     ) -> Placed:
         state = self._client(client)
         self._require(state, right)
@@ -907,6 +952,7 @@ class BlobRegistry:
             created_at=now,
             last_used=now,
             charge=charge,
+            keep=keep,
         )
         self._blobs[blob.id] = blob
         if key is not None:
@@ -917,7 +963,7 @@ class BlobRegistry:
         self._bytes += charge
         if pooled:
             self._pooled_bytes += charge
-        elif sealed:
+        if sealed and blob.idles:
             self._idle[blob.id] = blob
         self._set_deadline(blob, now)
         return Placed(blob.info(), actions)
@@ -1041,6 +1087,16 @@ class BlobRegistry:
         blob.spilled = True
         self._bytes -= blob.charge
         self._spilled_bytes += blob.charge
+        if blob.pooled:
+            self._pooled_bytes -= blob.charge
+
+    def _to_memory(self, blob: _Blob) -> None:
+        """Count *blob*'s bytes as in memory again (restoring, or a spill that did not happen)."""
+        blob.spilled = False
+        self._spilled_bytes -= blob.charge
+        self._bytes += blob.charge
+        if blob.pooled:
+            self._pooled_bytes += blob.charge
 
     def _withdraw(self, blob: _Blob, reason: EvictReason | None) -> list[Action]:
         actions: list[Action] = []
@@ -1062,12 +1118,19 @@ class BlobRegistry:
             actions += self._free(blob)
         return actions
 
+    def _adopt(self, blob: _Blob) -> None:
+        """A kept pooled blob whose producer went, or that was spilled: the broker's from
+        now on, like any blob (an idle candidate already)."""
+        blob.pooled = blob.keep = False
+        if not blob.spilled:
+            self._pooled_bytes -= blob.charge
+
     def _after_release(self, blob: _Blob) -> list[Action]:
         if blob.references:
             return []
         if blob.state is BlobState.DELETED:
             return self._free(blob)
-        if not blob.pooled:
+        if blob.idles:
             self._idle[blob.id] = blob  # the most recently used idle blob from now on
         return []
 
@@ -1080,8 +1143,8 @@ class BlobRegistry:
             self._spilled_bytes -= blob.charge
         else:
             self._bytes -= blob.charge
-        if blob.pooled:
-            self._pooled_bytes -= blob.charge
+            if blob.pooled:
+                self._pooled_bytes -= blob.charge
         self._drop_if_unused(blob.account)
         actions: list[Action] = [FreeBlob(blob.id)]
         producer = None if blob.owner is None else self._clients.get(blob.owner)

@@ -570,7 +570,14 @@ class BrokerServer:
             self._spill_waits.pop(session.client, None)
             try:
                 if self.registry.connected(session.client):
-                    self._carry_out(self.registry.disconnect(session.client))
+                    # The slots it put to outlive it stay published once nobody can
+                    # write them any more; the others are withdrawn.
+                    sealed = {
+                        blob_id
+                        for blob_id in self.registry.kept_by(session.client)
+                        if blob_id in self.fds and memory.seal_for_good(self.fds.get(blob_id))
+                    }
+                    self._carry_out(self.registry.disconnect(session.client, sealed))
                     self._schedule_expiry()
                 for reader in list(self._sessions.values()):
                     if session.client in reader.pooled_from:
@@ -755,6 +762,7 @@ class BrokerServer:
                 key=request.key,
                 lease_ms=request.lease_ms,
                 pooled=request.pooled,
+                keep=request.keep,
                 charge=charge,
             )
         except BaseException:
@@ -1007,10 +1015,11 @@ class BrokerServer:
         if error is None and state is BlobState.SPILLED:
             checksum, seconds = done.result()
             self.spill.written(blob_id, checksum)
-            os.close(fd)  # the memory goes back to the host
+            os.close(fd)  # the memory goes back to the host (or a slot to its producer)
             event("blob.spilled", logging.DEBUG, blob=blob_id, size=size, seconds=f"{seconds:.6f}")
             if self.metrics is not None:
                 self.metrics.spilled()
+            self.apply(self.registry.spill_written(blob_id))
             return
         if error is None:
             self.spill.written(blob_id, done.result()[0])

@@ -360,15 +360,19 @@ class ChannelCore:
         if self.datagram:
             # A datagram wire holds nothing between calls while the channel is
             # intact: each datagram read is handed out at once (`receive_datagram`).
-            if not self._reads_in_waits:
-                event = self._read(0)
-            elif until is None:
-                return None
-            else:
-                event = self._read(max(0.0, until - time.monotonic()))
-            if type(event) is Received and not self.pooled_out:
-                return event  # `_taken` has nothing to do
-            return self._taken(event)
+            while True:
+                if not self._reads_in_waits:
+                    event = self._read(0)
+                elif until is None:
+                    return None
+                else:
+                    event = self._read(max(0.0, until - time.monotonic()))
+                if type(event) is Received and not self.pooled_out:
+                    return event  # `_taken` has nothing to do
+                received = self._taken(event)
+                if received is not None or event is None:
+                    return received
+                # A reply the library took (`_taken`): look again.
         wire = self.wire
         while True:
             if wire.has_buffered:
@@ -377,7 +381,10 @@ class ChannelCore:
                 except RemoteProtocolError as exc:
                     raise self._protocol_failure(exc) from None
                 if event is not NEED_DATA:
-                    return self._taken(event)
+                    received = self._taken(event)
+                    if received is not None:
+                        return received
+                    continue  # a reply the library took: what follows may be buffered
             # Feed what the socket has, then ask the wire again.
             if self._read(0) is None:
                 return None

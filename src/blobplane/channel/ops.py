@@ -40,7 +40,7 @@ from typing import Self, TypeVar, cast
 import msgspec
 
 from blobplane.backends.checks import check_received_fd
-from blobplane.backends.mapping import byte_view, map_readonly
+from blobplane.backends.mapping import byte_view, copier, map_readonly
 from blobplane.blobs import MappedRead, ProducerBlob, fresh_blobs
 from blobplane.channel.core import ChannelCore, Op, Wait
 from blobplane.channel.transport import Transport, check_path, default_transport, new_socket
@@ -331,14 +331,7 @@ def send_bytes(
     if size <= core.wire.payload_limit:
         payload = data if type(data) is bytes else view.tobytes()
         return send(core, UserPayload(id=core.wire.next_id(), data=payload), validate=False)
-    return send_filled(core, size, _copier(view), until, sealed=sealed)
-
-
-def _copier(view: memoryview) -> Callable[[memoryview], None]:
-    def copy(into: memoryview) -> None:
-        into[: view.nbytes] = view
-
-    return copy
+    return send_filled(core, size, copier(view), until, sealed=sealed)
 
 
 def send_filled(

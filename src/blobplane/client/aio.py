@@ -10,7 +10,8 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Self, TypeAlias, TypeVar
 
-from blobplane.blobs import ProducerBlob, fresh_blobs
+from blobplane.auto_pool import AutoPool
+from blobplane.blobs import ProducerBlob
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import BlobEntry, Delete, Request, SlotFree, StatsEntry, Welcome
 from blobplane.channel import DEFAULT, aio
@@ -35,7 +36,7 @@ from blobplane.errors import (
     Timeout,
 )
 from blobplane.objects.allowlist import AllowList
-from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
+from blobplane.objects.codec import DEFAULT_THRESHOLD, Packed, pack, unpack
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobId
 from blobplane.wire import Message
@@ -97,9 +98,24 @@ class AsyncBrokerClient:
         return self._closed
 
     async def put_bytes(
-        self, data: object, *, key: str | None = None, lease_ms: int | None = None
+        self,
+        data: object,
+        *,
+        key: str | None = None,
+        lease_ms: int | None = None,
+        sealed: bool = False,
     ) -> BlobEntry:
-        return await self._run(self._core.put_bytes(data, key, lease_ms))
+        """See `BrokerClient.put_bytes`."""
+        return await self._run(self._core.put_bytes(data, key, lease_ms, sealed))
+
+    @property
+    def auto_pool(self) -> AutoPool | None:
+        """See `BrokerClient.auto_pool`."""
+        return self._core.auto_pool
+
+    @auto_pool.setter
+    def auto_pool(self, pool: AutoPool | None) -> None:
+        self._core.auto_pool = pool
 
     async def put(
         self, blob: ProducerBlob, *, key: str | None = None, lease_ms: int | None = None
@@ -141,17 +157,17 @@ class AsyncBrokerClient:
         pool: BlobPool | None = None,
         lease_ms: int | None = None,
         threshold: int = DEFAULT_THRESHOLD,
+        sealed: bool = False,
     ) -> BlobEntry:
         """See `BrokerClient.put_object` (the pickling itself runs in the event loop)."""
         if pool is not None:
             with await self.loan(pool) as loan:
                 pack(obj, loan, threshold=threshold)
                 return await self.put_pooled(loan, key=key, lease_ms=lease_ms)
-        blob = pack(obj, fresh_blobs(), threshold=threshold)
-        try:
-            return await self.put(blob, key=key, lease_ms=lease_ms)
-        finally:
-            blob.cleanup()
+        packed = Packed(obj, threshold)
+        return await self._run(
+            self._core.put_filled(packed.size, packed.write, key, lease_ms, sealed)
+        )
 
     async def get_object(
         self,
@@ -187,8 +203,10 @@ class AsyncBrokerClient:
         self._closed = True
         self._reader.stop()
         self._outbox.close()
-        self._channel.close()
+        # The core first: it lets go of the slots the broker keeps (`ClientCore.close`)
+        # before the broker hears of the disconnection.
         self._core.close()
+        self._channel.close()
         self._fail(BlobClosed("this broker client is closed"))
 
     async def aclose(self) -> None:

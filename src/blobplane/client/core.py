@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeAlias, TypeVar
 
 from blobplane import errors
+from blobplane.auto_pool import AutoPool, default_auto_pool
 from blobplane.backends.checks import check_received_fd, check_regular_and_size
-from blobplane.backends.mapping import byte_view, map_readonly, map_writable
+from blobplane.backends.mapping import byte_view, copier, map_readonly, map_writable
 from blobplane.blobs import ProducerBlob, SharedMemoryBlobs
 from blobplane.broker.protocol import (
     MAX_TOKEN_CHARS,
@@ -221,6 +222,10 @@ class ClientCore:
         self.abandoned: dict[int, type[Request]] = {}
         self.slots = SlotCache()
         self._local: SharedMemoryBlobs | None = None
+        # Where `put_bytes` and `put_object` copy a payload (None: fresh blobs), and
+        # the ids of what they put from it: the broker keeps those when we go.
+        self.auto_pool: AutoPool | None = default_auto_pool()
+        self._kept: set[uuid.UUID] = set()
 
     def rid(self) -> int:
         return next(self._rids)
@@ -237,12 +242,37 @@ class ClientCore:
         self.welcome = expect(reply, fds, Welcome)
         return self.welcome
 
-    def put_bytes(self, data: object, key: str | None, lease_ms: int | None) -> Op[BlobEntry]:
+    def put_bytes(
+        self, data: object, key: str | None, lease_ms: int | None, sealed: bool = False
+    ) -> Op[BlobEntry]:
         view = byte_view(data)
+        return (yield from self.put_filled(view.nbytes, copier(view), key, lease_ms, sealed))
+
+    def put_filled(
+        self,
+        size: int,
+        write: Callable[[memoryview], None],
+        key: str | None,
+        lease_ms: int | None,
+        sealed: bool = False,
+    ) -> Op[BlobEntry]:
+        """Publish *size* bytes that *write* lays out: in a slot of `auto_pool`, put to
+        stay published after this client goes; else (*sealed*, or no room) a fresh blob."""
+        pool = None if sealed else self.auto_pool
+        loan = None if pool is None else pool.try_loan(size)
+        if loan is not None:
+            with loan:  # the slot stays the broker's until it says SlotFree
+                with loan.buffer as view:
+                    write(view)
+                entry = yield from self.put_pooled(loan, key, lease_ms, keep=True)
+            self._kept.add(entry.id)
+            return entry
         if self._local is None:
             self._local = SharedMemoryBlobs(BlobBackend.MEMFD)
-        with self._local.create(view.nbytes) as blob:
-            blob.write_all(view)
+        with self._local.create(size) as blob:
+            if size:
+                with blob.buffer as view:
+                    write(view)
             blob.seal()
             return (yield from self.put(blob, key, lease_ms))
 
@@ -259,9 +289,13 @@ class ClientCore:
         reply, fds = yield Call(request, (blob.fileno(),))
         return expect(reply, fds, BlobReply).blob
 
-    def put_pooled(self, loan: PoolLoan, key: str | None, lease_ms: int | None) -> Op[BlobEntry]:
+    def put_pooled(
+        self, loan: PoolLoan, key: str | None, lease_ms: int | None, keep: bool = False
+    ) -> Op[BlobEntry]:
         _check_placing(loan.length, key, lease_ms)
-        request = Put(rid=self.rid(), size=loan.length, key=key, lease_ms=lease_ms, pooled=True)
+        request = Put(
+            rid=self.rid(), size=loan.length, key=key, lease_ms=lease_ms, pooled=True, keep=keep
+        )
         pool, slot = loan.pool, loan.slot
         # Held for the broker from before it can have the slot: a notification
         # that came before the hold would free a slot still in use.
@@ -383,6 +417,7 @@ class ClientCore:
         close_fds(fds)
         match reply:
             case SlotFree(id=blob):
+                self._kept.discard(blob)
                 held = self.pooled.pop(blob, None)
                 if held is not None and not held[0].closed:
                     held[0].release(held[1])
@@ -410,6 +445,15 @@ class ClientCore:
         self.slots.close()
         if self._local is not None:
             self._local.close()
+        # What we put from the automatic pool and the broker still publishes is the
+        # broker's from now on: never to be loaned (or written) here again. Unmapped
+        # before the connection closes: the broker seals it against writes then, which
+        # the kernel refuses while a writable mapping exists.
+        for blob in self._kept:
+            held = self.pooled.pop(blob, None)
+            if held is not None and self.auto_pool is not None:
+                self.auto_pool.give_away(held[0])
+        self._kept.clear()
 
 
 def expect(reply: Reply, fds: tuple[int, ...], kind: type[R], nfds: int = 0) -> R:

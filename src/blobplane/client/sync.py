@@ -8,7 +8,8 @@ import uuid
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from blobplane.blobs import ProducerBlob, fresh_blobs
+from blobplane.auto_pool import AutoPool
+from blobplane.blobs import ProducerBlob
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import BlobEntry, Delete, Request, StatsEntry, Welcome
 from blobplane.channel import DEFAULT
@@ -33,7 +34,7 @@ from blobplane.errors import (
     Timeout,
 )
 from blobplane.objects.allowlist import AllowList
-from blobplane.objects.codec import DEFAULT_THRESHOLD, pack, unpack
+from blobplane.objects.codec import DEFAULT_THRESHOLD, Packed, pack, unpack
 from blobplane.pool import BlobPool, PoolLoan
 from blobplane.types import BlobId
 
@@ -63,10 +64,31 @@ class BrokerClient:
         return self._closed
 
     def put_bytes(
-        self, data: object, *, key: str | None = None, lease_ms: int | None = None
+        self,
+        data: object,
+        *,
+        key: str | None = None,
+        lease_ms: int | None = None,
+        sealed: bool = False,
     ) -> BlobEntry:
-        """Copy *data* (any buffer) into a new sealed blob and publish it."""
-        return self._run(self._core.put_bytes(data, key, lease_ms))
+        """Copy *data* (any buffer) into shared memory and publish it.
+
+        From 64 KiB up, into a slot of `auto_pool` (memory this process reuses
+        once the broker frees the blob); with *sealed*, or below that, or with
+        no room in the pool, into a fresh memfd sealed against every write.
+        Either way the blob stays published after this client goes, until it
+        is deleted or its lease ends, and counts against its account.
+        """
+        return self._run(self._core.put_bytes(data, key, lease_ms, sealed))
+
+    @property
+    def auto_pool(self) -> AutoPool | None:
+        """Where `put_bytes` and `put_object` copy (None: a fresh memfd every time)."""
+        return self._core.auto_pool
+
+    @auto_pool.setter
+    def auto_pool(self, pool: AutoPool | None) -> None:
+        self._core.auto_pool = pool
 
     def put(
         self, blob: ProducerBlob, *, key: str | None = None, lease_ms: int | None = None
@@ -119,21 +141,20 @@ class BrokerClient:
         pool: BlobPool | None = None,
         lease_ms: int | None = None,
         threshold: int = DEFAULT_THRESHOLD,
+        sealed: bool = False,
     ) -> BlobEntry:
         """Publish any picklable object, its buffers of *threshold* bytes and more out of band.
 
-        Packed (`blobplane.objects.pack`) into a fresh sealed memfd, or into a
-        slot of *pool*, and published like `put` (or `put_pooled`).
+        Packed (`blobplane.objects.pack`) where `put_bytes` puts bytes
+        (*sealed* included), or into a slot of *pool*, published like
+        `put_pooled`.
         """
         if pool is not None:
             with self.loan(pool) as loan:
                 pack(obj, loan, threshold=threshold)
                 return self.put_pooled(loan, key=key, lease_ms=lease_ms)
-        blob = pack(obj, fresh_blobs(), threshold=threshold)
-        try:
-            return self.put(blob, key=key, lease_ms=lease_ms)
-        finally:
-            blob.cleanup()  # the broker holds its own fd now
+        packed = Packed(obj, threshold)
+        return self._run(self._core.put_filled(packed.size, packed.write, key, lease_ms, sealed))
 
     def get_object(
         self,
@@ -194,8 +215,10 @@ class BrokerClient:
         if self._closed:
             return
         self._closed = True
-        self._channel.close()
+        # The core first: it lets go of the slots the broker keeps (`ClientCore.close`)
+        # before the broker hears of the disconnection.
         self._core.close()
+        self._channel.close()
 
     def __enter__(self) -> Self:
         return self

@@ -1,0 +1,75 @@
+"""A pool slot put to outlive its producer (`Put(pooled=True, keep=True)`) is published on
+after the producer goes only if the broker can seal it against every write then: a producer
+that keeps a writable mapping, or sealed the seals, gets it withdrawn instead."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+import pytest
+from rawclient import RawConnection
+from test_broker_bounds import ask, hello
+
+from blobplane.backends.checks import F_SEAL_FUTURE_WRITE
+from blobplane.broker.protocol import BlobReply, Put
+from blobplane.client import connect_broker
+from blobplane.errors import BlobNotFound
+from brokers import running_broker, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+SIZE = 1 << 20
+SLOT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
+
+
+def slot(extra_seals: int = 0) -> tuple[int, mmap.mmap]:
+    """A slot as a pool makes it: mapped writable first, then sealed against new writers."""
+    fd = os.memfd_create("hostile-slot", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.posix_fallocate(fd, 0, SIZE)
+    mapped = mmap.mmap(fd, SIZE)
+    mapped[:5] = b"first"
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SLOT_SEALS | extra_seals)
+    return fd, mapped
+
+
+@pytest.mark.parametrize(
+    ("keeps_mapping", "seal_sealed", "published"),
+    [
+        (False, False, True),  # let go of everything: sealed against writes, kept
+        (True, False, False),  # still maps it writable: it could change, so withdrawn
+        (False, True, False),  # no seal can be added: withdrawn
+    ],
+    ids=["let-go", "keeps-a-writable-mapping", "seals-sealed"],
+)
+def test_a_kept_slot_outlives_its_producer_only_once_nobody_can_write_it(
+    keeps_mapping: bool, seal_sealed: bool, published: bool
+) -> None:
+    with running_broker() as broker, connect_broker(broker.socket_path) as reader:
+        fd, mapped = slot(fcntl.F_SEAL_SEAL if seal_sealed else 0)
+        try:
+            raw = RawConnection(broker.socket_path)
+            hello(raw)
+            put = Put(rid=raw.next_rid(), size=SIZE, key="kept", pooled=True, keep=True)
+            assert isinstance(ask(raw, put, (fd,)), BlobReply)
+            os.close(fd)
+            if not keeps_mapping:
+                mapped.close()
+            raw.close()
+            wait_until(lambda: reader.stats().clients == 1, "the producer's disconnection")
+            if published:
+                with reader.get("kept") as read:
+                    assert bytes(read.as_slice()[:5]) == b"first"
+                reader.delete("kept")
+            else:
+                with pytest.raises(BlobNotFound):
+                    reader.get("kept")
+                # Nobody writes into a published blob: what the producer writes now
+                # is its own business.
+                if keeps_mapping:
+                    mapped[:5] = b"later"
+            wait_until(lambda: reader.stats().blobs == 0, "the slot to be freed")
+        finally:
+            if not mapped.closed:
+                mapped.close()

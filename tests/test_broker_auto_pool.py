@@ -1,0 +1,198 @@
+"""`put_bytes` and `put_object` through the broker from an automatic pool: the slot is
+reused once the blob is freed, and the blob outlives a producer that exits or is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blobplane import AutoPool
+from blobplane.auto_pool import slot_class
+from blobplane.client import connect_broker, connect_broker_async
+from blobplane.errors import BlobNotFound
+from brokers import Broker, read_line, running_broker, spawn, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+MIB = 1 << 20
+
+PRODUCER = """
+import os, signal, sys
+from blobplane.client import connect_broker
+path, how = sys.argv[1:3]
+client = connect_broker(path)
+entry = client.put_bytes(bytes(range(256)) * 8192, key="kept")  # 2 MiB
+print(entry.pooled, flush=True)
+if how == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+if how == "forked":
+    # A child that keeps the slot mapped writable after its parent went.
+    pid = os.fork()
+    if pid == 0:
+        os.closerange(1, 65536)  # the connection too: only the mapping stays
+        signal.pause()
+    print(pid, flush=True)
+    os._exit(0)
+client.close()
+"""
+
+
+def digest(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["exits", "killed"])
+def test_a_pooled_put_stays_published_after_its_producer_goes(how: str) -> None:
+    expected = digest(bytes(range(256)) * 8192)
+    with running_broker() as broker, connect_broker(broker.socket_path) as reader:
+        producer = spawn(PRODUCER, broker.socket_path, how)
+        assert read_line(producer) == "True"  # it went in a slot of the producer's pool
+        producer.wait(timeout=30)
+        assert producer.returncode == (-signal.SIGKILL if how == "killed" else 0)
+        wait_until(lambda: reader.stats().clients == 1, "the producer's disconnection")
+        # The broker took the memory over: a blob like any other, still counted.
+        stats = reader.stats()
+        assert (stats.blobs, stats.pooled, stats.pooled_bytes) == (1, 0, 0)
+        assert stats.bytes >= 2 * MIB
+        # And sealed against every write: nobody maps it writable any more.
+        (seals,) = memfd_seals(broker)
+        assert seals & fcntl.F_SEAL_WRITE
+        with reader.get("kept") as read, read.as_slice() as view:
+            assert digest(view) == expected
+            assert read.entry.pooled is False
+        reader.delete("kept")
+        wait_until(lambda: reader.stats().blobs == 0, "the blob to be freed")
+
+
+def memfd_seals(broker: Broker) -> list[int]:
+    """The seals of every memfd the broker holds."""
+    seals = []
+    for name in os.listdir(f"/proc/{broker.pid}/fd"):
+        path = f"/proc/{broker.pid}/fd/{name}"
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(path).startswith("/memfd:"):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    seals.append(fcntl.fcntl(fd, fcntl.F_GET_SEALS))
+                finally:
+                    os.close(fd)
+    return seals
+
+
+def test_a_slot_another_process_still_maps_writable_is_withdrawn_with_its_producer() -> None:
+    """The producer forked a child that keeps the slot's writable mapping, then exited: the
+    broker cannot seal the slot against writes, so it does not publish it any longer."""
+    with running_broker() as broker, connect_broker(broker.socket_path) as reader:
+        producer = spawn(PRODUCER, broker.socket_path, "forked")
+        assert read_line(producer) == "True"
+        holder = int(read_line(producer))
+        try:
+            producer.wait(timeout=30)
+            wait_until(lambda: reader.stats().clients == 1, "the producer's disconnection")
+            with pytest.raises(BlobNotFound):
+                reader.get("kept")
+            assert reader.stats().blobs == 0  # withdrawn, and freed: nobody read it
+        finally:
+            os.kill(holder, signal.SIGKILL)
+
+
+def test_a_slot_is_reused_once_the_broker_frees_its_blob() -> None:
+    pool = AutoPool()
+    with running_broker() as broker, connect_broker(broker.socket_path) as client:
+        client.auto_pool = pool
+        with connect_broker(broker.socket_path) as reader:
+            for i in range(6):
+                data = bytes([i]) * (3 * MIB)
+                entry = client.put_bytes(data, key=f"k{i}")
+                assert entry.pooled
+                with reader.get(f"k{i}") as read, read.as_slice() as view:
+                    assert view == data
+                client.delete(f"k{i}")
+                wait_until(lambda: client.stats().blobs == 0, "the blob to be freed")
+        # Each put found the one slot back (SlotFree came before the next put).
+        assert pool.slots == 1
+    assert pool.slots == 1  # free, still pooled
+    pool.close()
+
+
+def test_sealed_true_and_small_payloads_take_fresh_write_sealed_blobs() -> None:
+    with running_broker() as broker, connect_broker(broker.socket_path) as client:
+        client.auto_pool = pool = AutoPool()
+        assert not client.put_bytes(b"x" * MIB, key="sealed", sealed=True).pooled
+        assert not client.put_bytes(b"x" * 4096, key="small").pooled
+        assert client.put_bytes(b"x" * MIB, key="pooled").pooled
+        with client.get("sealed") as read:
+            assert len(read) == MIB
+        assert pool.slots == 1
+    # The client closed with a pooled blob still published: the broker keeps it, and
+    # the pool gave the slot away (never to be loaned again here).
+    assert pool.slots == 0
+    pool.close()
+
+
+def test_objects_go_pooled_and_come_back_whole() -> None:
+    array = np.arange(2_000_000, dtype=np.int64)
+    with running_broker() as broker, connect_broker(broker.socket_path) as client:
+        client.auto_pool = pool = AutoPool()
+        assert client.put_object({"a": array}, key="obj").pooled
+        assert not client.put_object({"a": array}, key="obj-sealed", sealed=True).pooled
+        for key in ("obj", "obj-sealed"):
+            got = client.get_object(key, timeout=10)
+            assert int(got["a"].sum()) == int(array.sum())
+            del got
+        for key in ("obj", "obj-sealed"):
+            client.delete(key)
+    pool.close()
+
+
+def test_the_asyncio_client_puts_from_its_pool_too() -> None:
+    import asyncio
+
+    async def main(path: str) -> None:
+        async with await connect_broker_async(path) as client:
+            client.auto_pool = pool = AutoPool()
+            entry = await client.put_bytes(b"y" * (2 * MIB), key="async")
+            assert entry.pooled
+            with await client.get("async") as read:
+                assert len(read) == 2 * MIB
+            await client.delete("async")
+        pool.close()
+
+    with running_broker() as broker:
+        asyncio.run(main(broker.socket_path))
+
+
+def test_a_spilled_pooled_blob_gives_its_slot_back_and_reads_back_whole(tmp_path: Path) -> None:
+    from test_broker_spill import spilling_broker
+
+    pool = AutoPool()
+    payloads = {f"k{i}": bytes([i + 1]) * (4 * MIB) for i in range(3)}
+    with (
+        spilling_broker(tmp_path / "spill", "10MiB") as broker,
+        connect_broker(broker.socket_path) as client,
+    ):
+        client.auto_pool = pool
+        for key, data in payloads.items():
+            assert client.put_bytes(data, key=key).pooled
+        # The first went to disk to make room for the third; once written out, its
+        # slot is the producer's again (SlotFree), and the blob the broker's.
+        wait_until(
+            lambda: (
+                {e.key: e.state for e in client.list()}["k0"] == "spilled"
+                and pool.shrink(0) == slot_class(4 * MIB)
+            ),
+            "the spilled blob's slot to come back",
+        )
+        for key, data in payloads.items():
+            with client.get(key) as read, read.as_slice() as view:
+                assert view == data, key
+            client.delete(key)
+        wait_until(lambda: client.stats().blobs == 0, "the blobs to be freed")
+    pool.close()
