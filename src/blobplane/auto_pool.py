@@ -27,8 +27,9 @@ never map it writable or resize it; its contents are not frozen by the kernel
 immutability enforced against its own process avoids with ``sealed=True``.
 Its slots can take one more seal (`BlobPool(sealable=True)`): a broker that
 keeps one published after its producer went seals it against every write.
-A process forked from one holding a pool starts with an empty one: parent
-and child never share a slot.
+A process forked from one holding a pool starts with an empty one: the
+slots' mappings are not inherited (MADV_DONTFORK), and parent and child
+never share a slot.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ class AutoPool:
                 pool = BlobPool(size_class, 1, sealable=True)
             except BlobError:
                 return None  # no memory for it: the caller's fresh blob says why, if it fails too
+            # Not inherited by a forked child: the slot is this process's alone, and a
+            # broker can seal one it keeps once this process lets go.
+            pool.slot_mapping(0).madvise(mmap.MADV_DONTFORK)
             # Looked up again: dropping idle slots may have removed the (empty) class.
             self._classes.setdefault(size_class, []).append(_Slot(pool, now))
             self._bytes += size_class
@@ -233,7 +237,8 @@ class AutoPool:
             del self._classes[size_class]
 
     def _forget_after_fork(self) -> None:
-        """In a forked child, drop the parent's slots unclosed: they are the parent's to use."""
+        """In a forked child, drop the parent's slots: they are the parent's to use (their
+        mappings were not inherited; the fds and the pool objects were)."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             for slots in self._classes.values():
