@@ -126,6 +126,8 @@ def test_a_slot_is_reused_once_the_broker_frees_its_blob() -> None:
 
 def test_sealed_true_and_small_payloads_take_fresh_write_sealed_blobs() -> None:
     with running_broker() as broker, connect_broker(broker.socket_path) as client:
+        with pytest.raises(TypeError):
+            client.auto_pool = 1 << 30  # type: ignore[assignment]
         client.auto_pool = pool = AutoPool()
         assert not client.put_bytes(b"x" * MIB, key="sealed", sealed=True).pooled
         assert not client.put_bytes(b"x" * 4096, key="small").pooled

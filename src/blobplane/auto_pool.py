@@ -40,6 +40,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import overload
 
 from blobplane.backends.mapping import physical_memory
 from blobplane.errors import BlobError, InvalidSize
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_SLOTS",
     "MIN_POOLED_BYTES",
     "AutoPool",
+    "PoolSetting",
     "default_auto_pool",
     "slot_class",
 ]
@@ -246,6 +248,32 @@ class AutoPool:
                     slot.pool.close()  # the child's copies of the fds and mappings
             self._classes.clear()
             self._bytes = self._slots = 0
+
+
+class PoolSetting:
+    """The `auto_pool` attribute of a channel or a client, kept by the object its owner holds
+    under *core* (the I/O-free core both of its drivers share), checked when set."""
+
+    def __init__(self, doc: str, *, core: str = "_core") -> None:
+        self.__doc__ = doc
+        self._core = core
+
+    @overload
+    def __get__(self, owner: None, kind: type) -> PoolSetting: ...
+
+    @overload
+    def __get__(self, owner: object, kind: type) -> AutoPool | None: ...
+
+    def __get__(self, owner: object, kind: type) -> PoolSetting | AutoPool | None:
+        if owner is None:
+            return self
+        pool: AutoPool | None = getattr(owner, self._core).auto_pool
+        return pool
+
+    def __set__(self, owner: object, pool: AutoPool | None) -> None:
+        if pool is not None and not isinstance(pool, AutoPool):
+            raise TypeError(f"auto_pool is an AutoPool or None, not {type(pool).__name__}")
+        getattr(owner, self._core).auto_pool = pool
 
 
 _default: AutoPool | None = None

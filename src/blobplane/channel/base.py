@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable, Container, Sequence
 from typing import TypeAlias, TypeVar
 
-from blobplane.auto_pool import AutoPool
+from blobplane.auto_pool import PoolSetting
 from blobplane.channel import ops
 from blobplane.channel.core import DEFAULT_TIMEOUT, ChannelCore
 from blobplane.channel.transport import (
@@ -138,21 +138,14 @@ class ChannelBase:
     def allow_sparse(self, allow: bool) -> None:
         self._core.allow_sparse = bool(allow)
 
-    @property
-    def auto_pool(self) -> AutoPool | None:
+    auto_pool = PoolSetting(
         """Where `send_bytes` and `send_obj` copy a payload too large for a message.
 
         By default the process's pool (`default_auto_pool()`), shared by its
         channels; another `AutoPool` for other bounds; None for a fresh sealed
         memfd every time.
         """
-        return self._core.auto_pool
-
-    @auto_pool.setter
-    def auto_pool(self, pool: AutoPool | None) -> None:
-        if pool is not None and not isinstance(pool, AutoPool):
-            raise TypeError(f"auto_pool is an AutoPool or None, not {type(pool).__name__}")
-        self._core.auto_pool = pool
+    )
 
     @property
     def closed(self) -> bool:

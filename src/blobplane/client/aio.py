@@ -10,7 +10,6 @@ from collections import deque
 from types import TracebackType
 from typing import Any, Self, TypeAlias, TypeVar
 
-from blobplane.auto_pool import AutoPool
 from blobplane.blobs import ProducerBlob
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import BlobEntry, Delete, Request, SlotFree, StatsEntry, Welcome
@@ -19,6 +18,7 @@ from blobplane.channel.outbox import Outbox
 from blobplane.client.core import (
     DEFAULT_TIMEOUT,
     Answer,
+    AutoPoolOption,
     Call,
     ClientCore,
     Op,
@@ -63,7 +63,7 @@ def _delivered(delivery: _Delivery) -> Answer:
     return delivery
 
 
-class AsyncBrokerClient:
+class AsyncBrokerClient(AutoPoolOption):
     """An asyncio connection to the broker; made by ``await connect_broker_async()``.
 
     A reader (a callback of the event loop) takes in every reply and
@@ -107,15 +107,6 @@ class AsyncBrokerClient:
     ) -> BlobEntry:
         """See `BrokerClient.put_bytes`."""
         return await self._run(self._core.put_bytes(data, key, lease_ms, sealed))
-
-    @property
-    def auto_pool(self) -> AutoPool | None:
-        """See `BrokerClient.auto_pool`."""
-        return self._core.auto_pool
-
-    @auto_pool.setter
-    def auto_pool(self, pool: AutoPool | None) -> None:
-        self._core.auto_pool = pool
 
     async def put(
         self, blob: ProducerBlob, *, key: str | None = None, lease_ms: int | None = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeAlias, TypeVar
 
 from blobplane import errors
-from blobplane.auto_pool import AutoPool, default_auto_pool
+from blobplane.auto_pool import AutoPool, PoolSetting, default_auto_pool
 from blobplane.backends.checks import check_received_fd, check_regular_and_size
 from blobplane.backends.mapping import byte_view, copier, map_readonly, map_writable
 from blobplane.blobs import ProducerBlob, SharedMemoryBlobs
@@ -454,6 +454,15 @@ class ClientCore:
             if held is not None and self.auto_pool is not None:
                 self.auto_pool.give_away(held[0])
         self._kept.clear()
+
+
+class AutoPoolOption:
+    """The setting both clients expose of their core: where puts copy."""
+
+    _core: ClientCore
+    auto_pool = PoolSetting(
+        "Where `put_bytes` and `put_object` copy (an `AutoPool`; None: a fresh memfd every time)."
+    )
 
 
 def expect(reply: Reply, fds: tuple[int, ...], kind: type[R], nfds: int = 0) -> R:

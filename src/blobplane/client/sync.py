@@ -8,7 +8,6 @@ import uuid
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from blobplane.auto_pool import AutoPool
 from blobplane.blobs import ProducerBlob
 from blobplane.broker.address import ENV_TOKEN, resolve_socket
 from blobplane.broker.protocol import BlobEntry, Delete, Request, StatsEntry, Welcome
@@ -17,6 +16,7 @@ from blobplane.channel import sync as sync_channel
 from blobplane.client.core import (
     DEFAULT_TIMEOUT,
     Answer,
+    AutoPoolOption,
     Call,
     ClientCore,
     Op,
@@ -43,7 +43,7 @@ __all__ = ["BrokerClient", "connect_broker"]
 T = TypeVar("T")
 
 
-class BrokerClient:
+class BrokerClient(AutoPoolOption):
     """A blocking connection to the broker; made by `connect_broker()`."""
 
     def __init__(self, channel: sync_channel.Channel, *, timeout: float | None) -> None:
@@ -80,15 +80,6 @@ class BrokerClient:
         is deleted or its lease ends, and counts against its account.
         """
         return self._run(self._core.put_bytes(data, key, lease_ms, sealed))
-
-    @property
-    def auto_pool(self) -> AutoPool | None:
-        """Where `put_bytes` and `put_object` copy (None: a fresh memfd every time)."""
-        return self._core.auto_pool
-
-    @auto_pool.setter
-    def auto_pool(self, pool: AutoPool | None) -> None:
-        self._core.auto_pool = pool
 
     def put(
         self, blob: ProducerBlob, *, key: str | None = None, lease_ms: int | None = None
