@@ -34,6 +34,7 @@ never share a slot.
 
 from __future__ import annotations
 
+import _thread
 import mmap
 import os
 import threading
@@ -293,21 +294,25 @@ def default_auto_pool() -> AutoPool:
 # -- the idle reaper: one daemon thread for every pool of the process ----------------------
 
 _watched: weakref.WeakSet[AutoPool] = weakref.WeakSet()
-_reaper: threading.Thread | None = None
-_reaper_pid = 0
+_reaper_pid = 0  # the process the reaper runs in (none: 0)
 _reaper_lock = threading.Lock()
 _reaper_woken = threading.Event()  # a pool joined: its period may be shorter
 
 
 def _watch(pool: AutoPool) -> None:
-    global _reaper, _reaper_pid
+    """Have the reaper look after *pool* (which has slots now)."""
+    global _reaper_pid
     with _reaper_lock:
+        if pool in _watched and _reaper_pid == os.getpid():
+            return
         _watched.add(pool)
-        if _reaper is None or _reaper_pid != os.getpid():
+        if _reaper_pid != os.getpid():
             _reaper_pid = os.getpid()
-            _reaper = threading.Thread(target=_reap, name="blobplane-auto-pool", daemon=True)
-            _reaper.start()
-    _reaper_woken.set()
+            # A bare thread: `threading.Thread.start` waits for the thread to run,
+            # which cost a one-off send 0.3 ms, more than the slot itself. Like a
+            # daemon thread, it never holds up the interpreter's exit.
+            _thread.start_new_thread(_reap, ())
+    _reaper_woken.set()  # its period may be shorter
 
 
 def _reap() -> None:
@@ -315,8 +320,12 @@ def _reap() -> None:
         with _reaper_lock:
             pools = list(_watched)
         period = min((pool.idle_seconds for pool in pools), default=DEFAULT_IDLE_SECONDS) / 2
+        del pools  # the set is weak: a pool dropped meanwhile goes
+        if _reaper_woken.wait(period):
+            _reaper_woken.clear()
+            continue  # a pool joined: wait by the periods of them all
+        with _reaper_lock:
+            pools = list(_watched)
         for pool in pools:
             pool.shrink()
-        del pools  # the set is weak: a pool dropped meanwhile goes
-        _reaper_woken.wait(period)
-        _reaper_woken.clear()
+        del pools
