@@ -1,5 +1,6 @@
-"""`put_bytes` and `put_object` through the broker from an automatic pool: the slot is
-reused once the blob is freed, and the blob outlives a producer that exits or is killed."""
+"""`put_bytes` and `put_object` through the broker: small payloads inside the request, larger
+ones from an automatic pool, whose slot is reused once the blob is freed, and whose blob
+outlives a producer that exits or is killed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from blobplane import AutoPool
 from blobplane.auto_pool import slot_class
+from blobplane.broker.protocol import MAX_INLINE_PUT
 from blobplane.client import connect_broker, connect_broker_async
 from brokers import Broker, read_line, running_broker, spawn, wait_until
 
@@ -200,3 +202,20 @@ def test_a_spilled_pooled_blob_gives_its_slot_back_and_reads_back_whole(tmp_path
             client.delete(key)
         wait_until(lambda: client.stats().blobs == 0, "the blobs to be freed")
     pool.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, MAX_INLINE_PUT, MAX_INLINE_PUT + 1])
+def test_a_small_put_carries_its_bytes_and_the_broker_seals_them(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    with running_broker() as broker, connect_broker(broker.socket_path) as client:
+        entry = client.put_bytes(data, key="small")
+        assert not entry.pooled
+        assert entry.size == size
+        if size:
+            (seals,) = memfd_seals(broker)  # the broker's memfd, sealed against writes
+            assert seals & fcntl.F_SEAL_WRITE
+        with client.get("small") as read, read.as_slice() as view:
+            assert view == data
+        client.delete("small")
+        wait_until(lambda: client.stats().blobs == 0, "the blob to be freed")
+        assert broker.memfds() == 0

@@ -1,6 +1,8 @@
-"""A pool slot put to outlive its producer (`Put(pooled=True, keep=True)`) is published on
-after the producer goes only if the broker can seal it against every write then: a producer
-that keeps a writable mapping, or sealed the seals, gets it withdrawn instead."""
+"""Puts a client of this library would not send. A pool slot put to outlive its producer
+(`Put(pooled=True, keep=True)`) is published on after the producer goes only if the broker
+can seal it against every write then: a producer that keeps a writable mapping, or sealed
+the seals, gets it withdrawn instead. A put that carries its bytes must carry as many as it
+says, and no fd."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from rawclient import RawConnection
 from test_broker_bounds import ask, hello
 
 from blobplane.backends.checks import F_SEAL_FUTURE_WRITE
-from blobplane.broker.protocol import BlobReply, Put
+from blobplane.broker.protocol import BlobReply, Put, Refused
 from blobplane.client import connect_broker
 from blobplane.errors import BlobNotFound
-from brokers import running_broker, wait_until
+from brokers import Broker, running_broker, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -73,3 +75,34 @@ def test_a_kept_slot_outlives_its_producer_only_once_nobody_can_write_it(
         finally:
             if not mapped.closed:
                 mapped.close()
+
+
+def test_inline_puts_that_lie_are_refused_and_leave_nothing() -> None:
+    with running_broker() as broker:
+        raw = RawConnection(broker.socket_path)
+        hello(raw)
+        lies = [
+            Put(rid=raw.next_rid(), size=10, data=b"x" * 9),  # shorter than it says
+            Put(rid=raw.next_rid(), size=8, data=b"x" * 9),  # longer than it says
+            Put(rid=raw.next_rid(), size=4, data=b"four", pooled=True),  # no slot to pool
+            Put(rid=raw.next_rid(), size=4, data=b"four", keep=True),
+        ]
+        for lie in lies:
+            reply = ask(raw, lie)
+            assert isinstance(reply, Refused)
+            assert reply.error == "InvalidSize", reply
+        assert broker.memfds() == 0
+        # Bytes and an fd at once: the count of fds is wrong, the connection ends.
+        fd = os.memfd_create("extra", os.MFD_CLOEXEC)
+        try:
+            raw.send_request(Put(rid=raw.next_rid(), size=4, data=b"four"), (fd,))
+        finally:
+            os.close(fd)
+        wait_until(lambda: not broker_has_client(broker), "the connection to end")
+        assert broker.memfds() == 0
+        raw.close()
+
+
+def broker_has_client(broker: Broker) -> bool:
+    with connect_broker(broker.socket_path) as probe:
+        return probe.stats().clients > 1

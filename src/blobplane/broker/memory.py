@@ -11,6 +11,7 @@ whose last fd and mapping are gone: nothing is ever left in /dev/shm.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -26,7 +27,15 @@ from blobplane.backends.memfd import allocate_memfd, reopen_readonly, seal_memfd
 from blobplane.errors import DescriptorTooShort, InvalidSize, NotSealed, os_errors
 from blobplane.types import BlobId
 
-__all__ = ["FdTable", "allocate", "check_put", "reopen_readonly", "seal"]
+__all__ = [
+    "FdTable",
+    "allocate",
+    "check_put",
+    "holding",
+    "reopen_readonly",
+    "seal",
+    "seal_for_good",
+]
 
 
 def allocate(size: int, blob_id: BlobId) -> int:
@@ -53,6 +62,19 @@ def seal(fd: int, blob_id: BlobId, size: int) -> None:
     """
     seal_memfd(fd, f"blob {blob_id}")
     _check_exact_size(fd, size, f"blob {blob_id}")
+
+
+def holding(data: bytes) -> int:
+    """A read-only fd of a new memfd holding *data*, sealed against every change."""
+    fd = allocate_memfd(len(data), "blobplane-broker:inline")
+    try:
+        with os_errors("writing a blob's bytes"):
+            if data and os.pwrite(fd, data, 0) != len(data):  # pragma: no cover - tmpfs
+                raise OSError(errno.EIO, "a short write into a new memfd")
+        seal_memfd(fd, "an inline blob")
+        return reopen_readonly(fd)
+    finally:
+        os.close(fd)
 
 
 def seal_for_good(fd: int) -> bool:

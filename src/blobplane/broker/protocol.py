@@ -10,7 +10,8 @@ carries a request id (``rid``) that the client picks, and the reply names it::
                        Seal         -> Ok, once the broker sealed the memfd
                        Put          + 1 fd: a sealed memfd of the client's own (pooled:
                                     a slot of its BlobPool; keep: published still
-                                    once the client has gone) -> BlobReply
+                                    once the client has gone), or no fd and the
+                                    bytes themselves (data, small) -> BlobReply
                        Get          -> BlobReply + 1 fd: read-only, sealed; counts a reference
                        Release      -> Ok (or nothing with ack=False)
                        Delete       -> Ok (or nothing with ack=False)
@@ -25,7 +26,8 @@ carries a request id (``rid``) that the client picks, and the reply names it::
                                     has disconnected (drop what you keep of its slots)
 
 Which fds ride with which message is part of the protocol: a `Put` carries
-exactly one, every other request none (`fds_expected`). Decoding is strict:
+exactly one (none when it carries its bytes), every other request none
+(`fds_expected`). Decoding is strict:
 unknown fields, wrong types, out-of-range numbers and a blob named both by
 id and by key (or by neither) raise `RemoteProtocolError`.
 """
@@ -42,6 +44,7 @@ from blobplane.types import MAX_ENCODABLE_SIZE, BlobId, BlobToken
 
 __all__ = [
     "MAX_ACCOUNTS_LISTED",
+    "MAX_INLINE_PUT",
     "MAX_KEY_BYTES",
     "MAX_LIST_PART_BYTES",
     "PROTOCOL_VERSION",
@@ -147,6 +150,13 @@ class Put(_Request, frozen=True, tag="put"):
     pooled: bool = False
     # Pooled, and published still when the producer disconnects: the broker keeps it.
     keep: bool = False
+    # The bytes themselves, for a small blob (no fd then): the broker makes the memfd.
+    data: bytes | None = None
+
+
+# The most bytes a put carries inline (`Put.data`): what fits in one message of the
+# channel with the longest key, below the frame limit.
+MAX_INLINE_PUT = 60 << 10
 
 
 class Get(_Targeted, frozen=True, tag="get"):
@@ -187,7 +197,7 @@ Request: TypeAlias = (
 
 def fds_expected(request: Request) -> int:
     """How many fds must ride with *request*."""
-    return 1 if isinstance(request, Put) else 0
+    return 1 if isinstance(request, Put) and request.data is None else 0
 
 
 def check_key(key: object) -> str:

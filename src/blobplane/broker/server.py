@@ -58,6 +58,7 @@ from blobplane.broker.address import key_path_for
 from blobplane.broker.logs import LOGGER, event
 from blobplane.broker.protocol import (
     MAX_ACCOUNTS_LISTED,
+    MAX_INLINE_PUT,
     MAX_LIST_PART_BYTES,
     MAX_TEXT,
     PROTOCOL_VERSION,
@@ -610,8 +611,11 @@ class BrokerServer:
         started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             if isinstance(request, Put):
-                fd, fds = fds[0], ()
-                self._put(session, request, fd)
+                if request.data is not None:
+                    self._put_data(session, request, request.data)
+                else:
+                    fd, fds = fds[0], ()
+                    self._put(session, request, fd)
             else:
                 self._dispatch(session, request)
         except BlobError as exc:
@@ -755,6 +759,23 @@ class BrokerServer:
             readonly = memory.reopen_readonly(fd)
         finally:
             os.close(fd)
+        self._publish(session, request, readonly, charge)
+
+    def _put_data(self, session: Session, request: Put, data: bytes) -> None:
+        """A put that carries its bytes: the broker makes the sealed memfd (no fd came)."""
+        if request.pooled or request.keep:
+            raise InvalidSize("a put that carries its bytes makes a new blob: it cannot be pooled")
+        if len(data) != request.size or request.size > MAX_INLINE_PUT:
+            raise InvalidSize(
+                f"a put carries at most {MAX_INLINE_PUT} bytes inline, as many as its size says "
+                f"({request.size}); this one carried {len(data)}"
+            )
+        if refusal := self._fd_refusal("a new blob"):
+            raise refusal
+        self._publish(session, request, memory.holding(data), len(data))
+
+    def _publish(self, session: Session, request: Put, readonly: int, charge: int) -> None:
+        """Place the blob *request* put, held by the broker's *readonly* fd (which it owns)."""
         try:
             placed = self.registry.put(
                 session.client,

@@ -25,6 +25,7 @@ from blobplane.backends.checks import check_received_fd, check_regular_and_size
 from blobplane.backends.mapping import byte_view, copier, map_readonly, map_writable
 from blobplane.blobs import ProducerBlob, SharedMemoryBlobs
 from blobplane.broker.protocol import (
+    MAX_INLINE_PUT,
     MAX_TOKEN_CHARS,
     BlobEntry,
     BlobReply,
@@ -256,8 +257,17 @@ class ClientCore:
         lease_ms: int | None,
         sealed: bool = False,
     ) -> Op[BlobEntry]:
-        """Publish *size* bytes that *write* lays out: in a slot of `auto_pool`, put to
+        """Publish *size* bytes that *write* lays out: up to `MAX_INLINE_PUT` inside the
+        request (the broker makes the sealed memfd); else in a slot of `auto_pool`, put to
         stay published after this client goes; else (*sealed*, or no room) a fresh blob."""
+        if size <= MAX_INLINE_PUT:
+            _check_placing(size, key, lease_ms)
+            data = bytearray(size)
+            with memoryview(data) as view:
+                write(view)
+            request = Put(rid=self.rid(), size=size, key=key, lease_ms=lease_ms, data=bytes(data))
+            reply, fds = yield Call(request)
+            return expect(reply, fds, BlobReply).blob
         pool = None if sealed else self.auto_pool
         loan = None if pool is None else pool.try_loan(size)
         if loan is not None:

@@ -73,11 +73,13 @@ class BrokerClient(AutoPoolOption):
     ) -> BlobEntry:
         """Copy *data* (any buffer) into shared memory and publish it.
 
-        From 64 KiB up, into a slot of `auto_pool` (memory this process reuses
-        once the broker frees the blob); with *sealed*, or below that, or with
-        no room in the pool, into a fresh memfd sealed against every write.
-        Either way the blob stays published after this client goes, until it
-        is deleted or its lease ends, and counts against its account.
+        Up to 60 KiB (`MAX_INLINE_PUT`) the bytes ride inside the request and
+        the broker makes the sealed memfd. From 64 KiB up, they go in a slot of
+        `auto_pool` (memory this process reuses once the broker frees the blob);
+        in between, with *sealed*, or with no room in the pool, in a fresh
+        memfd sealed against every write. Either way the blob stays published
+        after this client goes, until it is deleted or its lease ends, and
+        counts against its account.
         """
         return self._run(self._core.put_bytes(data, key, lease_ms, sealed))
 
