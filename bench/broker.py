@@ -6,14 +6,15 @@ This process is the producer; every variant has its own consumer, a separate
 process started from this file (``--consumer KIND``). Variants, producer side
 -> consumer side:
 
-- ``broker, put_bytes`` (default arguments): the payload copied into a slot
-  of the client's automatic pool (``AutoPool``, from 64 KiB up; a 4 KiB one
-  takes a fresh memfd), put to stay published after the producer goes, the
-  slot back through ``SlotFree`` once the key is deleted and released ->
-  the same consumer side as below.
-- ``broker, fresh blob``: ``put_bytes(payload, key=..., sealed=True)`` (a new
-  memfd, the payload copied in, sealed against writes, its fd handed to the
-  broker) -> the consumer's
+- ``broker, put_bytes`` (default arguments): up to 60 KiB the payload rides
+  inside the request and the broker makes the memfd; from 64 KiB up it is
+  copied into a slot of the client's automatic pool (``AutoPool``), put to
+  stay published after the producer goes, the slot back through
+  ``SlotFree`` once the key is deleted and released -> the same consumer
+  side as below.
+- ``broker, put_bytes(sealed=True)``: inside the request up to 60 KiB as
+  above; larger, a new memfd, the payload copied in, sealed against writes,
+  its fd handed to the broker (a fresh blob) -> the consumer's
   ``get(key)``, already waiting at the broker, is answered with a read-only fd,
   mapped; the consumer reads and closes it (which releases the reference).
 - ``broker, pool slot``: ``broker.loan(pool)``, the payload copied into the
@@ -104,7 +105,7 @@ QUICK_OPS_ROUNDS = 1
 OPS_KEYS = 64
 
 BROKER_DEFAULT = "broker, put_bytes"
-BROKER_FRESH = "broker, fresh blob"
+BROKER_FRESH = "broker, put_bytes(sealed=True)"
 BROKER_POOLED = "broker, pool slot"
 BROKER_IN_PLACE = "broker, pool slot written before the clock (info)"
 CHANNEL_FRESH = "channel, fresh blob"

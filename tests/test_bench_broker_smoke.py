@@ -12,7 +12,7 @@ TIMEOUT_S = 60  # the quick run takes five to ten seconds
 
 VARIANTS = (
     "broker, put_bytes",
-    "broker, fresh blob",
+    "broker, put_bytes(sealed=True)",
     "broker, pool slot",
     "broker, pool slot written before the clock (info)",
     "channel, fresh blob",
