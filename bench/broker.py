@@ -6,15 +6,15 @@ This process is the producer; every variant has its own consumer, a separate
 process started from this file (``--consumer KIND``). Variants, producer side
 -> consumer side:
 
+- ``broker, put_bytes, auto_pool``: a client given an automatic pool
+  (``client.auto_pool = AutoPool()``): from 64 KiB up the payload is copied
+  into a slot of it, put to stay published after the producer goes, the
+  slot back through ``SlotFree`` once the key is deleted and released
+  (below that, as the default) -> the same consumer side as below.
 - ``broker, put_bytes`` (default arguments): up to 60 KiB the payload rides
-  inside the request and the broker makes the memfd; from 64 KiB up it is
-  copied into a slot of the client's automatic pool (``AutoPool``), put to
-  stay published after the producer goes, the slot back through
-  ``SlotFree`` once the key is deleted and released -> the same consumer
-  side as below.
-- ``broker, put_bytes(sealed=True)``: inside the request up to 60 KiB as
-  above; larger, a new memfd, the payload copied in, sealed against writes,
-  its fd handed to the broker (a fresh blob) -> the consumer's
+  inside the request and the broker makes the memfd; larger, a new memfd,
+  the payload copied in, sealed against writes, its fd handed to the broker
+  (a fresh blob) -> the consumer's
   ``get(key)``, already waiting at the broker, is answered with a read-only fd,
   mapped; the consumer reads and closes it (which releases the reference).
 - ``broker, pool slot``: ``broker.loan(pool)``, the payload copied into the
@@ -84,7 +84,7 @@ from rich.table import Table
 
 import _common
 from _common import KIB, MIB, Result, environment, fmt_size, fmt_time, gc_paused
-from blobplane import BlobBackend, BlobPool, SharedMemoryBlobs, channel
+from blobplane import AutoPool, BlobBackend, BlobPool, SharedMemoryBlobs, channel
 from blobplane.broker.process import BrokerProcess, start_broker
 from blobplane.client import BrokerClient, connect_broker, connect_broker_async
 
@@ -104,8 +104,8 @@ QUICK_OPS_SECONDS = 0.5
 QUICK_OPS_ROUNDS = 1
 OPS_KEYS = 64
 
-BROKER_DEFAULT = "broker, put_bytes"
-BROKER_FRESH = "broker, put_bytes(sealed=True)"
+BROKER_AUTO = "broker, put_bytes, auto_pool"
+BROKER_FRESH = "broker, put_bytes"
 BROKER_POOLED = "broker, pool slot"
 BROKER_IN_PLACE = "broker, pool slot written before the clock (info)"
 CHANNEL_FRESH = "channel, fresh blob"
@@ -361,8 +361,12 @@ class BrokerVariant(Variant):
         self.client.close()
 
 
-class BrokerDefault(BrokerVariant):
-    name = BROKER_DEFAULT
+class BrokerAuto(BrokerVariant):
+    name = BROKER_AUTO
+
+    def start(self, socket_path: str) -> None:
+        super().start(socket_path)
+        self.client.auto_pool = AutoPool()
 
     def publish(self, payload: Payload, tag: int, before: Any) -> None:
         self.client.put_bytes(payload.view, key=key_of(tag))
@@ -375,7 +379,7 @@ class BrokerFresh(BrokerVariant):
     name = BROKER_FRESH
 
     def publish(self, payload: Payload, tag: int, before: Any) -> None:
-        self.client.put_bytes(payload.view, key=key_of(tag), sealed=True)
+        self.client.put_bytes(payload.view, key=key_of(tag))
 
 
 class BrokerPooled(BrokerVariant):
@@ -750,7 +754,7 @@ def _find(results: list[Result], phase: Mode, size: int, variant: str) -> Result
 def verdicts(results: list[Result], ops: list[OpsResult]) -> list[Verdict]:
     out: list[Verdict] = []
     ray = _find(results, "latency", LATENCY_SIZE, RAY)
-    for variant in (BROKER_DEFAULT, BROKER_FRESH, BROKER_POOLED):
+    for variant in (BROKER_FRESH, BROKER_AUTO, BROKER_POOLED):
         ours = _find(results, "latency", LATENCY_SIZE, variant)
         if ours is None:
             continue
@@ -762,7 +766,7 @@ def verdicts(results: list[Result], ops: list[OpsResult]) -> list[Verdict]:
         detail = f"{ratio:.1f}x ({fmt_time(ray.median_ns)} / {fmt_time(ours.median_ns)})"
         out.append(Verdict(what, f">= {LATENCY_TARGET:g}x", ratio, ratio >= LATENCY_TARGET, detail))
     sizes = sorted({r.size for r in results if r.phase == "throughput"})
-    for size, variant in itertools.product(sizes, (BROKER_DEFAULT, BROKER_POOLED)):
+    for size, variant in itertools.product(sizes, (BROKER_AUTO, BROKER_POOLED)):
         if size < THROUGHPUT_TARGET_FROM:
             continue
         ours = _find(results, "throughput", size, variant)
@@ -840,8 +844,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def start_variants(socket_path: str, use_ray: bool, notes: list[str]) -> list[Variant]:
     classes: list[type[Variant]] = [
-        BrokerDefault,
         BrokerFresh,
+        BrokerAuto,
         BrokerPooled,
         BrokerInPlace,
         ChannelFresh,

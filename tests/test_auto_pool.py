@@ -4,7 +4,9 @@ when idle, safe against a reader that tries to write and a producer killed mid-s
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
+import gc
 import hashlib
 import mmap
 import os
@@ -25,9 +27,10 @@ from blobplane import AutoPool, channel
 from blobplane.auto_pool import slot_class
 from blobplane.backends.checks import F_SEAL_FUTURE_WRITE
 from blobplane.channel import aio
-from blobplane.errors import ConnectionClosed, InvalidSize
+from blobplane.errors import ConnectionClosed, InvalidSize, PeerRefused, Timeout
+from blobplane.fds import close_fds
 from blobplane.objects import recv_obj_async, send_obj_async
-from blobplane.wire import Ack, BlobHandoff, UserPayload
+from blobplane.wire import Ack, BlobHandoff, ErrorCode, ErrorReply, UserPayload
 from children import CHILD_TIMEOUT_S
 from leaks import open_fds
 
@@ -174,12 +177,13 @@ def test_pooled_bytes_reach_another_process_intact_and_their_slots_come_back(
             message, fds = ch.recv()
             assert fds == ()
             assert message == UserPayload(id=message.id, data=expected)
+            # At most the bound's 4 slots, each free again.
+            assert 1 <= pool.slots <= 4
+            held = pool.bytes
+            assert pool.shrink(0) == held
             ch.send(b"end")
         finish(child)
-        # At most the bound's 4 slots, each free again.
-        assert 1 <= pool.slots <= 4
-        held = pool.bytes
-        assert pool.shrink(0) == held  # every slot was free again
+        assert pool.slots == 0
     finally:
         child.kill()
         child.wait()
@@ -297,12 +301,14 @@ def test_idle_slots_are_closed_without_being_asked() -> None:
             left.send_bytes(payload(i, 2 * MIB))
             with right.recv_bytes() as data, data.as_slice() as view:
                 assert bytes(view[:8]) == payload(i, 8)
-    assert pool.bytes > 0
-    deadline = time.monotonic() + 10
-    while pool.bytes and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pool.bytes == 0
-    assert pool.slots == 0
+        with pytest.raises(Timeout):
+            left.recv(timeout=0.1)  # takes the releases in: the slot is free
+        assert pool.bytes > 0
+        deadline = time.monotonic() + 10
+        while pool.bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.bytes == 0  # while both channels are still open
+        assert pool.slots == 0
     assert open_fds() == fds_before
 
 
@@ -345,3 +351,101 @@ def test_a_release_taken_by_the_library_does_not_hide_what_came_with_it(transpor
         with left.recv_bytes(timeout=5) as data, data.as_slice() as view:
             assert bytes(view) == payload(2, MIB)
     pool.close()
+
+
+def test_a_slot_is_never_loaned_to_another_channel_nor_again_once_its_own_closed() -> None:
+    """A reader may keep a slot's mapping: what it was sent must never change under it, and
+    what is sent to anyone else must never show through it."""
+    pool = AutoPool()
+    first, first_peer = channel.socketpair()
+    second, second_peer = channel.socketpair()
+    with first_peer, second, second_peer:
+        first.auto_pool = second.auto_pool = pool
+        first.send_bytes(payload(1, MIB))
+        kept = first_peer.recv_bytes(timeout=5)  # held past the channel's life
+        first.close()  # answered and hung up, before the peer released the slot
+        second.send_bytes(payload(2, MIB))  # another peer: another slot
+        with second_peer.recv_bytes(timeout=5) as data, data.as_slice() as view:
+            assert bytes(view) == payload(2, MIB)
+        with kept, kept.as_slice() as view:
+            assert bytes(view) == payload(1, MIB)
+        assert pool.slots == 1  # the closed channel's slot was retired, not reused
+    pool.close()
+
+
+def test_a_channel_dropped_without_close_retires_its_slots() -> None:
+    pool = AutoPool()
+    left, right = channel.socketpair()
+    left.auto_pool = pool
+    left.send_bytes(payload(1, MIB))
+    right.recv_bytes(timeout=5).close()
+    assert pool.slots == 1
+    del left
+    gc.collect()
+    assert pool.slots == 0
+    right.close()
+    pool.close()
+
+
+def test_a_refused_pooled_send_is_raised_by_the_next_send() -> None:
+    left, right = channel.socketpair()
+    with left, right:
+        left.auto_pool = pool = AutoPool()
+        left.send_bytes(payload(1, MIB))  # under way: the refusal comes later
+        message, fds = right.recv(timeout=5)
+        close_fds(fds)
+        right.send(ErrorReply(reply_to=message.id, code=ErrorCode.TOO_MANY_OPEN_FILES))
+        right.send_bytes(b"an answer")
+        with left.recv_bytes(timeout=5) as answer:  # recv never sees the refusal
+            assert bytes(answer.as_slice()) == b"an answer"
+        with pytest.raises(PeerRefused) as refused:
+            left.send_bytes(payload(2, MIB))
+        assert refused.value.code == ErrorCode.TOO_MANY_OPEN_FILES
+        left.send_bytes(payload(3, MIB))  # said once: the channel goes on
+        with right.recv_bytes(timeout=5) as data, data.as_slice() as view:
+            assert bytes(view) == payload(3, MIB)
+    pool.close()
+
+
+def test_a_forked_child_leaves_the_hole_of_a_parents_slot_alone() -> None:
+    """The parent's slot is not mapped in the child (MADV_DONTFORK); memory the child maps
+    there is its own, and the child's first use of the pool must not unmap it."""
+    pool = AutoPool()
+    loan = pool.try_loan(MIB)
+    assert loan is not None
+    with loan.buffer as view:
+        start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    loan.close()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            code = child_keeps_its_memory(pool, start)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # not 4 (replaced), not -11 (unmapped)
+    pool.close()
+
+
+MAP_FIXED_NOREPLACE = 0x100000
+
+
+def child_keeps_its_memory(pool: AutoPool, start: int) -> int:  # pragma: no cover - in a child
+    """Map the child's own memory where the parent's slot is, then use the pool: 0 if that
+    memory is intact, 3 if the address was not free, 4 if the memory changed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ]  # fmt: skip
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+    address = libc.mmap(start, MIB, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    if address != start:
+        return 3
+    ctypes.memmove(address, b"mine", 4)
+    mine = pool.try_loan(MIB)  # the child's first use: the parent's slot is forgotten
+    if mine is None or ctypes.string_at(address, 4) != b"mine":
+        return 4
+    mine.close()
+    return 0

@@ -26,9 +26,11 @@ MIB = 1 << 20
 
 PRODUCER = """
 import os, signal, sys
+from blobplane import default_auto_pool
 from blobplane.client import connect_broker
 path, how = sys.argv[1:3]
 client = connect_broker(path)
+client.auto_pool = default_auto_pool()  # not the default: see the broker guide
 entry = client.put_bytes(bytes(range(256)) * 8192, key="kept")  # 2 MiB
 print(entry.pooled, flush=True)
 if how == "killed":
@@ -122,7 +124,7 @@ def test_a_slot_is_reused_once_the_broker_frees_its_blob() -> None:
                 wait_until(lambda: client.stats().blobs == 0, "the blob to be freed")
         # Each put found the one slot back (SlotFree came before the next put).
         assert pool.slots == 1
-    assert pool.slots == 1  # free, still pooled
+    assert pool.slots == 0  # retired with the client: never loaned to anyone else
     pool.close()
 
 

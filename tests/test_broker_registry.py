@@ -31,7 +31,7 @@ from blobplane.broker import (
     WakeWaiters,
 )
 from blobplane.broker.protocol import MAX_KEY_BYTES
-from blobplane.broker.registry import Action
+from blobplane.broker.registry import Action, Spill
 from blobplane.errors import (
     BlobDeleted,
     BlobError,
@@ -1152,3 +1152,42 @@ def test_an_idle_kept_slot_is_evicted_back_to_its_live_producer(clock: Clock) ->
         FreeBlob(kept),
         NotifyProducer(PRODUCER, kept),
     ]
+
+
+def spilling_kept_slot(clock: Clock) -> tuple[BlobRegistry, BlobId]:
+    """A kept slot whose spill the server is writing (it holds the slot's fd for that)."""
+    reg = BlobRegistry(memory_limit=200, spill=True, clock=clock)
+    for client in (PRODUCER, CONSUMER, OTHER):
+        reg.connect(client)
+    kept = published(reg, 100, "kept", pooled=True, keep=True)
+    assert Spill(kept, 100) in reg.put(OTHER, 150).actions
+    return reg, kept
+
+
+def test_a_kept_slot_being_spilled_is_sealed_or_withdrawn_when_its_producer_goes(
+    clock: Clock,
+) -> None:
+    # Not sealed (the seal went through the spill's fd, and the kernel refused it):
+    # withdrawn, so that a failed write cannot put the writable slot back in service.
+    reg, kept = spilling_kept_slot(clock)
+    assert reg.kept_by(PRODUCER) == [kept]
+    actions = reg.disconnect(PRODUCER, set())
+    assert Evicted(kept, "kept", 100, EvictReason.PRODUCER_GONE) in actions
+    with pytest.raises(BlobNotFound):
+        reg.spill_failed(kept)
+    # Sealed: the broker's, on disk, with nobody to give the slot back to.
+    reg, kept = spilling_kept_slot(clock)
+    assert reg.disconnect(PRODUCER, {kept}) == []
+    assert reg.spill_written(kept) == []
+    assert reg.info(kept).pooled is False
+
+
+def test_a_kept_slot_restored_while_its_spill_was_written_is_withdrawn_unsealed(
+    clock: Clock,
+) -> None:
+    reg, kept = spilling_kept_slot(clock)
+    reg.restore(kept)  # a get came while the write was under way
+    assert reg.kept_by(PRODUCER) == [kept]
+    reg.disconnect(PRODUCER, set())
+    with pytest.raises(BlobNotFound):
+        reg.restored(kept)

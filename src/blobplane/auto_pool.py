@@ -7,6 +7,10 @@ shared memory anyway take a slot of this pool instead of a fresh blob:
 - **By size class.** A payload takes a slot of its class: its size rounded up
   to a quarter of its power of two (at most 25% more) and to whole pages.
   A class grows by one slot whenever all of its slots are in use.
+- **One owner per slot.** A slot is loaned again only to the owner it was
+  first loaned for (a channel, a broker client: `SlotOwner`), and is closed
+  when that owner is done (`retire`): whoever read it may keep its mapping,
+  so it never carries another peer's bytes.
 - **Bounded.** All slots together hold at most `max_bytes` (by default an
   eighth of the host's memory, at most 1 GiB), and there are at most
   `max_slots` of them (64 by default: each holds two fds). A payload that
@@ -14,8 +18,8 @@ shared memory anyway take a slot of this pool instead of a fresh blob:
   not pooled: the caller sends a fresh blob instead. So is one under
   `MIN_POOLED_BYTES` (64 KiB), whose page faults cost less than a slot's fds.
 - **Shrunk when idle.** A slot that nobody holds and nobody took for
-  `idle_seconds` is closed, by the next call or by a daemon thread that
-  looks every half of that period. A reader's mapping of it goes when the
+  `idle_seconds` is closed, by a thread that looks every half of that
+  period. A reader's mapping of it goes when the
   reader's slot cache lets it go (its channel closes, or newer slots push it
   out).
 - **One slot, one first cost.** A slot is made when first needed, so a
@@ -28,8 +32,9 @@ immutability enforced against its own process avoids with ``sealed=True``.
 Its slots can take one more seal (`BlobPool(sealable=True)`): a broker that
 keeps one published after its producer went seals it against every write.
 A process forked from one holding a pool starts with an empty one: the
-slots' mappings are not inherited (MADV_DONTFORK), and parent and child
-never share a slot.
+slots' mappings are not inherited (MADV_DONTFORK), the child lets go of
+their fds at the fork without touching the holes they left, and parent and
+child never share a slot.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "MIN_POOLED_BYTES",
     "AutoPool",
     "PoolSetting",
+    "SlotOwner",
     "default_auto_pool",
     "slot_class",
 ]
@@ -80,6 +86,7 @@ def slot_class(size: int) -> int:
 class _Slot:
     pool: BlobPool
     used: float  # time.monotonic() of its last loan
+    owner: object  # what it was loaned for: only that one gets it again (`try_loan`)
 
 
 class AutoPool:
@@ -112,8 +119,8 @@ class AutoPool:
         self._classes: dict[int, list[_Slot]] = {}
         self._bytes = 0
         self._slots = 0
-        self._pid = os.getpid()
         self._closed = False
+        _every_pool.add(self)
 
     @property
     def bytes(self) -> int:
@@ -125,8 +132,15 @@ class AutoPool:
         """Slots the pool holds now, in use or not."""
         return self._slots
 
-    def try_loan(self, size: int) -> PoolLoan | None:
-        """A slot holding *size* bytes, its `length` set; None if the bounds leave no room."""
+    def try_loan(self, size: int, owner: object = None) -> PoolLoan | None:
+        """A slot holding *size* bytes for *owner*, its `length` set; None if the bounds leave
+        no room.
+
+        A slot is loaned again only to the owner it was first loaned to (a
+        channel, a broker client): whoever read it before may keep a mapping of
+        it, so it must never carry another peer's bytes. `retire(owner)` when
+        that owner is done.
+        """
         if size < MIN_POOLED_BYTES:
             return None
         size_class = slot_class(size)
@@ -136,9 +150,10 @@ class AutoPool:
         with self._lock:
             if self._closed:
                 return None
-            self._forget_after_fork()
             slots = self._classes.setdefault(size_class, [])
             for slot in reversed(slots):  # the most recently used first: its pages are warm
+                if slot.owner is not owner:
+                    continue
                 loan = slot.pool.try_loan()
                 if loan is not None:
                     slot.used = now
@@ -160,7 +175,7 @@ class AutoPool:
             # broker can seal one it keeps once this process lets go.
             pool.slot_mapping(0).madvise(mmap.MADV_DONTFORK)
             # Looked up again: dropping idle slots may have removed the (empty) class.
-            self._classes.setdefault(size_class, []).append(_Slot(pool, now))
+            self._classes.setdefault(size_class, []).append(_Slot(pool, now, owner))
             self._bytes += size_class
             self._slots += 1
             loan = pool.try_loan()
@@ -177,22 +192,21 @@ class AutoPool:
             self._drop_idle(time.monotonic(), idle_seconds=idle_seconds)
             return before - self._bytes
 
-    def give_away(self, pool: BlobPool) -> None:
-        """Forget the slot of *pool* (one of this pool's), whose memory someone else keeps now.
+    def retire(self, owner: object) -> None:
+        """Close every slot loaned for *owner*, free or not: it is done (its channel closed).
 
-        A broker that took a slot over when its producer's connection ended
-        publishes that memory as its own blob: the slot must never be loaned
-        again, and this process lets go of its fds and mapping.
+        None is ever loaned again: its peer may keep a mapping of it (readers'
+        mappings keep the memory), and a broker that keeps a blob put from it
+        seals it once this process let go of its mapping.
         """
         with self._lock:
             for size_class, slots in self._classes.items():
-                for slot in slots:
-                    if slot.pool is pool:
-                        slots.remove(slot)
-                        self._bytes -= size_class
-                        self._slots -= 1
-                        pool.close()
-                        return
+                mine = [slot for slot in slots if slot.owner is owner]
+                for slot in mine:
+                    slots.remove(slot)
+                    slot.pool.close()
+                self._bytes -= size_class * len(mine)
+                self._slots -= len(mine)
 
     def close(self) -> None:
         """Close every slot, and make no more: readers keep the mappings they hold."""
@@ -239,16 +253,36 @@ class AutoPool:
         for size_class in [size for size, slots in self._classes.items() if not slots]:
             del self._classes[size_class]
 
-    def _forget_after_fork(self) -> None:
-        """In a forked child, drop the parent's slots: they are the parent's to use (their
-        mappings were not inherited; the fds and the pool objects were)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            for slots in self._classes.values():
-                for slot in slots:
-                    slot.pool.close()  # the child's copies of the fds and mappings
-            self._classes.clear()
-            self._bytes = self._slots = 0
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's slots, which are the parent's to use."""
+        self._lock = threading.Lock()  # the parent's may have been held at the fork
+        for slots in self._classes.values():
+            for slot in slots:
+                slot.pool.abandon_after_fork()
+                _inherited.append(slot.pool)
+        self._classes.clear()
+        self._bytes = self._slots = 0
+
+
+class SlotOwner:
+    """What a channel or a broker client takes auto-pool slots as (`AutoPool.try_loan`'s
+    owner), with the pools it took them from: `retire()` closes them all when it is done."""
+
+    __slots__ = ("_pools",)
+
+    def __init__(self) -> None:
+        self._pools: list[AutoPool] = []
+
+    def loan(self, pool: AutoPool, size: int) -> PoolLoan | None:
+        loan = pool.try_loan(size, self)
+        if loan is not None and pool not in self._pools:
+            self._pools.append(pool)
+        return loan
+
+    def retire(self) -> None:
+        for pool in self._pools:
+            pool.retire(self)
+        self._pools.clear()
 
 
 class PoolSetting:
@@ -279,6 +313,10 @@ class PoolSetting:
 
 _default: AutoPool | None = None
 _default_lock = threading.Lock()
+# Every pool of the process, for a forked child to reset (`_after_fork_in_child`), and
+# the slots a child inherited: kept for its life, so their mappings are never unmapped.
+_every_pool: weakref.WeakSet[AutoPool] = weakref.WeakSet()
+_inherited: list[BlobPool] = []
 
 
 def default_auto_pool() -> AutoPool:
@@ -329,3 +367,16 @@ def _reap() -> None:
         for pool in pools:
             pool.shrink()
         del pools
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock, _reaper_lock, _reaper_woken, _reaper_pid
+    _default_lock = threading.Lock()
+    _reaper_lock = threading.Lock()
+    _reaper_woken = threading.Event()
+    _reaper_pid = 0  # none runs here: the next slot starts one
+    for pool in list(_every_pool):
+        pool._after_fork()  # noqa: SLF001 - the module's own class
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -22,6 +22,7 @@ revoked slot's stale generation for the current one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -265,6 +266,25 @@ class BlobPool:
             unmap_when_unused(self._control)
         if self._control_fd >= 0:
             os.close(self._control_fd)
+            self._control_fd = -1
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: close the pool's fds and leave its mappings alone.
+
+        A slot mapped `MADV_DONTFORK` left a hole in the child, which the
+        child's own memory may fill since: unmapping there would pull that
+        from under it. The caller keeps this object for the child's life, so
+        that no mapping is ever unmapped by its deallocation either.
+        """
+        self._lock = threading.Condition()  # the parent's may have been held at the fork
+        self._closed = True
+        self._free.clear()
+        for slot in self._slots:
+            with contextlib.suppress(OSError):
+                os.close(slot.fd)
+        if self._control_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._control_fd)
             self._control_fd = -1
 
     def __enter__(self) -> Self:

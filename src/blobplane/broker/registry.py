@@ -453,13 +453,9 @@ class BlobRegistry:
         self._clients[client] = _Client(client, grant, account)
 
     def kept_by(self, client: ClientId) -> list[BlobId]:
-        """The pool slots *client* put with *keep* that are in memory: for the server to seal
-        against writes before `disconnect`."""
-        return [
-            blob_id
-            for blob_id in self._client(client).owned
-            if self._blobs[blob_id].keep and not self._blobs[blob_id].spilled
-        ]
+        """The pool slots *client* put with *keep* (and still its own: not spilled out, or
+        adopted): for the server to seal against writes before `disconnect`."""
+        return [blob_id for blob_id in self._client(client).owned if self._blobs[blob_id].keep]
 
     def disconnect(self, client: ClientId, sealed: Container[BlobId] = ()) -> list[Action]:
         """The connection ended, for whatever reason: clean up after it.
@@ -468,7 +464,7 @@ class BlobRegistry:
         are freed, and its pooled slots are withdrawn (the producer is gone,
         so nobody is notified). Sealed blobs it published stay, and so do the
         slots it put with *keep* that the server *sealed* against writes
-        (`kept_by`), or that are on disk: those become the broker's.
+        (`kept_by`): those become the broker's.
         """
         state = self._client(client)
         del self._clients[client]
@@ -478,9 +474,9 @@ class BlobRegistry:
             blob.owner = None
             if blob.state is BlobState.ALLOCATED:
                 actions += self._withdraw(blob, EvictReason.ABANDONED)
-            elif blob.keep and (blob.spilled or blob.id in sealed):
+            elif blob.keep and blob.id in sealed:
                 self._adopt(blob)
-            elif blob.pooled and blob.state is BlobState.SEALED:
+            elif blob.keep or (blob.pooled and blob.state is BlobState.SEALED):
                 actions += self._withdraw(blob, EvictReason.PRODUCER_GONE)
         for blob_id in state.held:
             blob = self._blobs[blob_id]

@@ -214,6 +214,8 @@ class BrokerServer:
         # Spill files being written and read, in threads; the memfd a write reads
         # is out of the fd table (`Spill`) until the write is over.
         self._spilling: dict[BlobId, asyncio.Future[_Timed]] = {}
+        # The broker's fd of each blob being written out, which the write holds meanwhile.
+        self._spill_fds: dict[BlobId, int] = {}
         self._restoring: dict[BlobId, asyncio.Future[None]] = {}
         # The writes a put started, which its connection waits for before its next
         # request: a client cannot pile up memory faster than the disk takes it.
@@ -571,13 +573,7 @@ class BrokerServer:
             self._spill_waits.pop(session.client, None)
             try:
                 if self.registry.connected(session.client):
-                    # The slots it put to outlive it stay published once nobody can
-                    # write them any more; the others are withdrawn.
-                    sealed = {
-                        blob_id
-                        for blob_id in self.registry.kept_by(session.client)
-                        if blob_id in self.fds and memory.seal_for_good(self.fds.get(blob_id))
-                    }
+                    sealed = await self._seal_kept(session.client)
                     self._carry_out(self.registry.disconnect(session.client, sealed))
                     self._schedule_expiry()
                 for reader in list(self._sessions.values()):
@@ -587,6 +583,29 @@ class BrokerServer:
             except Exception as exc:
                 _log_bug(session.client, exc)
             event("client.disconnected", client=session.client, reason=reason)
+
+    async def _seal_kept(self, client: ClientId) -> set[BlobId]:
+        """The slots *client* put to outlive it that are sealed against every write now.
+
+        They stay published; the others are withdrawn (someone still maps them
+        writable). In a thread: the kernel's seal waits for pages still pinned,
+        which a hostile client can make it do for every slot. Through dups, as
+        the blobs may be freed meanwhile (the fd of one being spilled is the
+        spill's). Nothing is sealed if the broker is stopping.
+        """
+        fds: dict[BlobId, int] = {}
+        try:
+            for blob_id in self.registry.kept_by(client):
+                fd = self.fds.get(blob_id) if blob_id in self.fds else self._spill_fds.get(blob_id)
+                if fd is not None:
+                    fds[blob_id] = os.dup(fd)
+            if not fds:
+                return set()
+            return await asyncio.to_thread(_seal_all, fds)
+        except (OSError, asyncio.CancelledError):
+            return set()
+        finally:
+            close_fds(fds.values())
 
     # -- requests --------------------------------------------------------------------------
 
@@ -1021,6 +1040,7 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(None, _timed, self.spill.write_file, blob_id, fd, size)
         self._spilling[blob_id] = future
+        self._spill_fds[blob_id] = fd
         future.add_done_callback(lambda done: self._spill_done(blob_id, fd, size, done))
 
     def _spill_done(
@@ -1028,6 +1048,7 @@ class BrokerServer:
     ) -> None:
         assert self.spill is not None
         del self._spilling[blob_id]
+        del self._spill_fds[blob_id]
         error = done.exception() if not done.cancelled() else BrokenResource("cancelled")
         try:
             state: BlobState | None = self.registry.info(blob_id).state
@@ -1294,6 +1315,10 @@ def _decode(message: Message, fds: tuple[int, ...]) -> Request:
         close_fds(fds)
         raise
     return request
+
+
+def _seal_all(fds: dict[BlobId, int]) -> set[BlobId]:
+    return {blob_id for blob_id, fd in fds.items() if memory.seal_for_good(fd)}
 
 
 def _dup(fds: memory.FdTable, blob_id: BlobId) -> int:

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Container, Generator, Sequence
 from typing import NoReturn, TypeVar
 
-from blobplane.auto_pool import AutoPool, default_auto_pool
+from blobplane.auto_pool import AutoPool, SlotOwner, default_auto_pool
 from blobplane.channel.transport import (
     PeerCredentials,
     check_peer,
@@ -55,6 +55,7 @@ from blobplane.errors import (
     BlobError,
     BrokenResource,
     ConnectionClosed,
+    PeerRefused,
     RemoteProtocolError,
     TooManyOpenFiles,
     os_errors,
@@ -143,7 +144,11 @@ def _fd_exhaustion() -> TooManyOpenFiles:
 
 
 def _release(
-    sock: socket.socket, wire: Connection, unread: deque[Received], arrived: list[Received]
+    sock: socket.socket,
+    wire: Connection,
+    unread: deque[Received],
+    arrived: list[Received],
+    slot_owner: SlotOwner,
 ) -> None:
     # Shared by close() and the finalizer, so it must not refer to the core.
     sock.close()
@@ -152,6 +157,9 @@ def _release(
         close_fds(received.fds)
     unread.clear()
     arrived.clear()
+    # The peer may still read the slots it had from us (or keep their mappings):
+    # none of them is ever loaned again.
+    slot_owner.retire()
 
 
 class Busy:
@@ -245,8 +253,12 @@ class ChannelCore:
         # Of those, the handoffs whose replies the library takes (`AutoPool` slots).
         self._quiet: set[int] = set()
         self.slot_cache = SlotCache()
-        # Where `send_bytes` copies a payload too large for a message (None: fresh blobs).
+        # Where `send_bytes` copies a payload too large for a message (None: fresh blobs),
+        # and what it takes slots as: they are retired with the channel.
         self.auto_pool: AutoPool | None = default_auto_pool()
+        self.slot_owner = SlotOwner()
+        # A refusal of a quiet slot: raised by the next send that copies (`send_filled`).
+        self.quiet_refusal: PeerRefused | None = None
         # Whether handed-over memfds may have unallocated pages (`checks.check_allocated`).
         self.allow_sparse = False
         self._owed: deque[Message] = deque()
@@ -254,7 +266,13 @@ class ChannelCore:
         # Read-only for the operations: whether replies wait in `_owed` (`send_owed`).
         self.owing = False
         self._finalizer = weakref.finalize(
-            self, _release, sock, self.wire, self._unread, self._arrived
+            self,
+            _release,
+            sock,
+            self.wire,
+            self._unread,
+            self._arrived,
+            self.slot_owner,
         )
 
     # -- state -------------------------------------------------------------------
@@ -323,9 +341,10 @@ class ChannelCore:
         self.owing = False
         # No reply can come any more: the slots we lent are ours again.
         pooled, self.pooled_out = self.pooled_out, {}
-        self._quiet.clear()
-        for pool, slot in pooled.values():
-            _give_back(pool, slot)
+        quiet, self._quiet = self._quiet, set()
+        for request_id, (pool, slot) in pooled.items():
+            if request_id not in quiet:  # a quiet one is retired with its AutoPool owner
+                _give_back(pool, slot)
 
     # -- receiving ---------------------------------------------------------------
 
@@ -491,10 +510,17 @@ class ChannelCore:
                     _give_back(*lent)
                     if reply_to in self._quiet:
                         self._quiet.discard(reply_to)
-                        # The library's own slot came back: nothing for the caller.
-                        # A refusal still is: what it refused did not arrive.
-                        if type(event.message) is Ack:
-                            return None
+                        # The library's own slot came back: nothing for the caller of
+                        # recv(). A refusal is for the sender: the next send says it.
+                        if type(event.message) is ErrorReply:
+                            message = event.message
+                            self.quiet_refusal = PeerRefused(
+                                f"the peer refused bytes sent earlier (request {reply_to}): "
+                                f"{message.message} ({message.code})",
+                                code=message.code,
+                                reply_to=reply_to,
+                            )
+                        return None
             return event
         if type(event) is PeerClosed:
             raise self.fail(ConnectionClosed("the peer closed the channel"))

@@ -346,12 +346,16 @@ def send_filled(
 
     Up to the wire's `payload_limit` they ride inside the message. Larger,
     they go in a slot of the channel's `AutoPool`, sent without waiting (the
-    slot is the library's again once the peer released it); or, with
-    *sealed*, no pool, or no room in it, in a fresh memfd sealed against
-    every write, waited for until the peer mapped it.
+    slot is the library's again once the peer released it, for this channel
+    alone; a refusal of it is raised by the next call); or, with *sealed*, no
+    pool, or no room in it, in a fresh memfd sealed against every write,
+    waited for until the peer mapped it.
     """
     if not is_int(size) or size < 0:
         raise InvalidSize(f"size must be an int >= 0, got {size!r}")
+    if core.quiet_refusal is not None:
+        refusal, core.quiet_refusal = core.quiet_refusal, None
+        raise refusal
     if size <= core.wire.payload_limit:
         buffer = bytearray(size)
         with memoryview(buffer) as view:
@@ -360,7 +364,7 @@ def send_filled(
     pool = None if sealed else core.auto_pool
     if pool is not None:
         core.take_replies()
-        loan = pool.try_loan(size)
+        loan = core.slot_owner.loan(pool, size)
         if loan is not None:
             try:
                 with loan.buffer as view:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeAlias, TypeVar
 
 from blobplane import errors
-from blobplane.auto_pool import AutoPool, PoolSetting, default_auto_pool
+from blobplane.auto_pool import AutoPool, PoolSetting, SlotOwner
 from blobplane.backends.checks import check_received_fd, check_regular_and_size
 from blobplane.backends.mapping import byte_view, copier, map_readonly, map_writable
 from blobplane.blobs import ProducerBlob, SharedMemoryBlobs
@@ -223,10 +223,10 @@ class ClientCore:
         self.abandoned: dict[int, type[Request]] = {}
         self.slots = SlotCache()
         self._local: SharedMemoryBlobs | None = None
-        # Where `put_bytes` and `put_object` copy a payload (None: fresh blobs), and
-        # the ids of what they put from it: the broker keeps those when we go.
-        self.auto_pool: AutoPool | None = default_auto_pool()
-        self._kept: set[uuid.UUID] = set()
+        # Where `put_bytes` and `put_object` copy a payload (None, the default: fresh
+        # blobs), and what they take slots as.
+        self.auto_pool: AutoPool | None = None
+        self.slot_owner = SlotOwner()
 
     def rid(self) -> int:
         return next(self._rids)
@@ -269,14 +269,12 @@ class ClientCore:
             reply, fds = yield Call(request)
             return expect(reply, fds, BlobReply).blob
         pool = None if sealed else self.auto_pool
-        loan = None if pool is None else pool.try_loan(size)
+        loan = None if pool is None else self.slot_owner.loan(pool, size)
         if loan is not None:
             with loan:  # the slot stays the broker's until it says SlotFree
                 with loan.buffer as view:
                     write(view)
-                entry = yield from self.put_pooled(loan, key, lease_ms, keep=True)
-            self._kept.add(entry.id)
-            return entry
+                return (yield from self.put_pooled(loan, key, lease_ms, keep=True))
         if self._local is None:
             self._local = SharedMemoryBlobs(BlobBackend.MEMFD)
         with self._local.create(size) as blob:
@@ -427,7 +425,6 @@ class ClientCore:
         close_fds(fds)
         match reply:
             case SlotFree(id=blob):
-                self._kept.discard(blob)
                 held = self.pooled.pop(blob, None)
                 if held is not None and not held[0].closed:
                     held[0].release(held[1])
@@ -459,11 +456,7 @@ class ClientCore:
         # broker's from now on: never to be loaned (or written) here again. Unmapped
         # before the connection closes: the broker seals it against writes then, which
         # the kernel refuses while a writable mapping exists.
-        for blob in self._kept:
-            held = self.pooled.pop(blob, None)
-            if held is not None and self.auto_pool is not None:
-                self.auto_pool.give_away(held[0])
-        self._kept.clear()
+        self.slot_owner.retire()
 
 
 class AutoPoolOption:
@@ -471,7 +464,9 @@ class AutoPoolOption:
 
     _core: ClientCore
     auto_pool = PoolSetting(
-        "Where `put_bytes` and `put_object` copy (an `AutoPool`; None: a fresh memfd every time)."
+        "Where `put_bytes` and `put_object` copy from 64 KiB up: None (the default), a fresh "
+        "memfd every time; an `AutoPool`, its slots, reused (every reader of a pooled blob "
+        "can read what its slot holds later)."
     )
 
 
