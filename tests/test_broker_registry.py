@@ -31,12 +31,13 @@ from blobplane.broker import (
     WakeWaiters,
 )
 from blobplane.broker.protocol import MAX_KEY_BYTES
-from blobplane.broker.registry import Action, Spill
+from blobplane.broker.registry import MAX_KEPT_PER_CLIENT, Action, Spill
 from blobplane.errors import (
     BlobDeleted,
     BlobError,
     BlobNotFound,
     BlobSealed,
+    BrokerLimitReached,
     ClientQuotaExceeded,
     DuplicateClient,
     InvalidKey,
@@ -1191,3 +1192,13 @@ def test_a_kept_slot_restored_while_its_spill_was_written_is_withdrawn_unsealed(
     reg.disconnect(PRODUCER, set())
     with pytest.raises(BlobNotFound):
         reg.restored(kept)
+
+
+def test_slots_kept_past_a_connection_are_bounded_per_connection(clock: Clock) -> None:
+    reg = registry(clock)
+    for _ in range(MAX_KEPT_PER_CLIENT):
+        published(reg, 1, pooled=True, keep=True)
+    with pytest.raises(BrokerLimitReached):
+        reg.put(PRODUCER, 1, pooled=True, keep=True)
+    published(reg, 1, pooled=True)  # without keep: withdrawn with the connection
+    assert len(reg.kept_by(PRODUCER)) == MAX_KEPT_PER_CLIENT

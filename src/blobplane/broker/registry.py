@@ -102,6 +102,7 @@ from blobplane.errors import (
     BlobDeleted,
     BlobNotFound,
     BlobSealed,
+    BrokerLimitReached,
     ClientQuotaExceeded,
     DuplicateClient,
     InvalidSize,
@@ -117,6 +118,7 @@ from blobplane.sizes import format_size
 from blobplane.types import BlobId, BlobToken, is_int
 
 __all__ = [
+    "MAX_KEPT_PER_CLIENT",
     "AccountUsage",
     "Action",
     "BlobInfo",
@@ -136,6 +138,10 @@ __all__ = [
     "Spill",
     "WakeWaiters",
 ]
+
+# Pool slots one connection may have put to outlive it (`put(keep=True)`): each is sealed
+# against writes when it goes, which a client can make slow (see `BrokerServer`).
+MAX_KEPT_PER_CLIENT = 256
 
 ClientId: TypeAlias = int
 
@@ -543,6 +549,11 @@ class BlobRegistry:
         charge = size if charge is None else charge
         if not is_int(charge) or charge < size:
             raise InvalidSize(f"a blob's charge must be an int, at least its size, got {charge!r}")
+        if pooled and keep and len(self.kept_by(client)) >= MAX_KEPT_PER_CLIENT:
+            raise BrokerLimitReached(
+                f"this connection has {MAX_KEPT_PER_CLIENT} pool slots published to outlive it, "
+                "the most allowed; put further ones without keep, or fresh blobs"
+            )
         return self._place(
             client,
             Right.PUT,

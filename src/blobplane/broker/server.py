@@ -40,6 +40,7 @@ close everything. The memfds die with their last fd.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -216,6 +217,9 @@ class BrokerServer:
         self._spilling: dict[BlobId, asyncio.Future[_Timed]] = {}
         # The broker's fd of each blob being written out, which the write holds meanwhile.
         self._spill_fds: dict[BlobId, int] = {}
+        # One thread for the seals of kept slots (`_seal_kept`): a client that makes them
+        # slow delays only those, never the spills and restores of the default executor.
+        self._sealer = concurrent.futures.ThreadPoolExecutor(1, "blobplane-seal")
         self._restoring: dict[BlobId, asyncio.Future[None]] = {}
         # The writes a put started, which its connection waits for before its next
         # request: a client cannot pile up memory faster than the disk takes it.
@@ -381,6 +385,7 @@ class BrokerServer:
         if self._timer is not None:
             self._timer.cancel()
         await self._spill_io_done()
+        self._sealer.shutdown(wait=False, cancel_futures=True)
         self.fds.close_all()
         if self.spill is not None:
             self.spill.close()
@@ -601,7 +606,8 @@ class BrokerServer:
                     fds[blob_id] = os.dup(fd)
             if not fds:
                 return set()
-            return await asyncio.to_thread(_seal_all, fds)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._sealer, _seal_all, fds)
         except (OSError, asyncio.CancelledError):
             return set()
         finally:
