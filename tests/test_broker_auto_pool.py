@@ -221,3 +221,13 @@ def test_a_small_put_carries_its_bytes_and_the_broker_seals_them(size: int) -> N
         client.delete("small")
         wait_until(lambda: client.stats().blobs == 0, "the blob to be freed")
         assert broker.memfds() == 0
+
+
+def test_a_client_pools_only_when_told_to() -> None:
+    """Every reader of a pooled blob can read what its slot holds later: not the default."""
+    with running_broker() as broker, connect_broker(broker.socket_path) as client:
+        assert client.auto_pool is None
+        assert not client.put_bytes(bytes(MIB), key="fresh").pooled
+        client.auto_pool = pool = AutoPool()
+        assert client.put_bytes(bytes(MIB), key="pooled").pooled
+    pool.close()
