@@ -6,9 +6,11 @@ says, and no fd."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
+import time
 
 import pytest
 from rawclient import RawConnection
@@ -106,3 +108,65 @@ def test_inline_puts_that_lie_are_refused_and_leave_nothing() -> None:
 def broker_has_client(broker: Broker) -> bool:
     with connect_broker(broker.socket_path) as probe:
         return probe.stats().clients > 1
+
+
+F_SETPIPE_SZ = 1031
+SPLICE_F_NONBLOCK = 2
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def pinned_slot(pipe_write: int) -> int:
+    """A slot whose pages a pipe still references (vmsplice) after it is unmapped: the
+    kernel's seal waits for them before it refuses."""
+    fd, mapped = slot()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = (ctypes.c_char * SIZE).from_buffer(mapped)
+    vector = _Iovec(ctypes.addressof(pages), 64 << 10)
+    spliced = libc.vmsplice(pipe_write, ctypes.byref(vector), 1, SPLICE_F_NONBLOCK)
+    del pages
+    mapped.close()
+    if spliced <= 0:  # pragma: no cover - a kernel without vmsplice
+        os.close(fd)
+        pytest.skip("vmsplice is not available")
+    return fd
+
+
+def test_slow_seals_of_a_departing_client_hold_up_nobody_else() -> None:
+    with running_broker() as broker, connect_broker(broker.socket_path) as other:
+        pipe_read, pipe_write = os.pipe()
+        fcntl.fcntl(pipe_write, F_SETPIPE_SZ, 1 << 20)  # room for every slot's pages
+        raw = RawConnection(broker.socket_path)
+        hello(raw)
+        try:
+            for index in range(8):
+                fd = pinned_slot(pipe_write)
+                try:
+                    put = Put(
+                        rid=raw.next_rid(), size=SIZE, key=f"p{index}", pooled=True, keep=True
+                    )
+                    assert isinstance(ask(raw, put, (fd,)), BlobReply)
+                finally:
+                    os.close(fd)
+            started = time.monotonic()
+            raw.close()  # eight seals to try, each waiting for the pinned pages
+            slowest, left = 0.0, 8
+            while left:  # until they are withdrawn
+                begun = time.monotonic()
+                left = other.stats().blobs
+                other.put_bytes(b"served", key="other")
+                with other.get("other") as read:
+                    assert bytes(read.as_slice()) == b"served"
+                other.delete("other")
+                slowest = max(slowest, time.monotonic() - begun)
+                assert time.monotonic() - started < 30, "the seals never ended"
+            sealing = time.monotonic() - started
+        finally:
+            os.close(pipe_read)
+            os.close(pipe_write)
+        assert sealing > 0.5  # the seals did take long...
+        assert slowest < sealing / 4  # ...and the other client was served meanwhile
+        with pytest.raises(BlobNotFound):
+            other.get("p0")  # pinned pages: not sealable, withdrawn
