@@ -299,28 +299,30 @@ def channel(data: Data) -> str:
         "",
         table(["size", "variant", "runs", "median", "IQR", "GB/s", "x raw"], grouped(rows), 2),
     ]
-    verdicts = data.get("verdicts") or []
-    if verdicts:
-        out += [
-            "",
-            "blobplane over raw, median of paired runs:",
-            "",
-            table(
-                ["what", "paired median", "IQR", "target", "verdict"],
-                [
-                    [
-                        v["what"],
-                        f"{v['paired_median_ratio']:.3f}x",
-                        f"{v['paired_iqr'][0]:.3f}-{v['paired_iqr'][1]:.3f}",
-                        target(v["target"]),
-                        verdict_mark(v["met"]),
-                    ]
-                    for v in verdicts
-                ],
-            ),
-        ]
+    out += verdict_table(
+        data,
+        ["what", "paired median", "IQR", "target"],
+        lambda v: [
+            v["what"],
+            f"{v['paired_median_ratio']:.3f}x",
+            f"{v['paired_iqr'][0]:.3f}-{v['paired_iqr'][1]:.3f}",
+            target(v["target"]),
+        ],
+        "blobplane over raw, median of paired runs:",
+    )
     out += notes(data)
     return "\n".join(out)
+
+
+def verdict_table(
+    data: Data, columns: list[str], cells: Callable[[Data], list[str]], heading: str = ""
+) -> list[str]:
+    """The benchmark's verdicts, one row each: *cells* of a verdict, then whether it was met."""
+    verdicts = data.get("verdicts") or []
+    if not verdicts:
+        return []
+    rows = [[*cells(v), verdict_mark(v["met"])] for v in verdicts]
+    return ["", *([heading, ""] if heading else []), table([*columns, "verdict"], rows)]
 
 
 def notes(data: Data) -> list[str]:
@@ -392,15 +394,7 @@ def streams(data: Data) -> str:
             "",
             table(["size", "subs", "variant", "round trip p50", "round trip p99"], burst, 3),
         ]
-    verdicts = data.get("verdicts") or []
-    if verdicts:
-        out += [
-            "",
-            table(
-                ["what", "measured", "verdict"],
-                [[v["what"], v["detail"], verdict_mark(v["met"])] for v in verdicts],
-            ),
-        ]
+    out += verdict_table(data, ["what", "measured"], lambda v: [v["what"], v["detail"]])
     out += notes(data)
     return "\n".join(out)
 
@@ -583,18 +577,11 @@ def broker(data: Data) -> str:
                 left=0,
             ),
         ]
-    verdicts = data.get("verdicts") or []
-    if verdicts:
-        out += [
-            "",
-            table(
-                ["what", "measured", "target", "verdict"],
-                [
-                    [v["what"], _value(v["value"]), target(v["target"]), verdict_mark(v["met"])]
-                    for v in verdicts
-                ],
-            ),
-        ]
+    out += verdict_table(
+        data,
+        ["what", "measured", "target"],
+        lambda v: [v["what"], _value(v["value"]), target(v["target"])],
+    )
     out += notes(data)
     return "\n".join(out)
 
@@ -642,26 +629,17 @@ def spill(data: Data) -> str:
             rows,
         ),
     ]
-    verdicts = data.get("verdicts") or []
-    if verdicts:
-        out += [
-            "",
-            "Each round's rate over the disk's rate of the same round, the median over rounds:",
-            "",
-            table(
-                ["what", "measured", "rounds", "target", "verdict"],
-                [
-                    [
-                        v["what"],
-                        f"{v['value']:.0%}",
-                        f"{min(v['ratios']):.0%}-{max(v['ratios']):.0%}",
-                        v["target"],
-                        verdict_mark(v["met"]),
-                    ]
-                    for v in verdicts
-                ],
-            ),
-        ]
+    out += verdict_table(
+        data,
+        ["what", "measured", "rounds", "target"],
+        lambda v: [
+            v["what"],
+            f"{v['value']:.0%}",
+            f"{min(v['ratios']):.0%}-{max(v['ratios']):.0%}",
+            v["target"],
+        ],
+        "Each round's rate over the disk's rate of the same round, the median over rounds:",
+    )
     out += notes(data)
     return "\n".join(out)
 
