@@ -604,14 +604,17 @@ class BrokerServer:
                 fd = self.fds.get(blob_id) if blob_id in self.fds else self._spill_fds.get(blob_id)
                 if fd is not None:
                     fds[blob_id] = os.dup(fd)
-            if not fds:
-                return set()
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._sealer, _seal_all, fds)
-        except (OSError, asyncio.CancelledError):
-            return set()
-        finally:
+        except OSError:
             close_fds(fds.values())
+            return set()
+        if not fds:
+            return set()
+        # From here the dups are the thread's to close: a cancelled wait leaves it running.
+        sealing = asyncio.get_running_loop().run_in_executor(self._sealer, _seal_all, fds)
+        try:
+            return await sealing
+        except asyncio.CancelledError:
+            return set()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -1324,7 +1327,11 @@ def _decode(message: Message, fds: tuple[int, ...]) -> Request:
 
 
 def _seal_all(fds: dict[BlobId, int]) -> set[BlobId]:
-    return {blob_id for blob_id, fd in fds.items() if memory.seal_for_good(fd)}
+    """In the sealing thread: which of *fds* took the seal; closes them all."""
+    try:
+        return {blob_id for blob_id, fd in fds.items() if memory.seal_for_good(fd)}
+    finally:
+        close_fds(fds.values())
 
 
 def _dup(fds: memory.FdTable, blob_id: BlobId) -> int:
