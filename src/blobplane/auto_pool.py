@@ -120,6 +120,9 @@ class AutoPool:
         self._bytes = 0
         self._slots = 0
         self._closed = False
+        # Bumped whenever the counts are reset (`close`, a fork): a slot made meanwhile
+        # outside the lock then has no room reserved any more.
+        self._generation = 0
         _every_pool.add(self)
 
     @property
@@ -167,17 +170,29 @@ class AutoPool:
                 )
                 if self._bytes + size_class > self.max_bytes or self._slots >= self.max_slots:
                     return None
-            try:
-                pool = BlobPool(size_class, 1, sealable=True)
-            except BlobError:
-                return None  # no memory for it: the caller's fresh blob says why, if it fails too
+            # Its room is taken now; the slot is made outside the lock (faulting in a
+            # large one takes long), so that other owners' loans go on meanwhile.
+            self._bytes += size_class
+            self._slots += 1
+            generation = self._generation
+        try:
+            pool = BlobPool(size_class, 1, sealable=True)
+        except BlobError:
+            pool = None  # no memory for it: the caller's fresh blob says why, if it fails too
+        with self._lock:
+            if self._generation != generation:  # closed (or forked) meanwhile: room is gone
+                if pool is not None:
+                    pool.close()
+                return None
+            if pool is None:
+                self._bytes -= size_class
+                self._slots -= 1
+                return None
             # Not inherited by a forked child: the slot is this process's alone, and a
             # broker can seal one it keeps once this process lets go.
             pool.slot_mapping(0).madvise(mmap.MADV_DONTFORK)
             # Looked up again: dropping idle slots may have removed the (empty) class.
             self._classes.setdefault(size_class, []).append(_Slot(pool, now, owner))
-            self._bytes += size_class
-            self._slots += 1
             loan = pool.try_loan()
         _watch(self)
         assert loan is not None  # a new pool's one slot is free
@@ -214,6 +229,7 @@ class AutoPool:
             self._closed = True
             classes, self._classes = self._classes, {}
             self._bytes = self._slots = 0
+            self._generation += 1
         for slots in classes.values():
             for slot in slots:
                 slot.pool.close()
@@ -262,6 +278,7 @@ class AutoPool:
                 _inherited.append(slot.pool)
         self._classes.clear()
         self._bytes = self._slots = 0
+        self._generation += 1
 
 
 class SlotOwner:
