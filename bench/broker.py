@@ -6,13 +6,12 @@ This process is the producer; every variant has its own consumer, a separate
 process started from this file (``--consumer KIND``). Variants, producer side
 -> consumer side:
 
-- ``broker, put_bytes, auto_pool``: a client given an automatic pool
-  (``client.auto_pool = AutoPool()``): from 64 KiB up the payload is copied
-  into a slot of it, put to stay published after the producer goes, the
-  slot back through ``SlotFree`` once the key is deleted and released
-  (below that, as the default) -> the same consumer side as below.
 - ``broker, put_bytes`` (default arguments): up to 60 KiB the payload rides
-  inside the request and the broker makes the memfd; larger, a new memfd,
+  inside the request and the broker makes the memfd; from 64 KiB up it is
+  copied into a slot of the process's automatic pool, put to stay published
+  after the producer goes, the slot back through ``SlotFree`` once the key
+  is deleted and released -> the same consumer side as below.
+- ``broker, put_bytes(sealed=True)``: larger than 60 KiB, a new memfd,
   the payload copied in, sealed against writes, its fd handed to the broker
   (a fresh blob) -> the consumer's
   ``get(key)``, already waiting at the broker, is answered with a read-only fd,
@@ -84,7 +83,7 @@ from rich.table import Table
 
 import _common
 from _common import KIB, MIB, Result, environment, fmt_size, fmt_time, gc_paused
-from blobplane import AutoPool, BlobBackend, BlobPool, SharedMemoryBlobs, channel
+from blobplane import BlobBackend, BlobPool, SharedMemoryBlobs, channel
 from blobplane.broker.process import BrokerProcess, start_broker
 from blobplane.client import BrokerClient, connect_broker, connect_broker_async
 
@@ -104,8 +103,8 @@ QUICK_OPS_SECONDS = 0.5
 QUICK_OPS_ROUNDS = 1
 OPS_KEYS = 64
 
-BROKER_AUTO = "broker, put_bytes, auto_pool"
-BROKER_FRESH = "broker, put_bytes"
+BROKER_AUTO = "broker, put_bytes"
+BROKER_FRESH = "broker, put_bytes(sealed=True)"
 BROKER_POOLED = "broker, pool slot"
 BROKER_IN_PLACE = "broker, pool slot written before the clock (info)"
 CHANNEL_FRESH = "channel, fresh blob"
@@ -364,10 +363,6 @@ class BrokerVariant(Variant):
 class BrokerAuto(BrokerVariant):
     name = BROKER_AUTO
 
-    def start(self, socket_path: str) -> None:
-        super().start(socket_path)
-        self.client.auto_pool = AutoPool()
-
     def publish(self, payload: Payload, tag: int, before: Any) -> None:
         self.client.put_bytes(payload.view, key=key_of(tag))
 
@@ -379,7 +374,7 @@ class BrokerFresh(BrokerVariant):
     name = BROKER_FRESH
 
     def publish(self, payload: Payload, tag: int, before: Any) -> None:
-        self.client.put_bytes(payload.view, key=key_of(tag))
+        self.client.put_bytes(payload.view, key=key_of(tag), sealed=True)
 
 
 class BrokerPooled(BrokerVariant):

@@ -312,6 +312,38 @@ def test_idle_slots_are_closed_without_being_asked() -> None:
     assert open_fds() == fds_before
 
 
+ONE_SEND = """
+import os
+from blobplane import channel
+from blobplane.errors import Timeout
+left, right = channel.socketpair()
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+left.send_bytes(bytes(2 << 20))  # pooled: its slot is the receiver's until released
+with right.recv_bytes() as data:
+    assert len(data) == 2 << 20
+print(threads() - before)
+try:
+    left.recv(timeout=0.1)  # takes the release in: the slot is free, and idle from now on
+except Timeout:
+    pass
+print(threads() - before)
+"""
+
+
+def test_the_idle_reaper_starts_when_a_slot_first_comes_back() -> None:
+    """A process that sends once and exits never pays for the reaper's thread."""
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_SEND],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "1"]
+
+
 def test_a_forked_child_never_shares_a_slot_with_its_parent() -> None:
     pool = AutoPool()
     loan = pool.try_loan(MIB)

@@ -11,7 +11,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "broker.py"
 TIMEOUT_S = 60  # the quick run takes five to ten seconds
 
 VARIANTS = (
-    "broker, put_bytes, auto_pool",
+    "broker, put_bytes(sealed=True)",
     "broker, put_bytes",
     "broker, pool slot",
     "broker, pool slot written before the clock (info)",

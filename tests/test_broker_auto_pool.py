@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blobplane import AutoPool
+from blobplane import AutoPool, default_auto_pool
 from blobplane.auto_pool import slot_class
 from blobplane.broker.protocol import MAX_INLINE_PUT
 from blobplane.client import connect_broker, connect_broker_async
@@ -26,11 +26,9 @@ MIB = 1 << 20
 
 PRODUCER = """
 import os, signal, sys
-from blobplane import default_auto_pool
 from blobplane.client import connect_broker
 path, how = sys.argv[1:3]
 client = connect_broker(path)
-client.auto_pool = default_auto_pool()  # not the default: see the broker guide
 entry = client.put_bytes(bytes(range(256)) * 8192, key="kept")  # 2 MiB
 print(entry.pooled, flush=True)
 if how == "killed":
@@ -223,11 +221,48 @@ def test_a_small_put_carries_its_bytes_and_the_broker_seals_them(size: int) -> N
         assert broker.memfds() == 0
 
 
-def test_a_client_pools_only_when_told_to() -> None:
-    """Every reader of a pooled blob can read what its slot holds later: not the default."""
+def test_a_client_pools_by_default_and_not_when_told_not_to() -> None:
     with running_broker() as broker, connect_broker(broker.socket_path) as client:
-        assert client.auto_pool is None
-        assert not client.put_bytes(bytes(MIB), key="fresh").pooled
-        client.auto_pool = pool = AutoPool()
+        assert client.auto_pool is default_auto_pool()
         assert client.put_bytes(bytes(MIB), key="pooled").pooled
+        client.auto_pool = None
+        assert not client.put_bytes(bytes(MIB), key="fresh").pooled
+
+
+def test_a_slot_a_token_holder_got_is_closed_not_reused() -> None:
+    """A reader with a per-blob token may keep the mapping: the slot never carries the next
+    blob (with readers for good alone, it would: see the reuse test above)."""
+    first, second = b"\x01" * (2 * MIB), b"\x02" * (2 * MIB)
+    pool = AutoPool()
+    with running_broker() as broker, connect_broker(broker.socket_path) as producer:
+        producer.auto_pool = pool
+        entry = producer.put_bytes(first, key="first")
+        token = producer.mint_read_token("first", ttl=60)
+        with connect_broker(broker.socket_path, token=token) as sandbox:
+            read = sandbox.get("first")
+            kept = read.as_slice()  # released below, but still mapped
+            read.close()
+            producer.delete(entry.blob_id)
+            wait_until(lambda: (producer.pump(), pool.slots)[1] == 0, "the slot to be closed")
+            assert producer.put_bytes(second, key="second").pooled  # in a slot made anew
+            assert pool.slots == 1
+            with producer.get("second") as again, again.as_slice() as view:
+                assert view == second
+            assert kept == first  # what the token holder kept never changed
+            kept.release()
+        producer.delete("second")
     pool.close()
+
+
+def test_a_put_whose_slot_finds_no_room_at_the_broker_goes_in_a_fresh_blob() -> None:
+    data = bytes(range(256)) * (MIB // 256) + b"!"  # its slot: a quarter larger
+    assert slot_class(len(data)) > 1100 * 1024
+    with (
+        running_broker("--memory-limit", "1100KiB") as broker,
+        connect_broker(broker.socket_path) as client,
+    ):
+        entry = client.put_bytes(data, key="tight")
+        assert not entry.pooled
+        with client.get("tight") as read, read.as_slice() as view:
+            assert view == data
+        client.delete("tight")

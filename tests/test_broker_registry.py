@@ -803,6 +803,51 @@ def test_a_pooled_slot_goes_back_to_its_producer_after_the_last_release(clock: C
     assert reg.stats().pooled_bytes == 0
 
 
+@pytest.mark.parametrize(
+    "grant",
+    [
+        Grant(account="token:reader", key_id="key"),
+        Grant(expires_at=1e12),
+        "for the blob",
+    ],
+    ids=["a token's", "expiring", "bound to the blob"],
+)
+def test_a_slot_a_lapsing_reader_got_comes_back_not_to_be_reused(
+    clock: Clock, grant: Grant | str
+) -> None:
+    reg = registry(clock)
+    slot = published(reg, 10, "frame", pooled=True)
+    reg.connect(OTHER, grant if isinstance(grant, Grant) else Grant.for_blob(slot))
+    ready(reg, CONSUMER, "frame")  # a reader for good: no matter
+    ready(reg, OTHER, slot)
+    reg.delete(PRODUCER, "frame")
+    reg.release(CONSUMER, slot)
+    assert reg.release(OTHER, slot) == [FreeBlob(slot), NotifyProducer(PRODUCER, slot, False)]
+
+
+def test_grants_that_read_everything_for_good() -> None:
+    assert Grant().reads_everything_for_good
+    assert Grant(max_bytes=10).reads_everything_for_good
+    assert not Grant(rights=frozenset({Right.PUT})).reads_everything_for_good
+    assert not Grant(account="token:t").reads_everything_for_good
+    assert not Grant(key_id="k").reads_everything_for_good
+    assert not Grant(expires_at=1e12).reads_everything_for_good
+    assert not Grant.for_blob(BlobId.new()).reads_everything_for_good
+
+
+def test_a_spilled_slot_a_lapsing_reader_got_comes_back_not_to_be_reused(clock: Clock) -> None:
+    reg = BlobRegistry(memory_limit=200, spill=True, clock=clock)
+    for client in (PRODUCER, CONSUMER):
+        reg.connect(client)
+    reg.connect(OTHER, Grant(account="token:reader", key_id="key"))
+    kept = published(reg, 100, "kept", pooled=True, keep=True)
+    ready(reg, OTHER, "kept")
+    reg.release(OTHER, kept)
+    placed = reg.put(CONSUMER, 150)
+    assert Spill(kept, 100) in placed.actions
+    assert reg.spill_written(kept) == [NotifyProducer(PRODUCER, kept, False)]
+
+
 def test_an_unread_pooled_slot_goes_back_at_once_when_deleted(clock: Clock) -> None:
     reg = registry(clock)
     slot = published(reg, 100, pooled=True)
@@ -898,6 +943,10 @@ class RegistryMachine(RuleBasedStateMachine):
         # Pooled blobs put with keep, by producer: the broker's once it goes.
         self.kept: dict[BlobId, int] = {}
         self.holds: dict[int, Counter[BlobId]] = {}
+        # Clients connected with a token's grant (a shared account), and the pooled
+        # blobs one of them got.
+        self.token_holders: set[int] = set()
+        self.disclosed: set[BlobId] = set()
         self.next_client = 1
 
     @initialize(evict=st.booleans())
@@ -914,10 +963,12 @@ class RegistryMachine(RuleBasedStateMachine):
                     assert not any(held[blob_id] for held in self.holds.values())
                     del self.fds[blob_id]
                     self.freed.add(blob_id)
-                case NotifyProducer(client, blob_id):
+                case NotifyProducer(client, blob_id, reuse):
                     assert blob_id in self.freed
                     assert blob_id in self.pooled
                     assert client in self.holds  # still connected
+                    # Reusable unless a token's holder (who may keep it) got the slot.
+                    assert reuse is (blob_id not in self.disclosed)
                 case WakeWaiters(blob_id):
                     assert blob_id in self.created
                 case Evicted(blob_id, _, _, reason):
@@ -958,6 +1009,8 @@ class RegistryMachine(RuleBasedStateMachine):
         )
         self.reg.connect(client, grant)
         self.holds[client] = Counter()
+        if shared:
+            self.token_holders.add(client)
 
     @precondition(lambda self: self.holds)
     @rule(data=st.data())
@@ -1023,6 +1076,8 @@ class RegistryMachine(RuleBasedStateMachine):
         if isinstance(result, Ready):
             self.holds[client][result.info.id] += 1
             assert result.info.id in self.sealed
+            if result.info.pooled and client in self.token_holders:
+                self.disclosed.add(result.info.id)
         elif isinstance(result, Pending):
             assert result.id in self.created
             assert result.id not in self.sealed

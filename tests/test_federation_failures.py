@@ -263,6 +263,9 @@ def test_streams_and_uploads_cut_short_leave_nothing() -> None:
         name = key()
         with connect_broker(home.socket_path) as producer:
             producer.put_bytes(np.ones(64 << 20, dtype=np.uint8), key=name)
+        with connect_broker(home.socket_path) as checker:
+            # The producer's pool slot, sealed and taken over once its disconnection is done.
+            wait_until(lambda: checker.stats().pooled == 0, "the slot to be taken over")
         memfds = home.memfds()
         with FlightBlobClient(running.url(0), running.token()) as client:
             stream = client.open(name)

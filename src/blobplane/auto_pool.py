@@ -19,7 +19,7 @@ shared memory anyway take a slot of this pool instead of a fresh blob:
   `MIN_POOLED_BYTES` (64 KiB), whose page faults cost less than a slot's fds.
 - **Shrunk when idle.** A slot that nobody holds and nobody took for
   `idle_seconds` is closed, by a thread that looks every half of that
-  period. A reader's mapping of it goes when the
+  period (started when a slot first comes back). A reader's mapping of it goes when the
   reader's slot cache lets it go (its channel closes, or newer slots push it
   out).
 - **One slot, one first cost.** A slot is made when first needed, so a
@@ -124,6 +124,17 @@ class AutoPool:
         # outside the lock then has no room reserved any more.
         self._generation = 0
         _every_pool.add(self)
+        # What the slots call when one comes back (`BlobPool(on_free=)`): the reaper
+        # looks after the pool from then on. Not before: a slot in use is no reaper's
+        # business, and a process that sends once and exits never pays for the thread.
+        ref = weakref.ref(self)
+
+        def came_back() -> None:
+            pool = ref()
+            if pool is not None:
+                _watch(pool)
+
+        self._came_back = came_back
 
     @property
     def bytes(self) -> int:
@@ -176,7 +187,7 @@ class AutoPool:
             self._slots += 1
             generation = self._generation
         try:
-            pool = BlobPool(size_class, 1, sealable=True)
+            pool = BlobPool(size_class, 1, sealable=True, on_free=self._came_back)
         except BlobError:
             pool = None  # no memory for it: the caller's fresh blob says why, if it fails too
         with self._lock:
@@ -194,7 +205,6 @@ class AutoPool:
             # Looked up again: dropping idle slots may have removed the (empty) class.
             self._classes.setdefault(size_class, []).append(_Slot(pool, now, owner))
             loan = pool.try_loan()
-        _watch(self)
         assert loan is not None  # a new pool's one slot is free
         loan.set_length(size)
         return loan
@@ -222,6 +232,20 @@ class AutoPool:
                     slot.pool.close()
                 self._bytes -= size_class * len(mine)
                 self._slots -= len(mine)
+
+    def drop(self, pool: BlobPool) -> bool:
+        """Close the slot *pool* (a `PoolLoan.pool` of this pool's) for good: someone who may
+        keep it must not see another blob in it. Whether it was one of this pool's."""
+        with self._lock:
+            for size_class, slots in self._classes.items():
+                for slot in slots:
+                    if slot.pool is pool:
+                        slots.remove(slot)
+                        self._bytes -= size_class
+                        self._slots -= 1
+                        pool.close()
+                        return True
+        return False
 
     def close(self) -> None:
         """Close every slot, and make no more: readers keep the mappings they hold."""

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -107,10 +108,19 @@ class BlobPool:
 
     *sealable* leaves out F_SEAL_SEAL: a broker that keeps a slot published
     after its producer went seals it against every write then (the kernel
-    allows that only once no writable mapping of it is left).
+    allows that only once no writable mapping of it is left). *on_free* is
+    called, under the pool's lock, whenever a slot comes back to the free
+    list: it must be quick and must not use the pool.
     """
 
-    def __init__(self, slot_size: int, slots: int, *, sealable: bool = False) -> None:
+    def __init__(
+        self,
+        slot_size: int,
+        slots: int,
+        *,
+        sealable: bool = False,
+        on_free: Callable[[], None] | None = None,
+    ) -> None:
         if not is_int(slot_size) or slot_size <= 0:
             raise InvalidSize(f"slot_size must be a positive int, got {slot_size!r}")
         if not is_int(slots) or slots <= 0:
@@ -128,6 +138,7 @@ class BlobPool:
         # so a stream keeps reusing the slots whose pages are still in the CPU's
         # caches (a 64 MiB frame ran 3-5% faster than taking the oldest).
         self._free: deque[int] = deque()
+        self._on_free = on_free
         self._closed = False
         try:
             self._control_fd, self._control = sealed_memfd(
@@ -319,6 +330,8 @@ class BlobPool:
         if not state.loaned and state.holders == 0:
             self._free.append(slot)
             self._lock.notify()
+            if self._on_free is not None:
+                self._on_free()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -81,9 +81,9 @@ __all__ = [
     "target_of",
 ]
 
-# Version 3: `BlobEntry.evicted`. Clients and brokers of other versions refuse each
-# other at the hello, since both decode with unknown fields forbidden.
-PROTOCOL_VERSION = 3
+# Version 4: `Put.data`, `Put.keep`, `SlotFree.reuse`. Clients and brokers of other
+# versions refuse each other at the hello, since both decode with unknown fields forbidden.
+PROTOCOL_VERSION = 4
 # A ListReply part stays well inside the channel's 64 KiB frame, whatever the keys.
 MAX_LIST_PART_BYTES = 48 * 1024
 MAX_ACCOUNTS_LISTED = 200
@@ -344,9 +344,16 @@ class Refused(_Message, frozen=True, tag="refused"):
 
 
 class SlotFree(_Message, frozen=True, tag="slot-free"):
-    """The pooled blob *id* was withdrawn and released by every reader: reuse its slot."""
+    """The pooled blob *id* was withdrawn and released by every reader: its slot is yours.
+
+    *reuse* False: a reader whose right to read may lapse (a token holder)
+    was given the slot and may keep its fd, so it must not carry another
+    blob: the automatic pool closes it. (A `BlobPool` of your own reuses its
+    slots anyway: choosing one is choosing that.)
+    """
 
     id: uuid.UUID
+    reuse: bool = True
 
 
 class ProducerGone(_Message, frozen=True, tag="producer-gone"):

@@ -52,7 +52,8 @@ quota like any blob; it is never evicted, since the producer owns it. It
 stays published until it is deleted, its lease ends or its producer
 disconnects; once it is withdrawn and its last reference is released,
 `NotifyProducer` hands the slot back (only then may the producer write to it
-again). A pooled blob put with *keep* (the clients' `put_bytes` and
+again), to be reused unless a reader whose right to read may lapse (a
+token holder's) was given it. A pooled blob put with *keep* (the clients' `put_bytes` and
 `put_object` put their automatic pool's slots so) outlives its producer
 instead: when the producer disconnects, the broker takes its memory over and
 it becomes a blob like any other, still published and still counted against
@@ -174,10 +175,16 @@ class FreeBlob:
 
 @dataclass(frozen=True, slots=True)
 class NotifyProducer:
-    """The pooled blob *id* is free: tell *client*, its producer, that the slot may be reused."""
+    """The pooled blob *id* is free: tell *client*, its producer, that it has its slot back.
+
+    *reuse* False: a reader whose right to read may lapse (a token's, a
+    per-blob grant) was given the slot and may still hold it, so the slot
+    must not carry another blob; the producer drops it instead.
+    """
 
     client: ClientId
     id: BlobId
+    reuse: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +368,8 @@ class _Blob:
     # has its memory reserved again).
     spilled: bool = False
     keep: bool = False  # pooled, and stays published when its producer goes
+    # Pooled, and given to a reader whose right to read may lapse (`NotifyProducer.reuse`).
+    disclosed: bool = False
 
     def info(self) -> BlobInfo:
         return BlobInfo(
@@ -624,6 +633,8 @@ class BlobRegistry:
         blob.references += 1
         self._references += 1
         state.held[blob.id] = None
+        if blob.pooled and not state.grant.reads_everything_for_good:
+            blob.disclosed = True
         self._idle.pop(blob.id, None)
         blob.last_used = self._clock()
         return Ready(blob.info())
@@ -722,7 +733,7 @@ class BlobRegistry:
         self._adopt(blob)
         if blob.owner is None or blob.owner not in self._clients:
             return []
-        return [NotifyProducer(blob.owner, blob.id)]
+        return [NotifyProducer(blob.owner, blob.id, reuse=not blob.disclosed)]
 
     def spill_failed(self, blob_id: BlobId) -> list[Action]:
         """Writing the spilled blob out failed; the server still holds its memory.
@@ -1158,7 +1169,7 @@ class BlobRegistry:
         if producer is not None:
             producer.owned.pop(blob.id, None)
             if blob.pooled:
-                actions.append(NotifyProducer(producer.id, blob.id))
+                actions.append(NotifyProducer(producer.id, blob.id, reuse=not blob.disclosed))
         return actions
 
     def _drop_if_unused(self, account: _Account) -> None:

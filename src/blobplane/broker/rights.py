@@ -102,3 +102,21 @@ class Grant:
 
     def allows(self, right: Right) -> bool:
         return right in self.rights
+
+    @property
+    def reads_everything_for_good(self) -> bool:
+        """Whether this grant may get every blob for as long as the broker runs.
+
+        Only a grant made without a token: a token may expire or be revoked
+        (the broker's key replaced), and a per-blob grant reads one blob. A
+        pool slot one of the others was given never carries another blob
+        (`NotifyProducer.reuse`): its holder may keep the fd after its right
+        to read is gone.
+        """
+        made_from_token = self.account is not None or self.key_id is not None
+        return (
+            Right.GET in self.rights
+            and self.blob is None
+            and self.expires_at is None
+            and not made_from_token
+        )

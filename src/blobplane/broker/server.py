@@ -1013,10 +1013,10 @@ class BrokerServer:
                     self._start_restore(blob_id, size, self._spills_of(actions))
                 case WakeWaiters(id=blob_id):
                     self._wake(blob_id)
-                case NotifyProducer(client=client, id=blob_id):
+                case NotifyProducer(client=client, id=blob_id, reuse=reuse):
                     producer = self._sessions.get(client)
                     if producer is not None:
-                        producer.post(SlotFree(id=blob_id.uuid))
+                        producer.post(SlotFree(id=blob_id.uuid, reuse=reuse))
                 case Evicted(id=blob_id, key=key, size=size, reason=reason):
                     event("blob.evicted", blob=blob_id, key=key, size=size, reason=reason.value)
                     if self.metrics is not None:

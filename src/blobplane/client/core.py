@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeAlias, TypeVar
 
 from blobplane import errors
-from blobplane.auto_pool import AutoPool, PoolSetting, SlotOwner
+from blobplane.auto_pool import AutoPool, PoolSetting, SlotOwner, default_auto_pool
 from blobplane.backends.checks import check_received_fd, check_regular_and_size
 from blobplane.backends.mapping import byte_view, copier, map_readonly, map_writable
 from blobplane.blobs import ProducerBlob, SharedMemoryBlobs
@@ -61,11 +61,13 @@ from blobplane.channel.base import TimeoutArg
 from blobplane.client.handles import BrokerRead
 from blobplane.errors import (
     BlobError,
+    BrokerLimitReached,
     ConnectionRefused,
     InvalidSize,
     LocalProtocolError,
     NotSendable,
     PeerRefused,
+    QuotaExceeded,
     RemoteProtocolError,
     Timeout,
     TokenRefused,
@@ -217,15 +219,16 @@ class ClientCore:
         self._rids = itertools.count(1)
         self._post = post
         self.welcome: Welcome | None = None
-        # Pooled blobs published and not given back yet: id -> (pool, slot).
-        self.pooled: dict[uuid.UUID, tuple[BlobPool, int]] = {}
+        # Pooled blobs published and not given back yet: id -> (pool, slot, the
+        # AutoPool it is a slot of, if any).
+        self.pooled: dict[uuid.UUID, tuple[BlobPool, int, AutoPool | None]] = {}
         # Requests whose caller stopped waiting: their replies must be undone.
         self.abandoned: dict[int, type[Request]] = {}
         self.slots = SlotCache()
         self._local: SharedMemoryBlobs | None = None
-        # Where `put_bytes` and `put_object` copy a payload (None, the default: fresh
-        # blobs), and what they take slots as.
-        self.auto_pool: AutoPool | None = None
+        # Where `put_bytes` and `put_object` copy a payload (None: fresh blobs), and
+        # what they take slots as.
+        self.auto_pool: AutoPool | None = default_auto_pool()
         self.slot_owner = SlotOwner()
 
     def rid(self) -> int:
@@ -274,7 +277,13 @@ class ClientCore:
             with loan:  # the slot stays the broker's until it says SlotFree
                 with loan.buffer as view:
                     write(view)
-                return (yield from self.put_pooled(loan, key, lease_ms, keep=True))
+                try:
+                    return (yield from self.put_pooled(loan, key, lease_ms, keep=True, auto=pool))
+                except QuotaExceeded as exc:
+                    # No room for the slot, up to a quarter larger than the payload, or this
+                    # connection keeps the most slots allowed: a fresh blob may still fit.
+                    if loan.pool.slot_size <= size and not isinstance(exc, BrokerLimitReached):
+                        raise
         if self._local is None:
             self._local = SharedMemoryBlobs(BlobBackend.MEMFD)
         with self._local.create(size) as blob:
@@ -298,8 +307,15 @@ class ClientCore:
         return expect(reply, fds, BlobReply).blob
 
     def put_pooled(
-        self, loan: PoolLoan, key: str | None, lease_ms: int | None, keep: bool = False
+        self,
+        loan: PoolLoan,
+        key: str | None,
+        lease_ms: int | None,
+        keep: bool = False,
+        auto: AutoPool | None = None,
     ) -> Op[BlobEntry]:
+        """Publish *loan*'s slot; *auto*: the `AutoPool` it is a slot of, which closes it when
+        the broker says it must not be reused (`SlotFree.reuse`)."""
         _check_placing(loan.length, key, lease_ms)
         request = Put(
             rid=self.rid(), size=loan.length, key=key, lease_ms=lease_ms, pooled=True, keep=keep
@@ -314,7 +330,7 @@ class ClientCore:
         except BaseException:
             pool.release(slot)
             raise
-        self.pooled[entry.id] = (pool, slot)
+        self.pooled[entry.id] = (pool, slot, auto)
         return entry
 
     def create(
@@ -424,10 +440,15 @@ class ClientCore:
         """Take a message nobody waits for: a notification, or a late reply to undo."""
         close_fds(fds)
         match reply:
-            case SlotFree(id=blob):
+            case SlotFree(id=blob, reuse=reuse):
                 held = self.pooled.pop(blob, None)
-                if held is not None and not held[0].closed:
-                    held[0].release(held[1])
+                if held is None:
+                    return
+                pool, slot, auto = held
+                if not reuse and auto is not None and auto.drop(pool):
+                    return
+                if not pool.closed:
+                    pool.release(slot)
             case ProducerGone(client=owner):
                 self.slots.forget(owner)
             case Refused(rid=0):
@@ -464,9 +485,13 @@ class AutoPoolOption:
 
     _core: ClientCore
     auto_pool = PoolSetting(
-        "Where `put_bytes` and `put_object` copy from 64 KiB up: None (the default), a fresh "
-        "memfd every time; an `AutoPool`, its slots, reused (every reader of a pooled blob "
-        "can read what its slot holds later)."
+        """Where `put_bytes` and `put_object` copy from 64 KiB up.
+
+        By default the process's pool (`default_auto_pool()`): a slot comes back
+        for reuse once its blob is freed, unless the broker gave it to a token
+        holder, who may keep it (then the slot is closed). Another `AutoPool`
+        for other bounds; None for a fresh sealed memfd every time.
+        """
     )
 
 

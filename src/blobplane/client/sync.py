@@ -74,12 +74,12 @@ class BrokerClient(AutoPoolOption):
         """Copy *data* (any buffer) into shared memory and publish it.
 
         Up to 60 KiB (`MAX_INLINE_PUT`) the bytes ride inside the request and
-        the broker makes the sealed memfd. Larger, they go in a fresh memfd
-        sealed against every write; or, if `auto_pool` is set and not
-        *sealed*, from 64 KiB up in a slot of it (memory this client reuses
-        once the broker frees the blob; see the broker guide for what its
-        readers can then see). Either way the blob stays published after this
-        client goes, until it is deleted or its lease ends, and counts
+        the broker makes the sealed memfd. From 64 KiB up they go in a slot of
+        `auto_pool` (memory this client reuses once the broker frees the blob,
+        unless the broker gave it to a token holder); with *sealed*, with
+        `auto_pool` None, or when the pool has no room, in a fresh memfd
+        sealed against every write. Either way the blob stays published after
+        this client goes, until it is deleted or its lease ends, and counts
         against its account.
         """
         return self._run(self._core.put_bytes(data, key, lease_ms, sealed))
