@@ -9,6 +9,9 @@ that reply. Variants, interleaved in a new random order each round:
 - blobplane objects, default (`send_obj`: in a slot of the channel's AutoPool)
 - blobplane objects, sealed=True (`send_obj(sealed=True)`: a fresh sealed blob)
 - blobplane objects, own pool slot (`send_obj(pool=...)`)
+- blobplane broker, put_object (default arguments: in a slot of the client's
+  AutoPool) -> get_object in a receiver process whose get already waits at
+  the broker; the key is deleted after the reply, as a user's loop would
 - multiprocessing.Queue (pickle through a pipe)
 - Ray (`ray.put` in the driver, `ray.get` in an actor), if `ray` imports
 
@@ -37,6 +40,8 @@ from rich.table import Table
 
 from _common import environment
 from blobplane import BlobPool, SharedMemoryBlobs, channel
+from blobplane.broker.process import start_broker
+from blobplane.client import connect_broker
 from blobplane.objects import recv_obj, send_obj
 from blobplane.types import BlobBackend
 from blobplane.wire import UserPayload
@@ -46,6 +51,7 @@ RAW = "raw bytes, blobplane channel"
 AUTO = "blobplane objects, default (auto pool)"
 SEALED = "blobplane objects, sealed=True (fresh blob)"
 POOLED = "blobplane objects, own pool slot"
+BROKER = "blobplane broker, put_object -> get_object"
 
 
 def total(obj: Any) -> float:
@@ -89,6 +95,17 @@ def _channel_receiver(path: str, mode: str) -> None:
                 result = total(obj)
                 del obj
             ch.send(UserPayload(data=json.dumps(result).encode()))
+
+
+def _broker_receiver(socket_path: str, replies: Any) -> None:
+    with connect_broker(socket_path, timeout=300) as client:
+        for number in range(1_000_000):
+            key = f"object-{number}"
+            obj = client.get_object(key, timeout=300)  # waits for the key to be published
+            if isinstance(obj, str) and obj == "stop":
+                return
+            replies.send(total(obj))
+            del obj
 
 
 def _queue_receiver(inbox: Any, outbox: Any) -> None:
@@ -142,6 +159,35 @@ class ChannelVariant:
         if self.pool is not None:
             self.pool.close()
         self.blobs.close()
+
+
+class BrokerVariant:
+    """`put_object` to a broker, `get_object` in another process, the key deleted after."""
+
+    def __init__(self, folder: str) -> None:
+        self.broker = start_broker(os.path.join(folder, "broker.sock"))
+        self.client = connect_broker(self.broker.socket_path, timeout=300)
+        self.replies, theirs = mp.get_context("spawn").Pipe(duplex=False)
+        self.process = mp.get_context("spawn").Process(
+            target=_broker_receiver, args=(self.broker.socket_path, theirs)
+        )
+        self.process.start()
+        theirs.close()
+        self.number = 0
+
+    def send(self, obj: Any) -> float:
+        key = f"object-{self.number}"
+        self.number += 1
+        self.client.put_object(obj, key=key)
+        result = float(self.replies.recv())
+        self.client.delete(key)
+        return result
+
+    def stop(self) -> None:
+        self.client.put_object("stop", key=f"object-{self.number}")
+        self.process.join(60)
+        self.client.close()
+        self.broker.stop()
 
 
 @dataclass
@@ -228,34 +274,44 @@ def _run_in(
                 listener.close()
                 senders[label] = variant.send
                 stops.append(variant.stop)
+            broker = BrokerVariant(folder)
+            senders[BROKER] = broker.send
+            stops.append(broker.stop)
             queue = QueueVariant()
             queue.start()
             senders["multiprocessing.Queue"] = queue.send
             stops.append(queue.stop)
             if ray_variant is not None:
                 senders["Ray put/get"] = ray_variant.send
-            timings: dict[str, list[float]] = {label: [] for label in senders}
             try:
-                for round_number in range(rounds + 1):  # round 0 warms up
-                    order = list(senders)
-                    random.shuffle(order)
-                    for label in order:
-                        started = time.perf_counter()
-                        got = senders[label](obj)
-                        elapsed = time.perf_counter() - started
-                        if got != expected:
-                            raise SystemExit(f"{label} summed {got}, expected {expected}")
-                        if round_number:
-                            timings[label].append(elapsed)
+                results[name] = _rounds(senders, obj, expected, rounds)
             finally:
                 for stop in stops:
                     stop()
-            results[name] = timings
             del obj
     finally:
         if ray_variant is not None:
             ray_variant.stop()
     return results
+
+
+def _rounds(
+    senders: dict[str, Callable[[Any], float]], obj: Any, expected: float, rounds: int
+) -> dict[str, list[float]]:
+    """Each sender's times for *obj*, in a new random order each round; round 0 warms up."""
+    timings: dict[str, list[float]] = {label: [] for label in senders}
+    for round_number in range(rounds + 1):
+        order = list(senders)
+        random.shuffle(order)
+        for label in order:
+            started = time.perf_counter()
+            got = senders[label](obj)
+            elapsed = time.perf_counter() - started
+            if got != expected:
+                raise SystemExit(f"{label} summed {got}, expected {expected}")
+            if round_number:
+                timings[label].append(elapsed)
+    return timings
 
 
 def report(results: dict[str, dict[str, list[float]]], console: Console) -> None:

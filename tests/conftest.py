@@ -40,3 +40,35 @@ def no_leaks() -> Iterator[None]:
     gc.collect()
     leaks = Snapshot.take().leaks_since(before)
     assert not leaks, "; ".join(leaks)
+
+
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+@pytest.fixture
+def reserved_huge_pages() -> Iterator[int]:
+    """Four reserved huge pages free for the test (their size is yielded).
+
+    The host's own if it has them; else, where this process may (root), four
+    reserved for the test and given back after it; else the test is skipped.
+    """
+    from blobplane.backends.hugepages import reserved_huge_pages as reserved
+
+    wanted = 4
+    if reserved().free >= wanted:
+        yield reserved().page_size
+        return
+    try:
+        with open(NR_HUGEPAGES) as file:
+            before = int(file.read())
+        with open(NR_HUGEPAGES, "w") as file:
+            file.write(str(before + wanted))
+    except (OSError, ValueError):
+        pytest.skip("no reserved huge pages free, and this process may not reserve them")
+    try:
+        if reserved().free < wanted:
+            pytest.skip("the kernel could not reserve huge pages (memory too fragmented)")
+        yield reserved().page_size
+    finally:
+        with open(NR_HUGEPAGES, "w") as file:
+            file.write(str(before))

@@ -12,7 +12,7 @@ shared memory anyway take a slot of this pool instead of a fresh blob:
   when that owner is done (`retire`): whoever read it may keep its mapping,
   so it never carries another peer's bytes.
 - **Bounded.** All slots together hold at most `max_bytes` (by default an
-  eighth of the host's memory, at most 1 GiB), and there are at most
+  eighth of the host's memory, at most 4 GiB), and there are at most
   `max_slots` of them (64 by default: each holds two fds). A payload that
   finds no room, even after the idle slots of other classes are dropped, is
   not pooled: the caller sends a fresh blob instead. So is one under
@@ -67,11 +67,11 @@ __all__ = [
 DEFAULT_IDLE_SECONDS = 30.0
 DEFAULT_MAX_SLOTS = 64
 MIN_POOLED_BYTES = 64 << 10
-_MAX_DEFAULT_BYTES = 1 << 30
+_MAX_DEFAULT_BYTES = 4 << 30
 
 
 def default_max_bytes() -> int:
-    """An eighth of the host's memory, at most 1 GiB."""
+    """An eighth of the host's memory, at most 4 GiB."""
     return min(_MAX_DEFAULT_BYTES, physical_memory() // 8)
 
 

@@ -243,7 +243,8 @@ class ProducerBlob:
         self._check_writable()
         if self._state.mapped is None:
             return memoryview(bytearray())
-        return memoryview(self._state.mapped)
+        whole = memoryview(self._state.mapped)  # longer in a file of huge pages (`map_length`)
+        return whole if len(whole) == self.size else whole[: self.size]
 
     def write_all(self, data: Buffer | object, offset: int = 0) -> None:
         """Copy *data* (any buffer) into the blob at *offset*, bounds-checked."""
@@ -313,6 +314,12 @@ class SharedMemoryBlobs:
     and shm names are unlinked at interpreter exit at the latest; the files
     of a process killed outright are swept by the next process that uses the
     same private folder.
+
+    *reserved_huge_pages* (memfd only): a blob of one huge page or more is
+    made of the host's reserved huge pages (``MFD_HUGETLB``, ``vm.nr_hugepages``)
+    while enough of them are free, else of the usual pages. Its memfd is
+    rounded up to whole huge pages; the broker takes such a blob only if
+    its size is a multiple of the huge page size.
     """
 
     def __init__(
@@ -321,8 +328,9 @@ class SharedMemoryBlobs:
         *,
         max_blob_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reserved_huge_pages: bool = False,
     ) -> None:
-        self._backend: Backend = get_backend(backend)
+        self._backend: Backend = get_backend(backend, reserved_huge_pages=reserved_huge_pages)
         self._max_size = physical_memory() if max_blob_size is None else max_blob_size
         self._clock = clock
         self._lock = threading.Lock()

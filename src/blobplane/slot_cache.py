@@ -80,7 +80,7 @@ class SlotCache:
         check_received_fd(fd, size, allow_sparse=allow_sparse)
         if entry is not None:
             self._drop(identity)
-        mapped = map_readonly(fd, info.st_size)
+        mapped = map_readonly(fd, info.st_size, info)
         if info.st_size > self.max_bytes or (owner is not None and owner in self._gone):
             return mapped
         self._entries[identity] = _Entry(mapped, info.st_size, owner)

@@ -41,10 +41,17 @@ def resolve(kind: BlobBackend) -> BlobBackend:
     return BlobBackend.TEMP_FILE
 
 
-def get_backend(kind: BlobBackend) -> Backend:
+def get_backend(kind: BlobBackend, *, reserved_huge_pages: bool = False) -> Backend:
     concrete = resolve(BlobBackend(kind))
     if concrete is BlobBackend.MEMFD and not memfd_available():
         raise NotImplementedError("memfd blobs need Linux; use BlobBackend.TEMP_FILE here")
+    if reserved_huge_pages:
+        if concrete is not BlobBackend.MEMFD:
+            raise NotImplementedError(
+                f"reserved huge pages are for memfd blobs; {concrete.value} blobs cannot use "
+                "them (use BlobBackend.MEMFD)"
+            )
+        return MemfdBackend(reserved_huge_pages=True)
     return _BACKENDS[concrete]()
 
 

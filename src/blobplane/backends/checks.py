@@ -141,11 +141,12 @@ def check_allocated(fd: int, size: int, what: str, *, info: os.stat_result | Non
     )
 
 
-def check_received_fd(fd: int, size: int, *, allow_sparse: bool = False) -> None:
+def check_received_fd(fd: int, size: int, *, allow_sparse: bool = False) -> os.stat_result:
     """Refuse an fd from another process unless it is a size-sealed memfd of >= *size* bytes.
 
     And unless its pages are all allocated, so that reading it costs this
-    process no memory; *allow_sparse* drops that last check.
+    process no memory; *allow_sparse* drops that last check. Returns its
+    fstat, for `mapping.map_readonly`.
     """
     # A channel runs this for every handoff, on the way to its answer: the
     # usual verdict, "fine", first, from the same checks in the same order
@@ -159,7 +160,7 @@ def check_received_fd(fd: int, size: int, *, allow_sparse: bool = False) -> None
                 and info.st_size >= size
                 and (allow_sparse or size <= 0 or fully_allocated(fd, info))
             ):
-                return
+                return info
     except OSError:
         pass
     what = f"fd {fd}"
@@ -182,3 +183,4 @@ def check_received_fd(fd: int, size: int, *, allow_sparse: bool = False) -> None
         )
     if not allow_sparse:
         check_allocated(fd, size, what, info=info)
+    return info

@@ -18,6 +18,13 @@ marked `MADV_HUGEPAGE` (`advise_huge`: a no-op under ``never``), and under
 by fallocate, which has no mapping to take the advice from
 (`allocate_pages`). ``blobplane doctor`` reports the setting and the command
 to change it.
+
+Reserved huge pages (hugetlbfs, ``vm.nr_hugepages``) are another matter:
+memory an administrator set aside, which no other use of memory takes. A
+memfd made with ``MFD_HUGETLB`` draws on them, in whole pages of the
+default huge page size: blobplane makes one only for a caller that asks
+(`SharedMemoryBlobs(reserved_huge_pages=True)`) and only while enough are
+free (`ReservedHugePages.free`); see `memfd.allocate_reserved_memfd`.
 """
 
 from __future__ import annotations
@@ -26,15 +33,18 @@ import errno
 import mmap
 import os
 import time
+from dataclasses import dataclass
 
 from blobplane.errors import os_errors
 
 __all__ = [
     "HUGE_PAGE_SIZE",
     "MADV_POPULATE_WRITE",
+    "ReservedHugePages",
     "advise_huge",
     "allocate_pages",
     "read_shmem_thp_mode",
+    "reserved_huge_pages",
     "shmem_thp_mode",
 ]
 
@@ -115,3 +125,31 @@ def allocate_pages(fd: int, size: int) -> None:
                 mapped.close()
     with os_errors(f"allocating {size} bytes for a memfd"):
         os.posix_fallocate(fd, 0, size)
+
+
+@dataclass(frozen=True, slots=True)
+class ReservedHugePages:
+    """The host's reserved huge pages of the default size, as /proc/meminfo says now."""
+
+    total: int
+    free: int  # neither in use nor promised to a mapping already
+    page_size: int  # bytes; 0 where the kernel has none
+
+
+def reserved_huge_pages() -> ReservedHugePages:
+    """/proc/meminfo's HugePages_Total, HugePages_Free less HugePages_Rsvd, Hugepagesize."""
+    fields: dict[bytes, int] = {}
+    try:
+        with open("/proc/meminfo", "rb") as file:
+            for line in file:
+                name, _, rest = line.partition(b":")
+                if name.startswith(b"HugePages_") or name == b"Hugepagesize":
+                    fields[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    free = fields.get(b"HugePages_Free", 0) - fields.get(b"HugePages_Rsvd", 0)
+    return ReservedHugePages(
+        total=fields.get(b"HugePages_Total", 0),
+        free=max(0, free),
+        page_size=fields.get(b"Hugepagesize", 0) * 1024,
+    )

@@ -2,6 +2,12 @@
 
 Python's `mmap` cannot map zero bytes, so a zero-size blob has no mapping at
 all and the callers use an empty buffer in its place (the None returns).
+
+A file of huge pages (hugetlbfs, a memfd made with ``MFD_HUGETLB``) is
+mapped in whole huge pages (`map_length`): munmap refuses any other length
+of such a mapping, and Python's `mmap.close()` does not say so, so a
+mapping of 4 KiB of one would outlive its close, pinning the peer's memory
+and the reader's address space for as long as the process lives.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ _populate_supported = True
 
 
 def map_writable(fd: int, size: int, *, prefault: bool) -> mmap.mmap | None:
-    """Map *size* bytes of *fd* shared and writable; pre-fault when asked."""
+    """Map the first *size* bytes of *fd* shared and writable; pre-fault when asked.
+
+    The mapping may be longer than *size* (`map_length`).
+    """
     global _populate_supported
     if size == 0:
         return None
+    length = map_length(size, _stat(fd))
     with os_errors("mapping a blob writable"):
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        mapped = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE)
     try:
         advise_huge(mapped, size)
     except BaseException:
@@ -48,14 +58,33 @@ def map_writable(fd: int, size: int, *, prefault: bool) -> mmap.mmap | None:
     return mapped
 
 
-def map_readonly(fd: int, size: int) -> mmap.mmap | None:
-    """Map *size* bytes of *fd* shared and read-only (the mapping keeps its own fd)."""
+def map_length(size: int, info: os.stat_result) -> int:
+    """How many bytes of the file *info* describes to map to read its first *size*: *size*,
+    or for a file of huge pages, *size* rounded up to whole ones (within the file)."""
+    block = info.st_blksize
+    if block <= mmap.PAGESIZE:
+        return size
+    return max(size, min(-(-size // block) * block, info.st_size))
+
+
+def _stat(fd: int) -> os.stat_result:
+    with os_errors("inspecting a blob before mapping it"):
+        return os.fstat(fd)
+
+
+def map_readonly(fd: int, size: int, info: os.stat_result | None = None) -> mmap.mmap | None:
+    """Map the first *size* bytes of *fd* shared and read-only (the mapping keeps its own fd).
+
+    *info*: the fd's fstat, when the caller has it (else it is taken here).
+    The mapping may be longer than *size* (`map_length`).
+    """
     if size == 0:
         return None
+    length = map_length(size, _stat(fd) if info is None else info)
     try:
         # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
         # exported memoryviews read-only (a write would otherwise segfault).
-        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, length, access=mmap.ACCESS_READ)
     except OSError:
         # Translated here rather than by a `with` around the call: a channel maps
         # every blob it receives on the way to its answer, and this costs nothing

@@ -643,8 +643,8 @@ def _settle(core: ChannelCore, received: Received) -> Handoff | Op[Handoff]:
         # Map the memfd after the sealing checks (the wire checked: one fd rides).
         size = handoff.token.size
         try:
-            check_received_fd(fds[0], size, allow_sparse=core.allow_sparse)
-            result = map_readonly(fds[0], size)
+            info = check_received_fd(fds[0], size, allow_sparse=core.allow_sparse)
+            result = map_readonly(fds[0], size, info)
         except BlobError as exc:
             result = exc
         except (ValueError, OverflowError) as exc:

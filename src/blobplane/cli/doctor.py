@@ -16,7 +16,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from blobplane.backends.hugepages import HUGE_PAGE_SIZE, SHMEM_ENABLED, shmem_thp_mode
+from blobplane.backends.hugepages import (
+    HUGE_PAGE_SIZE,
+    SHMEM_ENABLED,
+    reserved_huge_pages,
+    shmem_thp_mode,
+)
 from blobplane.backends.kernel import cached_pages
 from blobplane.backends.mapping import physical_memory
 from blobplane.backends.memlimit import available_memory, memory_ceiling
@@ -71,22 +76,18 @@ def _huge_pages() -> Finding:
 
 
 def _reserved_huge_pages() -> Finding:
-    total = free = 0
-    try:
-        with open("/proc/meminfo", "rb") as file:
-            for line in file:
-                if line.startswith(b"HugePages_Total:"):
-                    total = int(line.split()[1])
-                elif line.startswith(b"HugePages_Free:"):
-                    free = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
+    reserved = reserved_huge_pages()
+    value = f"{reserved.total} ({reserved.free} free)"
+    if reserved.page_size:
+        value += f" of {format_size(reserved.page_size)}"
     return Finding(
         "reserved huge pages",
-        f"{total} ({free} free)",
+        value,
         True,
-        "hugetlbfs pages set aside at boot; blobplane does not use them: transparent "
-        "huge pages (above) serve it without reserving memory",
+        "memory set aside for huge pages (hugetlbfs): blobplane makes blobs of them only "
+        "for SharedMemoryBlobs(..., reserved_huge_pages=True), while enough are free; "
+        "transparent huge pages (above) need none set aside",
+        "echo 512 | sudo tee /proc/sys/vm/nr_hugepages  (1 GiB of 2 MiB pages, if asked for)",
     )
 
 

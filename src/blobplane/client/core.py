@@ -367,8 +367,8 @@ class ClientCore:
             if entry.pooled:
                 mapped = self.slots.mapping(fds[0], entry.size, entry.owner)
             else:
-                check_received_fd(fds[0], entry.size)
-                mapped = map_readonly(fds[0], entry.size)
+                info = check_received_fd(fds[0], entry.size)
+                mapped = map_readonly(fds[0], entry.size, info)
         except BaseException:
             release()
             raise

@@ -370,8 +370,8 @@ class SubscriberRing:
         try:
             check_bell(bell)
             size = ring_size(entries)
-            check_received_fd(ring_fd, size)
-            self._ring = map_readonly(ring_fd, size)
+            info = check_received_fd(ring_fd, size)
+            self._ring = map_readonly(ring_fd, size, info)
             assert self._ring is not None
             try:
                 self._ring.madvise(MADV_POPULATE_READ)  # no first-touch faults on the hot path
