@@ -224,11 +224,13 @@ def hugepages(data: Data) -> str:
             "`bench/hugepages.py`: create + fill + seal + `map_read` + read every byte + "
             "cleanup of a memfd blob, under the machine's shmem_enabled setting "
             f"(`{data['machine_setting']}`) and, run as root, under `advise`, where "
-            "blobplane asks for 2 MiB pages (the setting is restored afterwards).",
+            "blobplane asks for 2 MiB pages (the setting is restored afterwards), and "
+            "from huge pages reserved for the run (`SharedMemoryBlobs(reserved_huge_pages="
+            "True)`, under the machine's setting).",
             "",
             source(data),
             "",
-            table(["size", "shmem_enabled", "runs", "GB/s", "x machine's"], grouped(rows), left=2),
+            table(["size", "pages", "runs", "GB/s", "x machine's"], grouped(rows), left=2),
             "",
             f"Target: `advise` at least {data['target_ratio_at_64MiB']}x the 4 KiB-page "
             f"path at 64 MiB: {verdict_mark(met)}.",
