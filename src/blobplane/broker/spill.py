@@ -61,6 +61,7 @@ from collections.abc import Callable
 
 from blobplane.backends.checks import SIZE_SEALS
 from blobplane.backends.kernel import TMPFS_MAGIC, filesystem_magic
+from blobplane.backends.mapping import map_length
 from blobplane.backends.memfd import create_sealable_memfd
 from blobplane.backends.memlimit import check_can_allocate
 from blobplane.backends.private_dir import try_exclusive_lock
@@ -302,9 +303,11 @@ def _copy_out(fd: int, out: int, size: int) -> int:
     """Write the memfd's *size* bytes to *out* in chunks; return their CRC-32."""
     if size == 0:
         return 0
-    mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
+    # A client's pool slot may be a file of huge pages: mapped whole (`map_length`).
+    length = map_length(size, os.fstat(fd))
+    mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
     try:
-        with memoryview(mapped) as view:
+        with memoryview(mapped) as whole, whole[:size] as view:
             if size < PARALLEL_BYTES:
                 _write_all(out, view)
                 return zlib.crc32(view)
