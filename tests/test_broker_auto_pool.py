@@ -4,11 +4,14 @@ outlives a producer that exits or is killed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +162,6 @@ def test_objects_go_pooled_and_come_back_whole() -> None:
 
 
 def test_the_asyncio_client_puts_from_its_pool_too() -> None:
-    import asyncio
-
     async def main(path: str) -> None:
         async with await connect_broker_async(path) as client:
             client.auto_pool = pool = AutoPool()
@@ -266,3 +267,69 @@ def test_a_put_whose_slot_finds_no_room_at_the_broker_goes_in_a_fresh_blob() -> 
         with client.get("tight") as read, read.as_slice() as view:
             assert view == data
         client.delete("tight")
+
+
+def test_a_pooled_put_whose_caller_stopped_waiting_keeps_its_slot_from_the_next_put() -> None:
+    """Cancelled after it was sent, the put may be published all the same: its slot is the
+    broker's until the answer says otherwise, so the next put takes another slot."""
+    first, second = b"\x01" * (2 * MIB), b"\x02" * (2 * MIB)
+
+    async def main(path: str) -> None:
+        async with await connect_broker_async(path) as client:
+            client.auto_pool = pool = AutoPool()
+            putting = asyncio.create_task(client.put_bytes(first, key="first"))
+            while not pool.slots:  # the slot is made and filled, the put on its way
+                await asyncio.sleep(0)
+            putting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await putting
+            await client.put_bytes(second, key="second")
+            assert pool.slots == 2
+            for key, data in (("first", first), ("second", second)):
+                with await client.get(key) as read, read.as_slice() as view:
+                    assert view == data, key
+                await client.delete(key)
+            # Both answers were taken in: both slots come back.
+            while pool.shrink(0) < 2 * slot_class(2 * MIB) and pool.slots:
+                await asyncio.sleep(0.01)
+            assert pool.slots == 0
+        pool.close()
+
+    with running_broker() as broker:
+        asyncio.run(asyncio.wait_for(main(broker.socket_path), 30))
+
+
+def test_a_slot_freed_right_behind_its_put_s_answer_comes_back() -> None:
+    """The blob is deleted (by another client) the moment it is published, so the broker's
+    SlotFree follows its answer at once, and the asyncio client reads both in one go."""
+
+    def delete_when_there(path: str) -> None:
+        with connect_broker(path) as other:
+            wait_until(lambda: "k" in {entry.key for entry in other.list()}, "the put")
+            other.delete("k")
+
+    async def main(path: str) -> None:
+        async with await connect_broker_async(path) as client:
+            client.auto_pool = pool = AutoPool()
+            deleting = threading.Thread(target=delete_when_there, args=(path,))
+            deleting.start()
+            putting = asyncio.create_task(client.put_bytes(b"\x01" * (2 * MIB), key="k"))
+            while not pool.slots:
+                await asyncio.sleep(0)
+            for _ in range(3):  # the put goes out
+                await asyncio.sleep(0)
+            # The loop kept busy meanwhile: the answer and the SlotFree are read together.
+            deleting.join(10)
+            time.sleep(0.2)
+            assert (await putting).pooled
+            freed = 0
+            for _ in range(500):
+                freed = pool.shrink(0)
+                if freed:
+                    break
+                await asyncio.sleep(0.01)
+            assert freed == slot_class(2 * MIB)  # the slot came back, free
+        pool.close()
+
+    with running_broker() as broker:
+        asyncio.run(asyncio.wait_for(main(broker.socket_path), 30))

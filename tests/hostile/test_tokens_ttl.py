@@ -11,6 +11,7 @@ import math
 import os
 import re
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -236,3 +237,31 @@ def test_token_create_makes_a_sub_millisecond_ttl_one_millisecond(broker: Broker
     issued_at, expires_at = claims_of(broker, result.stdout.decode().strip())
     assert expires_at is not None
     assert expires_at - issued_at == pytest.approx(0.001, abs=1e-6)
+
+
+def test_a_get_that_waits_past_its_tokens_expiry_gets_nothing(broker: Broker) -> None:
+    """The token is checked again when the blob its get waited for comes, not only at the
+    get: a key put after the token lapsed is never handed to its bearer."""
+    token = TokenAuthority(load_key(broker.key_path)).mint("get", ttl=1.0)
+    key = f"later-{uuid.uuid4().hex}"
+    outcome: list[object] = []
+
+    def wait_for_it() -> None:
+        with connect_broker(broker.socket_path, token=token) as reader:
+            try:
+                with reader.get(key, timeout=30) as read:
+                    outcome.append(bytes(read.as_slice()))
+            except TokenExpired as exc:
+                outcome.append(exc)
+
+    waiting = threading.Thread(target=wait_for_it)
+    waiting.start()
+    with connect_broker(broker.socket_path) as owner:
+        wait_until(lambda: owner.stats().waiting_gets == 1, "the get to be parked")
+        time.sleep(1.2)  # the token lapses while its get waits
+        entry = owner.put_bytes(b"too late", key=key)
+        waiting.join(10)
+        owner.delete(entry.blob_id)
+    assert not waiting.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], TokenExpired), outcome

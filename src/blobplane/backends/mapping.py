@@ -3,8 +3,8 @@
 Python's `mmap` cannot map zero bytes, so a zero-size blob has no mapping at
 all and the callers use an empty buffer in its place (the None returns).
 
-A file of huge pages (hugetlbfs, a memfd made with ``MFD_HUGETLB``) is
-mapped in whole huge pages (`map_length`): munmap refuses any other length
+A file of hugetlbfs (a memfd made with ``MFD_HUGETLB``, say) is mapped in
+whole huge pages (`map_length`): munmap refuses any other length
 of such a mapping, and Python's `mmap.close()` does not say so, so a
 mapping of 4 KiB of one would outlive its close, pinning the peer's memory
 and the reader's address space for as long as the process lives.
@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 
 from blobplane.backends.hugepages import HUGE_PAGE_SIZE, MADV_POPULATE_WRITE, advise_huge
+from blobplane.backends.kernel import HUGETLBFS_MAGIC, filesystem_magic
 from blobplane.errors import NotBytesLike, OutOfBounds, os_errors
 from blobplane.types import is_int
 
@@ -35,7 +36,7 @@ def map_writable(fd: int, size: int, *, prefault: bool) -> mmap.mmap | None:
     global _populate_supported
     if size == 0:
         return None
-    length = map_length(size, _stat(fd))
+    length = map_length(fd, size, _stat(fd))
     with os_errors("mapping a blob writable"):
         mapped = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE)
     try:
@@ -58,11 +59,12 @@ def map_writable(fd: int, size: int, *, prefault: bool) -> mmap.mmap | None:
     return mapped
 
 
-def map_length(size: int, info: os.stat_result) -> int:
-    """How many bytes of the file *info* describes to map to read its first *size*: *size*,
-    or for a file of huge pages, *size* rounded up to whole ones (within the file)."""
+def map_length(fd: int, size: int, info: os.stat_result) -> int:
+    """How many bytes of *fd* (whose fstat is *info*) to map to read its first *size*: *size*,
+    or for a file of hugetlbfs, *size* rounded up to whole huge pages (within the file)."""
     block = info.st_blksize
-    if block <= mmap.PAGESIZE:
+    # A large block size alone is no proof: shmem reports one for transparent huge pages.
+    if block <= mmap.PAGESIZE or filesystem_magic(fd) not in (HUGETLBFS_MAGIC, None):
         return size
     return max(size, min(-(-size // block) * block, info.st_size))
 
@@ -80,7 +82,10 @@ def map_readonly(fd: int, size: int, info: os.stat_result | None = None) -> mmap
     """
     if size == 0:
         return None
-    length = map_length(size, _stat(fd) if info is None else info)
+    if info is None:
+        info = _stat(fd)
+    # `map_length`'s usual answer in line: a channel maps every blob it receives.
+    length = size if info.st_blksize <= mmap.PAGESIZE else map_length(fd, size, info)
     try:
         # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
         # exported memoryviews read-only (a write would otherwise segfault).

@@ -975,6 +975,10 @@ class BrokerServer:
         for waiter in parked or ():
             waiter.on = None
             try:
+                grant = waiter.session.token_grant
+                if grant is not None:
+                    # A token that expired or was revoked while its get waited gets nothing.
+                    self.authority.check_current(grant)
                 self._get(waiter.session, waiter.request, waiter, woken_by)
             except BlobError as exc:
                 self._unpark(waiter)

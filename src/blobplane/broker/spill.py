@@ -304,7 +304,7 @@ def _copy_out(fd: int, out: int, size: int) -> int:
     if size == 0:
         return 0
     # A client's pool slot may be a file of huge pages: mapped whole (`map_length`).
-    length = map_length(size, os.fstat(fd))
+    length = map_length(fd, size, os.fstat(fd))
     mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
     try:
         with memoryview(mapped) as whole, whole[:size] as view:

@@ -220,8 +220,9 @@ class ClientCore:
         self._post = post
         self.welcome: Welcome | None = None
         # Pooled blobs published and not given back yet: id -> (pool, slot, the
-        # AutoPool it is a slot of, if any).
+        # AutoPool it is a slot of, if any); and pooled puts not answered yet, by rid.
         self.pooled: dict[uuid.UUID, tuple[BlobPool, int, AutoPool | None]] = {}
+        self.putting: dict[int, tuple[BlobPool, int, AutoPool | None]] = {}
         # Requests whose caller stopped waiting: their replies must be undone.
         self.abandoned: dict[int, type[Request]] = {}
         self.slots = SlotCache()
@@ -321,17 +322,13 @@ class ClientCore:
             rid=self.rid(), size=loan.length, key=key, lease_ms=lease_ms, pooled=True, keep=keep
         )
         pool, slot = loan.pool, loan.slot
-        # Held for the broker from before it can have the slot: a notification
-        # that came before the hold would free a slot still in use.
+        # Held for the broker from before it can have the slot, and until the broker's
+        # answer says otherwise (`decode`), whenever it comes: a caller that stops
+        # waiting (a timeout, a cancellation) may have had its put published.
         pool.retain(slot)
-        try:
-            reply, fds = yield Call(request, (loan.fileno(),))
-            entry = expect(reply, fds, BlobReply).blob
-        except BaseException:
-            pool.release(slot)
-            raise
-        self.pooled[entry.id] = (pool, slot, auto)
-        return entry
+        self.putting[request.rid] = (pool, slot, auto)
+        reply, fds = yield Call(request, (loan.fileno(),))
+        return expect(reply, fds, BlobReply).blob
 
     def create(
         self, size: int, key: str | None, lease_ms: int | None
@@ -418,8 +415,10 @@ class ClientCore:
 
     # -- what comes in -------------------------------------------------------------------
 
-    @staticmethod
-    def decode(message: Message, fds: tuple[int, ...]) -> Reply:
+    def decode(self, message: Message, fds: tuple[int, ...]) -> Reply:
+        """The reply *message* carries. Both drivers decode every message as it arrives, so
+        the answer to a pooled put settles its slot here, in order, whoever waits for it:
+        published (`pooled`, before any `SlotFree` of it is read), or refused and free."""
         try:
             if isinstance(message, ErrorReply):
                 raise PeerRefused(
@@ -431,10 +430,18 @@ class ClientCore:
                 raise RemoteProtocolError(
                     f"expected a broker reply in a UserPayload, got {type(message).__name__}"
                 )
-            return decode_reply(message.data)
+            reply = decode_reply(message.data)
         except BaseException:
             close_fds(fds)
             raise
+        if self.putting:
+            held = self.putting.pop(getattr(reply, "rid", 0), None)
+            if held is not None:
+                if isinstance(reply, BlobReply):
+                    self.pooled[reply.blob.id] = held
+                elif isinstance(reply, Refused) and not held[0].closed:
+                    held[0].release(held[1])
+        return reply
 
     def unsolicited(self, reply: Reply, fds: tuple[int, ...]) -> None:
         """Take a message nobody waits for: a notification, or a late reply to undo."""
