@@ -19,9 +19,9 @@ shared memory anyway take a slot of this pool instead of a fresh blob:
   `MIN_POOLED_BYTES` (64 KiB), whose page faults cost less than a slot's fds.
 - **Shrunk when idle.** A slot that nobody holds and nobody took for
   `idle_seconds` is closed, by a thread that looks every half of that
-  period (started when a slot first comes back). A reader's mapping of it goes when the
-  reader's slot cache lets it go (its channel closes, or newer slots push it
-  out).
+  period (started when a slot first comes back). A reader's mapping of it
+  goes when the reader's slot cache lets it go (its channel closes, or
+  newer slots push it out).
 - **One slot, one first cost.** A slot is made when first needed, so a
   process that sends once pays what one fresh blob of the class costs.
 

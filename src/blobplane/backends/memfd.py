@@ -92,7 +92,8 @@ def allocate_reserved_memfd(size: int, name: str) -> int | None:
         os.close(fd)
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EINVAL):
             return None  # taken meanwhile, or not to be had: the usual pages
-        raise
+        with os_errors(f"allocating {rounded} bytes of reserved huge pages"):
+            raise
     except BaseException:
         os.close(fd)
         raise
