@@ -50,7 +50,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from blobplane.backends.mapping import physical_memory
@@ -471,8 +471,16 @@ def _fill(stream: RemoteBlob, fd: int, size: int) -> None:
     try:
         filling = Filling(fd, size)
         out = filling.writer(0, size)
-        for view in stream.chunks():
-            out.append(view)
+        # Each chunk is written (pwrite) while the next is read (gRPC's copy into
+        # one buffer): the two copies run on two CPUs. A view keeps its buffer alive.
+        with ThreadPoolExecutor(1, thread_name_prefix="blobplane-fill") as writer:
+            writing: Future[None] | None = None
+            for view in stream.chunks():
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(out.append, view)
+            if writing is not None:
+                writing.result()
         if not out.complete:
             raise PeerUnreachable(f"the stream ended after {out.position} of {size} bytes")
         filling.finish()
