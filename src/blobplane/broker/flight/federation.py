@@ -46,11 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from blobplane.backends.mapping import physical_memory
@@ -59,7 +61,7 @@ from blobplane.broker.flight.address import FlightAddress
 from blobplane.broker.flight.arrow import keep_transfer_buffers
 from blobplane.broker.flight.client import FlightBlobClient, RemoteBlob
 from blobplane.broker.flight.config import FlightConfig
-from blobplane.broker.flight.filling import Filling, allocate_unfilled, stalled
+from blobplane.broker.flight.filling import Filling, RangeWriter, allocate_unfilled, stalled
 from blobplane.broker.logs import LOGGER, event
 from blobplane.broker.registry import BlobState, ClientId
 from blobplane.broker.rights import Grant, Right
@@ -471,21 +473,34 @@ def _fill(stream: RemoteBlob, fd: int, size: int) -> None:
     try:
         filling = Filling(fd, size)
         out = filling.writer(0, size)
-        # Each chunk is written (pwrite) while the next is read (gRPC's copy into
-        # one buffer): the two copies run on two CPUs. A view keeps its buffer alive.
-        with ThreadPoolExecutor(1, thread_name_prefix="blobplane-fill") as writer:
-            writing: Future[None] | None = None
-            for view in stream.chunks():
-                if writing is not None:
-                    writing.result()
-                writing = writer.submit(out.append, view)
-            if writing is not None:
-                writing.result()
+        _write_while_reading(stream.chunks(), out)
         if not out.complete:
             raise PeerUnreachable(f"the stream ended after {out.position} of {size} bytes")
         filling.finish()
     finally:
         os.close(fd)
+
+
+def _write_while_reading(chunks: Iterator[memoryview], out: RangeWriter) -> None:
+    """Append every chunk to *out*, each written (pwrite) while the next is read (gRPC's copy
+    into one buffer), so that the two copies run on two CPUs; a view keeps its buffer alive.
+
+    A blob of one chunk, as every small one is, is written here: a thread for it would
+    cost more than it saves.
+    """
+    first = next(chunks, None)
+    if first is None:
+        return
+    following = next(chunks, None)
+    if following is None:
+        out.append(first)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="blobplane-fill") as writer:
+        writing = writer.submit(out.append, first)
+        for view in itertools.chain((following,), chunks):
+            writing.result()
+            writing = writer.submit(out.append, view)
+        writing.result()
 
 
 def _cancel_opened(future: asyncio.Future[_Opened]) -> None:
