@@ -621,8 +621,13 @@ class BlobRegistry:
 
     # -- reading -----------------------------------------------------------------------
 
-    def get(self, client: ClientId, target: BlobId | str) -> GetResult:
-        """A sealed blob: count a reference for *client*. An unsealed or spilled one: `Pending`."""
+    def get(self, client: ClientId, target: BlobId | str, *, served: bool = False) -> GetResult:
+        """A sealed blob: count a reference for *client*. An unsealed or spilled one: `Pending`.
+
+        *served*: the broker reads the blob for the client (over Flight), which gets
+        its bytes but never its memory, and cannot look again once it released it: a
+        pool slot it read may carry another blob afterwards, whatever its grant.
+        """
         state = self._client(client)
         blob = self._readable(state, target)
         if blob.state is BlobState.ALLOCATED:
@@ -633,7 +638,7 @@ class BlobRegistry:
         blob.references += 1
         self._references += 1
         state.held[blob.id] = None
-        if blob.pooled and not state.grant.reads_everything_for_good:
+        if blob.pooled and not served and not state.grant.reads_everything_for_good:
             blob.disclosed = True
         self._idle.pop(blob.id, None)
         blob.last_used = self._clock()

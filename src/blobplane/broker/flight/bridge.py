@@ -210,7 +210,8 @@ class Bridge:
     def open_read(self, token: str | None, target: BlobId | str) -> Reading:
         client = self.connect(self.grant(token))
         try:
-            result = self.server.registry.get(client, target)
+            # Served from this process's mapping: the reader never holds the memory.
+            result = self.server.registry.get(client, target, served=True)
             if isinstance(result, Pending):
                 if result.restore:
                     self.server.apply(self.server.registry.restore(result.id))
