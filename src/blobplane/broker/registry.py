@@ -48,16 +48,17 @@ A pooled blob is a slot of a producer's `BlobPool`, published with
 `put(pooled=True)`. Its memory is the producer's, but the broker pins it for
 as long as it is published, so the whole slot (its memfd's size, which may
 exceed the payload's) counts against the memory limit and the producer's
-quota like any blob; it is never evicted, since the producer owns it. It
-stays published until it is deleted, its lease ends or its producer
-disconnects; once it is withdrawn and its last reference is released,
-`NotifyProducer` hands the slot back (only then may the producer write to it
-again), to be reused unless a reader whose right to read may lapse (a
-token holder's) was given it. A pooled blob put with *keep* (the clients' `put_bytes` and
-`put_object` put their automatic pool's slots so) outlives its producer
-instead: when the producer disconnects, the broker takes its memory over and
-it becomes a blob like any other, still published and still counted against
-the account that put it.
+quota like any blob. It stays published until it is deleted, its lease ends
+or its producer disconnects, and is never evicted; once it is withdrawn and
+its last reference is released, `NotifyProducer` hands the slot back (only
+then may the producer write to it again), to be reused unless a reader whose
+right to read may lapse (a token holder) was given it. A pooled blob put
+with *keep* (the clients' `put_bytes` and `put_object` put their automatic
+pool's slots so) outlives its producer instead: when the producer
+disconnects, the broker takes its memory over and it becomes a blob like any
+other, still published and still counted against the account that put it.
+Such a slot can be evicted or spilled like any blob, and its producer, if
+still connected, gets it back then.
 
 A *cached* blob (a copy fetched from a peer broker, `create(cached=True)`)
 is evictable even without *evict*: it can be fetched again.

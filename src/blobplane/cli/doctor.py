@@ -77,9 +77,10 @@ def _huge_pages() -> Finding:
 
 def _reserved_huge_pages() -> Finding:
     reserved = reserved_huge_pages()
-    value = f"{reserved.total} ({reserved.free} free)"
+    pages = f"{reserved.total} pages"
     if reserved.page_size:
-        value += f" of {format_size(reserved.page_size)}"
+        pages += f" of {format_size(reserved.page_size)}"
+    value = f"{pages} ({reserved.free} free)"
     return Finding(
         "reserved huge pages",
         value,
