@@ -23,6 +23,14 @@ def blob_mappings(pid: int | str = "self") -> int:
         )
 
 
+def _target(fd: int) -> str:
+    """What an open fd of this process is, for a leak's message."""
+    try:
+        return f"{fd}: {os.readlink(f'/proc/self/fd/{fd}')}"
+    except OSError:
+        return f"{fd}: closed since"
+
+
 def _entries(folder: str) -> set[str]:
     try:
         return set(os.listdir(folder))
@@ -60,7 +68,8 @@ class Snapshot:
     def leaks_since(self, before: Snapshot) -> list[str]:
         found = []
         if extra := self.fds - before.fds:
-            found.append(f"fds {sorted(extra)} left open")
+            targets = ", ".join(_target(fd) for fd in sorted(extra))
+            found.append(f"fds {sorted(extra)} left open ({targets})")
         if self.mappings > before.mappings:
             found.append(f"{self.mappings - before.mappings} blob mappings left")
         for label in ("dev_shm", "shm_private", "temp_private"):
