@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import hashlib
 import os
 import signal
@@ -36,6 +37,8 @@ entry = client.put_bytes(bytes(range(256)) * 8192, key="kept")  # 2 MiB
 print(entry.pooled, flush=True)
 if how == "killed":
     os.kill(os.getpid(), signal.SIGKILL)
+if how == "unclosed":
+    sys.exit(0)  # the interpreter's exit closes the connection
 if how == "forked":
     # A child that lives on after its parent went.
     pid = os.fork()
@@ -52,7 +55,7 @@ def digest(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("how", ["exits", "killed"])
+@pytest.mark.parametrize("how", ["exits", "killed", "unclosed"])
 def test_a_pooled_put_stays_published_after_its_producer_goes(how: str) -> None:
     expected = digest(bytes(range(256)) * 8192)
     with running_broker() as broker, connect_broker(broker.socket_path) as reader:
@@ -72,6 +75,21 @@ def test_a_pooled_put_stays_published_after_its_producer_goes(how: str) -> None:
             assert digest(view) == expected
             assert read.entry.pooled is False
         reader.delete("kept")
+        wait_until(lambda: reader.stats().blobs == 0, "the blob to be freed")
+
+
+def test_a_pooled_put_stays_published_after_its_client_is_dropped_unclosed() -> None:
+    with running_broker() as broker, connect_broker(broker.socket_path) as reader:
+        producer = connect_broker(broker.socket_path)
+        assert producer.put_bytes(bytes(range(256)) * 8192, key="dropped").pooled
+        del producer
+        gc.collect()  # its slots unmapped, then its connection closed
+        wait_until(lambda: reader.stats().clients == 1, "the producer's disconnection")
+        (seals,) = memfd_seals(broker)
+        assert seals & fcntl.F_SEAL_WRITE
+        with reader.get("dropped") as read, read.as_slice() as view:
+            assert view == bytes(range(256)) * 8192
+        reader.delete("dropped")
         wait_until(lambda: reader.stats().blobs == 0, "the blob to be freed")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
+import weakref
 from collections import deque
 from types import TracebackType
 from typing import Any, Self, TypeAlias, TypeVar
@@ -24,6 +25,7 @@ from blobplane.client.core import (
     Op,
     Target,
     checked,
+    let_go,
     no_broker,
 )
 from blobplane.client.handles import AsyncBrokerBlob, BrokerRead
@@ -84,6 +86,8 @@ class AsyncBrokerClient(AutoPoolOption):
         self._slot_freed = asyncio.Event()
         self._failure: BlobError | None = None
         self._closed = False
+        # Also run when the client is dropped unclosed, or at exit (`BrokerClient`'s).
+        self._let_go = weakref.finalize(self, let_go, self._core.slot_owner, channel)
         # A callback of the loop takes in every reply as it arrives: no task
         # step and no loop turn of its own between the reply and its caller.
         self._reader = channel.read_forever(self._on_message, self._on_reader_error)
@@ -197,7 +201,7 @@ class AsyncBrokerClient(AutoPoolOption):
         # The core first: it lets go of the slots the broker keeps (`ClientCore.close`)
         # before the broker hears of the disconnection.
         self._core.close()
-        self._channel.close()
+        self._let_go()
         self._fail(BlobClosed("this broker client is closed"))
 
     async def aclose(self) -> None:

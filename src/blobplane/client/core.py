@@ -57,7 +57,7 @@ from blobplane.broker.protocol import (
     encode,
 )
 from blobplane.channel import DEFAULT
-from blobplane.channel.base import TimeoutArg
+from blobplane.channel.base import ChannelBase, TimeoutArg
 from blobplane.client.handles import BrokerRead
 from blobplane.errors import (
     BlobError,
@@ -485,6 +485,17 @@ class ClientCore:
         # before the connection closes: the broker seals it against writes then, which
         # the kernel refuses while a writable mapping exists.
         self.slot_owner.retire()
+
+
+def let_go(slot_owner: SlotOwner, channel: ChannelBase) -> None:
+    """A client's end: its automatic-pool slots unmapped, then its connection closed.
+
+    In that order, also when the client is dropped unclosed or the process
+    exits: the broker seals a slot it keeps only once no process maps it
+    writable, and it tries when the connection ends.
+    """
+    slot_owner.retire()
+    channel.close()
 
 
 class AutoPoolOption:

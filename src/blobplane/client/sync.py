@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import weakref
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -22,6 +23,7 @@ from blobplane.client.core import (
     Op,
     Target,
     checked,
+    let_go,
     no_broker,
 )
 from blobplane.client.handles import BrokerBlob, BrokerRead
@@ -52,6 +54,9 @@ class BrokerClient(AutoPoolOption):
         self.timeout = timeout
         self._deferred: list[Request] = []
         self._closed = False
+        # Also run when the client is dropped unclosed, or at exit (before the channel's
+        # own finalizer, made earlier): the kept slots go before the connection does.
+        self._let_go = weakref.finalize(self, let_go, self._core.slot_owner, channel)
 
     @property
     def welcome(self) -> Welcome:
@@ -212,7 +217,7 @@ class BrokerClient(AutoPoolOption):
         # The core first: it lets go of the slots the broker keeps (`ClientCore.close`)
         # before the broker hears of the disconnection.
         self._core.close()
-        self._channel.close()
+        self._let_go()
 
     def __enter__(self) -> Self:
         return self
