@@ -66,7 +66,7 @@ class RemoteBlob:
         self.cancelled = False
 
     def chunks(self) -> Iterator[memoryview]:
-        """The bytes as they come, each a view into Arrow's buffer (valid until the next one).
+        """The bytes as they come, each a view into Arrow's buffer, which the view keeps alive.
 
         Raises `PeerUnreachable` (or the peer's refusal) if the stream breaks,
         `RemoteProtocolError` if it sends more or other than it declared.
