@@ -226,12 +226,8 @@ class AutoPool:
         """
         with self._lock:
             for size_class, slots in self._classes.items():
-                mine = [slot for slot in slots if slot.owner is owner]
-                for slot in mine:
-                    slots.remove(slot)
-                    slot.pool.close()
-                self._bytes -= size_class * len(mine)
-                self._slots -= len(mine)
+                for slot in [slot for slot in slots if slot.owner is owner]:
+                    self._remove(size_class, slot)
 
     def drop(self, pool: BlobPool) -> bool:
         """Close the slot *pool* (a `PoolLoan.pool` of this pool's) for good: someone who may
@@ -240,10 +236,7 @@ class AutoPool:
             for size_class, slots in self._classes.items():
                 for slot in slots:
                     if slot.pool is pool:
-                        slots.remove(slot)
-                        self._bytes -= size_class
-                        self._slots -= 1
-                        pool.close()
+                        self._remove(size_class, slot)
                         return True
         return False
 
@@ -284,14 +277,18 @@ class AutoPool:
         for used, size_class, slot in candidates:
             if now - used < idle_seconds and need <= 0 and slots <= 0:
                 break
-            self._classes[size_class].remove(slot)
-            slot.pool.close()
-            self._bytes -= size_class
-            self._slots -= 1
+            self._remove(size_class, slot)
             need -= size_class
             slots -= 1
         for size_class in [size for size, slots in self._classes.items() if not slots]:
             del self._classes[size_class]
+
+    def _remove(self, size_class: int, slot: _Slot) -> None:
+        """Close *slot* of *size_class* and give its room back (under the lock)."""
+        self._classes[size_class].remove(slot)
+        slot.pool.close()
+        self._bytes -= size_class
+        self._slots -= 1
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's slots, which are the parent's to use."""

@@ -22,7 +22,6 @@ revoked slot's stale generation for the current one.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
@@ -51,6 +50,7 @@ from blobplane.errors import (
     Timeout,
     os_errors,
 )
+from blobplane.fds import close_fds
 from blobplane.slot_claims import try_claim_exclusive, unclaim
 from blobplane.types import BlobId, BlobToken, UnixFd, is_int
 
@@ -290,12 +290,9 @@ class BlobPool:
         self._lock = threading.Condition()  # the parent's may have been held at the fork
         self._closed = True
         self._free.clear()
-        for slot in self._slots:
-            with contextlib.suppress(OSError):
-                os.close(slot.fd)
+        close_fds(slot.fd for slot in self._slots)
         if self._control_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._control_fd)
+            close_fds([self._control_fd])
             self._control_fd = -1
 
     def __enter__(self) -> Self:
