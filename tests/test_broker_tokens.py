@@ -445,3 +445,17 @@ def test_load_or_create_uses_the_key_of_a_broker_that_won_the_race(
 def test_tokens_survive_a_reload_of_the_key(key_path: Path, clock: WallClock) -> None:
     token = TokenAuthority(load_or_create_key(key_path), clock=clock).mint("get", ttl=60)
     assert TokenAuthority(load_key(key_path), clock=clock).verify(token).rights == (Right.GET,)
+
+
+def test_a_token_verified_before_is_refused_once_the_key_file_holds_another_key(
+    key_path: Path, clock: WallClock
+) -> None:
+    authority = TokenAuthority.from_key_file(key_path, clock=clock)
+    token = authority.mint("get", ttl=60)
+    for _ in range(2):  # the second time from what the first remembered
+        assert authority.grant(token).allows(Right.GET)
+    key_path.unlink()
+    save_key(key_path, generate_key())
+    with pytest.raises(TokenRefused, match="signature does not match"):
+        authority.verify(token)
+    assert authority.verify(authority.mint("get", ttl=60)).rights == (Right.GET,)

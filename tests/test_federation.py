@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import re
 import time
@@ -148,6 +149,25 @@ def test_a_stock_flight_client_lists_fetches_and_uploads(pair: Cluster) -> None:
     ticket = flight.Ticket(f'{{"key": "{name}", "offset": 5, "length": 1000}}'.encode())
     table = client.do_get(ticket, options).read_all()
     assert b"".join(value.as_py() for value in table.column("data")) == data[5:1005]
+    # The "get" action: the answer, then the bytes of a range of at most 1 MiB; a larger
+    # one is only described (DoGet it).
+    assert [action.type for action in client.list_actions(options)] == ["get"]
+    asked = flight.Action("get", f'{{"key": "{name}", "offset": 7, "length": 4096}}'.encode())
+    head, body = client.do_action(asked, options)
+    answer = json.loads(head.body.to_pybytes())
+    assert answer == {
+        "size": len(data),
+        "id": json.loads(info.endpoints[0].ticket.ticket)["id"],
+        "key": name,
+        "offset": 7,
+        "length": 4096,
+        "inline": True,
+    }
+    assert body.body.to_pybytes() == data[7 : 7 + 4096]
+    (head,) = client.do_action(flight.Action("get", f'{{"key": "{name}"}}'.encode()), options)
+    assert json.loads(head.body.to_pybytes())["inline"] is False
+    with pytest.raises(flight.FlightError, match="RemoteProtocolError"):
+        list(client.do_action(flight.Action("delete", b"{}"), options))
     # An upload: a descriptor command with the key and the exact size.
     uploaded = key()
     descriptor = flight.FlightDescriptor.for_command(f'{{"key": "{uploaded}", "size": 6}}')
@@ -232,13 +252,20 @@ def test_rights_are_those_of_the_token(pair: Cluster) -> None:
         assert name in {e.key for e in lister.list()}
         with pytest.raises(RightMissing):
             lister.get_bytes(name)
+        with pytest.raises(RightMissing):
+            lister.get_inline(name)
     with FlightBlobClient(url, per_blob) as bearer:
         assert bearer.get_bytes(BlobId(entry.id)) == b"secret"
         assert bearer.get_bytes(name) == b"secret"
+        _, inline = bearer.get_inline(name)
+        assert inline is not None
+        assert inline.to_pybytes() == b"secret"
         with pytest.raises(RightMissing):
             bearer.get_bytes(other_name)
+        with pytest.raises(RightMissing):
+            bearer.get_inline(other_name)
     with FlightBlobClient(url) as anonymous, pytest.raises(TokenRefused):
-        anonymous.get_bytes(name)
+        anonymous.get_inline(name)
     forged = pair.token("get")[:-4] + "AAAA"
     with FlightBlobClient(url, forged) as forger, pytest.raises(TokenRefused):
         forger.get_bytes(name)

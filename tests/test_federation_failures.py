@@ -193,11 +193,45 @@ time.sleep(60)
 
 
 class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
-    """A Flight server that answers every ticket with the stream its `mode` says."""
+    """A Flight server that answers every get the way its `mode` says: in the "get" action's
+    answer itself (*inline*), or, the answer saying the bytes do not come inline, in the
+    DoGet stream that follows."""
 
     def __init__(self) -> None:
         super().__init__("grpc://127.0.0.1:0")
         self.mode = ""
+        self.inline = True
+
+    def do_action(self, context: object, action: flight.Action) -> list[bytes]:
+        asked = json.loads(action.body.to_pybytes())["key"]
+        if not self.inline:
+            size, blob_id = 20, str(uuid.uuid4())
+            answer = {"size": size, "id": blob_id, "key": asked, "offset": 0, "length": size}
+            return [json.dumps({**answer, "inline": False}).encode()]
+        declared, sent, key, offset = 20, b"x" * 20, asked, 0
+        results: list[bytes] = []
+        match self.mode:
+            case "longer":
+                declared = 10
+            case "shorter":
+                sent = b"x" * 10
+            case "other key":
+                key = "someone-else"
+            case "huge":
+                declared = 1 << 61
+            case "range":
+                offset = 5
+            case "no bytes":
+                sent = None  # type: ignore[assignment]
+            case "more results":
+                results = [b"x"]
+            case "schema":
+                key = 7
+            case "silent":
+                time.sleep(3)  # past the peer timeout
+        answer = {"size": declared, "id": str(uuid.uuid4()), "key": key, "offset": offset}
+        head = json.dumps({**answer, "length": declared - offset, "inline": True}).encode()
+        return [head, *([] if sent is None else [sent]), *results]
 
     def do_get(self, context: object, ticket: flight.Ticket) -> flight.RecordBatchStream:
         asked = json.loads(ticket.ticket)["key"]
@@ -225,25 +259,43 @@ class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
         return flight.RecordBatchStream(pa.table({"data": pa.array(sent, column)}, schema=schema))
 
 
-@pytest.mark.timeout(60)
-def test_what_a_lying_peer_sends_is_refused_and_nothing_stays() -> None:
+LIES: dict[bool, list[tuple[str, type[BlobError]]]] = {
+    True: [
+        ("longer", PeerUnreachable),
+        ("shorter", PeerUnreachable),
+        ("other key", PeerUnreachable),
+        ("range", PeerUnreachable),
+        ("no bytes", PeerUnreachable),
+        ("more results", PeerUnreachable),
+        ("schema", PeerUnreachable),
+        ("huge", PeerUnreachable),
+        ("silent", PeerUnreachable),
+    ],
+    False: [
+        ("longer", PeerUnreachable),
+        ("shorter", PeerUnreachable),
+        ("other key", PeerUnreachable),
+        ("range", PeerUnreachable),
+        ("nulls", PeerUnreachable),
+        ("schema", PeerUnreachable),
+        ("huge", InvalidSize),
+        ("silent", PeerUnreachable),
+    ],
+}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("inline", [True, False], ids=["inline answer", "stream"])
+def test_what_a_lying_peer_sends_is_refused_and_nothing_stays(inline: bool) -> None:
     liar = LyingPeer()
+    liar.inline = inline
     try:
         peer_args = ("--peer", f"grpc://127.0.0.1:{liar.port}", "--peer-timeout", "2s")
         with cluster(peer_args) as running:
             broker = running.brokers[0]
             memfds = broker.memfds()
             with connect_broker(broker.socket_path) as consumer:
-                for mode, error in (
-                    ("longer", PeerUnreachable),
-                    ("shorter", PeerUnreachable),
-                    ("other key", PeerUnreachable),
-                    ("range", PeerUnreachable),
-                    ("nulls", PeerUnreachable),
-                    ("schema", PeerUnreachable),
-                    ("huge", InvalidSize),
-                    ("silent", PeerUnreachable),
-                ):
+                for mode, error in LIES[inline]:
                     liar.mode = mode
                     with pytest.raises(error):
                         consumer.get(key())

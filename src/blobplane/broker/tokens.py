@@ -98,6 +98,9 @@ class TokenClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array
         )
 
 
+# Verified tokens remembered (`TokenAuthority._verified`); past it, all are forgotten.
+_MAX_VERIFIED = 1024
+
 _ENCODER = msgspec.msgpack.Encoder(uuid_format="bytes")
 _DECODER = msgspec.msgpack.Decoder(TokenClaims)
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -120,6 +123,11 @@ class TokenAuthority:
         # leave its times as they are: it is read again until that is past.
         self._racy = False
         self._broken = ""  # why the key file cannot be used, while `_key` is None
+        # Tokens whose signature checked out under the key `_verified_by`: a bearer that
+        # shows the same token at every call (a Flight client, a peer broker) costs a
+        # look-up, its expiry still checked each time. Emptied when the key changes.
+        self._verified: dict[str, TokenClaims] = {}
+        self._verified_by: bytes | None = None
 
     @classmethod
     def from_key_file(
@@ -245,30 +253,16 @@ class TokenAuthority:
                 f"this is not a blobplane token (they start with {TOKEN_PREFIX!r}); "
                 "mint one with `blobplane token create`"
             )
-        signed, dot, mac_text = token.rpartition(".")
-        payload_text = signed[len(TOKEN_PREFIX) :]
-        if not dot or not payload_text or "." in payload_text:
-            raise TokenRefused(
-                f"the token is cut or garbled: expected {TOKEN_PREFIX}<claims>.<signature>"
-            )
-        mac = _b64decode(mac_text)
         key, key_id = self._verifying_key()
-        if not hmac.compare_digest(mac, _hmac(key, signed)):
-            raise TokenRefused(
-                "the token's signature does not match: it was altered, forged, minted by "
-                "a broker with another secret key, or revoked (the key was replaced since); "
-                "ask for a new token"
-            )
-        try:
-            claims = _DECODER.decode(_b64decode(payload_text))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            # Only a broker holding this key can have signed it: a version mismatch.
-            raise TokenRefused(
-                f"the token is authentic but its claims cannot be read ({exc}); "
-                "mint a new one with this version of blobplane"
-            ) from exc
-        if claims.blob is not None and set(claims.rights) != {Right.GET}:
-            raise TokenRefused("a per-blob token may only grant 'get'; this one is refused")
+        if key != self._verified_by:
+            self._verified.clear()
+            self._verified_by = key
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = _authentic_claims(token, key)
+            if len(self._verified) >= _MAX_VERIFIED:
+                self._verified.clear()
+            self._verified[token] = claims
         now = self._clock()
         if claims.expires_at is not None and now >= claims.expires_at:
             raise TokenExpired(
@@ -585,3 +579,31 @@ def _check_key_file(path: str, info: os.stat_result) -> None:
             f"read or replace it; run `chmod 600 {path}`, and since the key may have leaked, "
             "consider a new key (`blobplane token revoke-all`) and new tokens"
         )
+
+
+def _authentic_claims(token: str, key: bytes) -> TokenClaims:
+    """The claims of *token* (stripped, of a sane length) if *key* signed it; `TokenRefused`."""
+    signed, dot, mac_text = token.rpartition(".")
+    payload_text = signed[len(TOKEN_PREFIX) :]
+    if not dot or not payload_text or "." in payload_text:
+        raise TokenRefused(
+            f"the token is cut or garbled: expected {TOKEN_PREFIX}<claims>.<signature>"
+        )
+    mac = _b64decode(mac_text)
+    if not hmac.compare_digest(mac, _hmac(key, signed)):
+        raise TokenRefused(
+            "the token's signature does not match: it was altered, forged, minted by "
+            "a broker with another secret key, or revoked (the key was replaced since); "
+            "ask for a new token"
+        )
+    try:
+        claims = _DECODER.decode(_b64decode(payload_text))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # Only a broker holding this key can have signed it: a version mismatch.
+        raise TokenRefused(
+            f"the token is authentic but its claims cannot be read ({exc}); "
+            "mint a new one with this version of blobplane"
+        ) from exc
+    if claims.blob is not None and set(claims.rights) != {Right.GET}:
+        raise TokenRefused("a per-blob token may only grant 'get'; this one is refused")
+    return claims

@@ -1,12 +1,12 @@
 """A blocking client of a broker's Flight endpoint: what peers, the CLI and the tests use.
 
-`FlightBlobClient(url, token)` opens blobs as streams (`open`, which reads
-the stream's schema, so the size is known before any byte), lists a
-broker's blobs (`list`) and uploads (`put`). Everything the peer sends is
-checked: the schema must be a blob stream's, the range inside the blob,
-every chunk a binary column within the declared length, and the stream must
-end exactly at it. Messages larger than `config.MAX_MESSAGE_BYTES` are refused
-by gRPC before they are taken in whole.
+`FlightBlobClient(url, token)` gets a small blob in one call (`get_inline`),
+opens blobs as streams (`open`, which reads the stream's schema, so the size
+is known before any byte), lists a broker's blobs (`list`) and uploads
+(`put`). Everything the peer sends is checked: the schema or answer must be
+a blob's, the range inside the blob, every chunk a binary column within the
+declared length, and the stream must end exactly at it. Messages larger than
+`config.MAX_MESSAGE_BYTES` are refused by gRPC before they are taken in whole.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from blobplane.broker.flight.arrow import (
 )
 from blobplane.broker.flight.config import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, TlsFiles
 from blobplane.broker.flight.tickets import (
+    GET_ACTION,
     BlobTicket,
     PutCommand,
     PutResult,
     StreamInfo,
+    decode_get_answer,
     decode_put_result,
     encode,
 )
@@ -119,6 +121,12 @@ class RemoteBlob:
         return from_flight_error(exc, self.where)
 
 
+def _ticket(target: str | BlobId, offset: int = 0, length: int | None = None) -> BlobTicket:
+    if isinstance(target, BlobId):
+        return BlobTicket(id=target.uuid, offset=offset, length=length)
+    return BlobTicket(key=check_key(target), offset=offset, length=length)
+
+
 class FlightBlobClient:
     """A connection to one broker's Flight endpoint (gRPC connects at the first call)."""
 
@@ -167,10 +175,7 @@ class FlightBlobClient:
 
         *timeout* bounds the whole call, transfer included (None: no bound).
         """
-        if isinstance(target, BlobId):
-            ticket = BlobTicket(id=target.uuid, offset=offset, length=length)
-        else:
-            ticket = BlobTicket(key=check_key(target), offset=offset, length=length)
+        ticket = _ticket(target, offset, length)
         try:
             reader = self._client.do_get(
                 flight.Ticket(encode(ticket)), self.options(token, timeout)
@@ -179,16 +184,51 @@ class FlightBlobClient:
         except (flight.FlightError, pa.ArrowException) as exc:
             raise from_flight_error(exc, self.where) from None
         info = stream_info(schema)
-        if info.offset != offset or (length is not None and info.length != length):
+        try:
+            self._check_target(target, info, offset, length)
+        except RemoteProtocolError:
             reader.cancel()
+            raise
+        return RemoteBlob(reader, info, self.where)
+
+    def _check_target(
+        self, target: str | BlobId, info: StreamInfo, offset: int, length: int | None
+    ) -> None:
+        """Refuse an answer about another blob or range than the one asked for."""
+        if info.offset != offset or (length is not None and info.length != length):
             raise RemoteProtocolError(f"{self.where} sent another range than the one asked for")
         if isinstance(target, BlobId) and info.id != target:
-            reader.cancel()
             raise RemoteProtocolError(f"{self.where} sent blob {info.id} for {target}")
         if isinstance(target, str) and info.key != target:
-            reader.cancel()
             raise RemoteProtocolError(f"{self.where} sent the key {info.key!r} for {target!r}")
-        return RemoteBlob(reader, info, self.where)
+
+    def get_inline(
+        self, target: str | BlobId, *, token: str | None = None, timeout: float | None = None
+    ) -> tuple[StreamInfo, pa.Buffer | None]:
+        """The blob's size, id and key in one call, and its bytes if it is small enough to
+        come with them (`INLINE_GET_BYTES`); None: `open` it as a stream instead."""
+        ticket = _ticket(target)
+        try:
+            results = list(
+                self._client.do_action(
+                    flight.Action(GET_ACTION, encode(ticket)), self.options(token, timeout)
+                )
+            )
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise from_flight_error(exc, self.where) from None
+        if not results or len(results) > 2:
+            raise RemoteProtocolError(f"{self.where} answered a get with {len(results)} results")
+        info, inline = decode_get_answer(results[0].body.to_pybytes())
+        self._check_target(target, info, 0, None)
+        if not inline:
+            return info, None
+        data = results[1].body if len(results) == 2 else None
+        if data is None or data.size != info.length:
+            raise RemoteProtocolError(
+                f"{self.where} declared {info.length} bytes and sent "
+                f"{0 if data is None else data.size}"
+            )
+        return info, data
 
     def get_bytes(self, target: str | BlobId, *, timeout: float | None = None) -> bytes:
         return self.open(target, timeout=timeout).read_all()

@@ -11,11 +11,13 @@ publication. The fetch runs in the broker's loop, its blocking parts in a
 small pool of threads:
 
 1. The peers are asked in rendezvous order (the highest hash of peer and key
-   first: the key's *home*), then the others, until one opens a stream for
-   the key. A peer that says it has no such key is passed over; one that
-   cannot be reached, refuses, or does not answer within ``--peer-timeout``
-   is noted and passed over too.
-2. The stream's schema says the blob's size. The copy is placed in the
+   first: the key's *home*), then the others, until one has the key: one
+   call (the "get" action), whose answer says the blob's size and, for a
+   blob of at most 1 MiB, holds its bytes. That blob goes into a sealed memfd
+   at once and is published as in 3. A peer that says it has no such key is
+   passed over; one that cannot be reached, refuses, or does not answer
+   within ``--peer-timeout`` is noted and passed over too.
+2. A larger blob comes as a DoGet stream. The copy is placed in the
    registry under the key, unsealed, as a blob of the ``peer-cache`` account:
    the key is taken (a local put of it is refused meanwhile), its bytes count
    against the memory limit from now on, and the gets parked on the key now
@@ -38,7 +40,7 @@ A copy is a cache: evictable whenever memory is short (with or without
 ``--evict``), dropped when its lease runs out, and never written back. A
 get by id never leaves this broker (ids are per broker), and neither does
 anything but a get: deletes, leases, references and tokens stay where they
-are. A DoGet from a peer is answered from local blobs only, so brokers that
+are. A get from a peer is answered from local blobs only, so brokers that
 name each other as peers never fetch in circles.
 """
 
@@ -62,6 +64,7 @@ from blobplane.broker.flight.arrow import keep_transfer_buffers
 from blobplane.broker.flight.client import FlightBlobClient, RemoteBlob
 from blobplane.broker.flight.config import FlightConfig
 from blobplane.broker.flight.filling import Filling, RangeWriter, allocate_unfilled, stalled
+from blobplane.broker.flight.tickets import StreamInfo
 from blobplane.broker.logs import LOGGER, event
 from blobplane.broker.registry import BlobState, ClientId
 from blobplane.broker.rights import Grant, Right
@@ -87,18 +90,13 @@ CACHE_ACCOUNT = "peer-cache"
 # Fetches of distinct keys under way at once; more misses are refused (BrokerLimitReached)
 # rather than queued without bound.
 MAX_FETCHES = 64
-# Threads that open streams (and read small blobs whole), and threads that move the bytes
-# of large ones: apart, so that long transfers never keep an open waiting past the peer
-# timeout. Fetches beyond them wait their turn.
+# Threads that ask peers (and take small blobs whole, `INLINE_GET_BYTES`), and threads that
+# move the bytes of larger ones: apart, so that long transfers never keep an ask waiting past
+# the peer timeout. Fetches beyond them wait their turn.
 OPEN_THREADS = 8
 MOVE_THREADS = 8
 # A token this broker mints for its peers lives this long, and is replaced at half of it.
 PEER_TOKEN_TTL_S = 3600.0
-# A blob this small is read whole in the thread that opened its stream, and placed in the
-# registry once it is complete and sealed: a fetch of a small blob costs one trip to a
-# thread instead of three. What that leaves unaccounted meanwhile is at most this much
-# per opening thread.
-SMALL_FETCH_BYTES = 1 << 20
 
 
 def rendezvous(key: str, peers: tuple[FlightAddress, ...]) -> list[FlightAddress]:
@@ -125,14 +123,17 @@ class _Fetch:
 
 
 class _Opened:
-    """A stream a peer opened; for a small blob, its bytes already in a sealed memfd (*fd*)."""
+    """What a peer answered: a small blob's bytes already in a sealed memfd (*fd*), or a
+    larger one's stream."""
 
-    def __init__(self, stream: RemoteBlob, fd: int | None) -> None:
+    def __init__(self, info: StreamInfo, stream: RemoteBlob | None, fd: int | None) -> None:
+        self.info = info
         self.stream = stream
         self.fd = fd
 
     def close(self) -> None:
-        self.stream.cancel()
+        if self.stream is not None:
+            self.stream.cancel()
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
@@ -299,27 +300,21 @@ class Federation:
             ) from None
 
     def _open_blocking(self, peer: FlightAddress, key: str, token: str | None) -> _Opened:
-        """In an opening thread: open the stream; a small blob is read whole into a sealed memfd."""
-        stream = self._client(peer).open(key, token=token)
-        info = stream.info
-        if info.size > SMALL_FETCH_BYTES or info.offset != 0 or info.length != info.size:
-            return _Opened(stream, None)
-        try:
-            fd = allocate_unfilled(info.size, f"blobplane-broker:copy of {key[:64]}")
-            try:
-                _fill(stream, os.dup(fd), info.size)
-                memory.seal(fd, info.id, info.size)
-                readonly = memory.reopen_readonly(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            stream.cancel()
-            raise
-        return _Opened(stream, readonly)
+        """In an opening thread: ask for the blob (`get_inline`, bounded by the peer timeout).
+        A small one comes whole and goes into a sealed memfd; a larger one is opened as a
+        stream, for a moving thread to read."""
+        client = self._client(peer)
+        info, data = client.get_inline(key, token=token, timeout=self.config.peer_timeout)
+        if info.offset != 0 or info.length != info.size:
+            raise RemoteProtocolError(f"{peer.url} sent part of the blob for the whole")
+        if data is None:
+            stream = client.open(key, token=token)
+            return _Opened(stream.info, stream, None)
+        return _Opened(info, None, memory.holding(memoryview(data)))
 
     def _place_whole(self, fetch: _Fetch, peer: FlightAddress, opened: _Opened) -> None:
         """Publish a small blob that arrived whole (`_open_blocking`): place, seal, done."""
-        size = opened.stream.info.size
+        size = opened.info.size
         # Sealed at once: the gets parked on the key find it when the fetch settles.
         blob_id = self._place(fetch, size, announce=False)
         if blob_id is None:
@@ -335,7 +330,7 @@ class Federation:
             key=fetch.key,
             peer=peer.url,
             blob=blob_id,
-            remote=opened.stream.info.id,
+            remote=opened.info.id,
             size=size,
         )
 
@@ -353,8 +348,6 @@ class Federation:
         assert stream is not None
         info = stream.info
         key = fetch.key
-        if info.offset != 0 or info.length != info.size:
-            raise RemoteProtocolError(f"{peer.url} sent part of the blob for the whole")
         if info.size > physical_memory():
             raise InvalidSize(
                 f"{peer.url} offers a blob of {format_size(info.size)} for {key!r}, more than "

@@ -43,6 +43,7 @@ import pyarrow as pa
 from pyarrow import flight
 
 from blobplane.backends.mapping import map_readonly
+from blobplane.broker import memory
 from blobplane.broker.flight.address import FlightAddress
 from blobplane.broker.flight.arrow import (
     batches,
@@ -56,6 +57,10 @@ from blobplane.broker.flight.bridge import Bridge, Writing
 from blobplane.broker.flight.config import FlightConfig
 from blobplane.broker.flight.filling import Filling, allocate_unfilled
 from blobplane.broker.flight.tickets import (
+    GET_ACTION,
+    INLINE_GET_BYTES,
+    BlobTicket,
+    GetAnswer,
     PutResult,
     StreamInfo,
     decode_put_command,
@@ -158,14 +163,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             raise _refused("get", context, exc) from None
         try:
             info = reading.info
-            if wanted.offset > info.size:
-                raise InvalidSize(f"offset {wanted.offset} is past the end of {info.size} bytes")
-            length = info.size - wanted.offset if wanted.length is None else wanted.length
-            if wanted.offset + length > info.size:
-                raise InvalidSize(
-                    f"bytes {wanted.offset} to {wanted.offset + length} are not inside "
-                    f"a blob of {info.size}"
-                )
+            length = _range_length(wanted, info)
             mapped = map_readonly(reading.fd, info.size) if length else None
         except BlobError as exc:
             bridge.post(bridge.disconnect, reading.client)
@@ -200,6 +198,61 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         )
         # Sent by Arrow's C++ without coming back to Python for each batch.
         return flight.RecordBatchStream(table)
+
+    # -- DoAction "get" -------------------------------------------------------------------
+
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return [
+            (
+                GET_ACTION,
+                'body: a DoGet ticket; results: {"size", "id", "key", "offset", "length", '
+                f'"inline"}}, then the bytes if inline (a range of at most {INLINE_GET_BYTES} '
+                "bytes); else DoGet the ticket",
+            )
+        ]
+
+    def do_action(self, context: Any, action: Any) -> Iterator[bytes]:
+        """A blob in one answer: a peer's fetch of a small blob takes one call, not a stream."""
+        bridge = self._bridge
+        try:
+            if action.type != GET_ACTION:
+                raise RemoteProtocolError(
+                    f"this endpoint has one action, {GET_ACTION!r}, not {action.type!r}"
+                )
+            body = action.body
+            wanted = decode_ticket(b"" if body is None else body.to_pybytes())
+            reading = bridge.read(_token(context), wanted.target)
+        except BlobError as exc:
+            raise _refused("get", context, exc) from None
+        try:
+            info = reading.info
+            length = _range_length(wanted, info)
+            inline = length <= INLINE_GET_BYTES
+            data = memory.read_range(reading.fd, wanted.offset, length) if inline else b""
+        except BlobError as exc:
+            raise _refused("get", context, exc) from None
+        finally:
+            os.close(reading.fd)
+            bridge.post(bridge.disconnect, reading.client)
+        event(
+            # Too large to come inline, the bytes are got with a DoGet: that is the get.
+            "flight.get" if inline else "flight.info",
+            logging.DEBUG,
+            blob=info.id,
+            key=info.key,
+            offset=wanted.offset,
+            length=length,
+            inline=inline,
+        )
+        answer = GetAnswer(
+            size=info.size,
+            id=info.id.uuid,
+            key=info.key,
+            offset=wanted.offset,
+            length=length,
+            inline=inline,
+        )
+        return iter([encode(answer), data] if inline else [encode(answer)])
 
     # -- DoPut ---------------------------------------------------------------------------
 
@@ -333,6 +386,19 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         return info
 
 
+def _range_length(wanted: BlobTicket, info: BlobInfo) -> int:
+    """How many bytes of the blob *wanted* asks for; `InvalidSize` unless they are inside it."""
+    if wanted.offset > info.size:
+        raise InvalidSize(f"offset {wanted.offset} is past the end of {info.size} bytes")
+    length = info.size - wanted.offset if wanted.length is None else wanted.length
+    if wanted.offset + length > info.size:
+        raise InvalidSize(
+            f"bytes {wanted.offset} to {wanted.offset + length} are not inside "
+            f"a blob of {info.size}"
+        )
+    return length
+
+
 def _message_bytes(chunk: Any) -> int:
     """What one received Flight message held: its record batch's buffers and its metadata."""
     size = 0 if chunk.data is None else chunk.data.get_total_buffer_size()
@@ -340,14 +406,10 @@ def _message_bytes(chunk: Any) -> int:
 
 
 def encode_key_ticket(key: str) -> bytes:
-    from blobplane.broker.flight.tickets import BlobTicket
-
     return encode(BlobTicket(key=key))
 
 
 def _flight_info(info: BlobInfo) -> Any:
-    from blobplane.broker.flight.tickets import BlobTicket
-
     ticket = encode(BlobTicket(id=info.id.uuid))
     if info.key is not None:
         descriptor = flight.FlightDescriptor.for_path(info.key)

@@ -19,13 +19,17 @@ from blobplane.errors import RemoteProtocolError
 from blobplane.types import MAX_ENCODABLE_SIZE, BlobId
 
 __all__ = [
+    "GET_ACTION",
+    "INLINE_GET_BYTES",
     "MAX_TICKET_BYTES",
     "BlobTicket",
     "ErrorInfo",
+    "GetAnswer",
     "PutCommand",
     "PutResult",
     "StreamInfo",
     "decode_error",
+    "decode_get_answer",
     "decode_put_command",
     "decode_put_result",
     "decode_stream_info",
@@ -38,6 +42,12 @@ __all__ = [
 MAX_TICKET_BYTES = 4096
 # What a schema's metadata may hold before it is even looked at.
 MAX_METADATA_BYTES = 4096
+
+# The DoAction type that gets a blob (its body a ticket) in one answer: its `GetAnswer`,
+# then, for a range of at most INLINE_GET_BYTES, the bytes themselves as a second result.
+# One call instead of a DoGet's stream: what a peer fetching a small blob waits for.
+GET_ACTION = "get"
+INLINE_GET_BYTES = 1 << 20
 
 Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_ENCODABLE_SIZE)]
 Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_CHARS)]
@@ -81,6 +91,17 @@ class PutResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     size: Size
 
 
+class GetAnswer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The first result of a "get" action: the blob, the range, and whether its bytes follow."""
+
+    size: Size
+    id: uuid.UUID
+    key: Key | None = None
+    offset: Size
+    length: Size
+    inline: bool  # the bytes are the next result; else, open a DoGet stream for them
+
+
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A refusal's `blobplane.errors` class name and message, in a Flight error's extra info."""
 
@@ -99,7 +120,7 @@ class StreamInfo:
     length: int
 
 
-def encode(value: BlobTicket | PutCommand | PutResult | ErrorInfo) -> bytes:
+def encode(value: BlobTicket | PutCommand | PutResult | GetAnswer | ErrorInfo) -> bytes:
     return msgspec.json.encode(value)
 
 
@@ -127,6 +148,18 @@ def decode_put_command(data: bytes) -> PutCommand:
 
 def decode_put_result(data: bytes) -> PutResult:
     return _decode(data, PutResult, "put result")
+
+
+def decode_get_answer(data: bytes) -> tuple[StreamInfo, bool]:
+    """A "get" action's answer, checked as a stream's metadata is; whether the bytes follow."""
+    answer = _decode(data, GetAnswer, "get answer")
+    key = None if answer.key is None else check_key(answer.key)
+    info = _checked_info(answer.size, BlobId(answer.id), key, answer.offset, answer.length)
+    if answer.inline and info.length > INLINE_GET_BYTES:
+        raise RemoteProtocolError(
+            f"a get answer may carry at most {INLINE_GET_BYTES} bytes, not {info.length}"
+        )
+    return info, answer.inline
 
 
 def decode_error(data: bytes) -> ErrorInfo | None:
@@ -170,9 +203,13 @@ def decode_stream_info(metadata: dict[bytes, bytes] | None) -> StreamInfo:
         key = None if raw_key is None else check_key(raw_key.decode("utf-8"))
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed stream metadata: {exc}") from None
+    return _checked_info(size, blob, key, offset, length)
+
+
+def _checked_info(size: int, blob: BlobId, key: str | None, offset: int, length: int) -> StreamInfo:
     if offset + length > size:
         raise RemoteProtocolError(
-            f"the stream claims bytes {offset} to {offset + length} of a blob of {size} bytes"
+            f"the peer claims bytes {offset} to {offset + length} of a blob of {size} bytes"
         )
     return StreamInfo(size=size, id=blob, key=key, offset=offset, length=length)
 
