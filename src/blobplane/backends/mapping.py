@@ -17,6 +17,7 @@ import mmap
 import os
 from collections.abc import Callable
 
+from blobplane.backends.copying import copy_bytes
 from blobplane.backends.hugepages import HUGE_PAGE_SIZE, MADV_POPULATE_WRITE, advise_huge
 from blobplane.backends.kernel import HUGETLBFS_MAGIC, filesystem_magic
 from blobplane.errors import NotBytesLike, OutOfBounds, os_errors
@@ -146,7 +147,7 @@ def copier(data: object) -> Callable[[memoryview], None]:
     view = byte_view(data)
 
     def copy(into: memoryview) -> None:
-        into[: view.nbytes] = view
+        copy_bytes(into, view)
 
     return copy
 
@@ -166,4 +167,5 @@ def write_into(mapped: mmap.mmap | None, size: int, data: object, offset: int, w
             f"past the end of this {size}-byte {what}"
         )
     if mapped is not None and view.nbytes:
-        mapped[offset:end] = view
+        with memoryview(mapped) as whole, whole[offset:end] as part:
+            copy_bytes(part, view)

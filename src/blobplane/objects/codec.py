@@ -19,6 +19,7 @@ from typing import Any, overload
 
 import msgspec
 
+from blobplane.backends.copying import copy_bytes
 from blobplane.blobs import MappedRead, ProducerBlob, SharedMemoryBlobs
 from blobplane.errors import BlobError, InvalidSize, MalformedMetadata
 from blobplane.objects.allowlist import DEFAULT_ALLOW_LIST, AllowList, RestrictedUnpickler
@@ -76,8 +77,8 @@ class _Pickled:
 
     def write(self, view: memoryview) -> None:
         for buffer, offset in zip(self.buffers, self.offsets, strict=True):
-            with buffer.raw() as raw:
-                view[offset : offset + raw.nbytes] = raw
+            with buffer.raw() as raw, view[offset : offset + raw.nbytes] as part:
+                copy_bytes(part, raw)
 
 
 def _pickle(obj: object, threshold: int) -> _Pickled:
