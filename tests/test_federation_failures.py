@@ -202,14 +202,9 @@ class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
         self.mode = ""
         self.inline = True
 
-    def do_action(self, context: object, action: flight.Action) -> list[bytes]:
-        asked = json.loads(action.body.to_pybytes())["key"]
-        if not self.inline:
-            size, blob_id = 20, str(uuid.uuid4())
-            answer = {"size": size, "id": blob_id, "key": asked, "offset": 0, "length": size}
-            return [json.dumps({**answer, "inline": False}).encode()]
+    def _story(self, asked: str) -> tuple[int, bytes, object, int]:
+        """The declared size, the bytes sent, the key and the offset its mode tells of."""
         declared, sent, key, offset = 20, b"x" * 20, asked, 0
-        results: list[bytes] = []
         match self.mode:
             case "longer":
                 declared = 10
@@ -221,42 +216,31 @@ class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
                 declared = 1 << 61
             case "range":
                 offset = 5
-            case "no bytes":
-                sent = None  # type: ignore[assignment]
-            case "more results":
-                results = [b"x"]
-            case "schema":
-                key = 7
             case "silent":
                 time.sleep(3)  # past the peer timeout
+        return declared, sent, key, offset
+
+    def do_action(self, context: object, action: flight.Action) -> list[bytes]:
+        asked = json.loads(action.body.to_pybytes())["key"]
+        if not self.inline:
+            size, blob_id = 20, str(uuid.uuid4())
+            answer = {"size": size, "id": blob_id, "key": asked, "offset": 0, "length": size}
+            return [json.dumps({**answer, "inline": False}).encode()]
+        declared, sent, key, offset = self._story(asked)
+        results: list[bytes] = {"no bytes": [], "more results": [sent, b"x"]}.get(self.mode, [sent])
+        if self.mode == "schema":
+            key = 7
         answer = {"size": declared, "id": str(uuid.uuid4()), "key": key, "offset": offset}
         head = json.dumps({**answer, "length": declared - offset, "inline": True}).encode()
-        return [head, *([] if sent is None else [sent]), *results]
+        return [head, *results]
 
     def do_get(self, context: object, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        asked = json.loads(ticket.ticket)["key"]
-        declared, sent, key, column = 20, [b"x" * 20], asked, pa.binary()
-        offset = 0
-        match self.mode:
-            case "longer":
-                declared = 10
-            case "shorter":
-                sent = [b"x" * 10]
-            case "other key":
-                key = "someone-else"
-            case "huge":
-                declared = 1 << 61
-            case "range":
-                offset = 5
-            case "nulls":
-                sent = [None]  # type: ignore[list-item]
-            case "schema":
-                column = pa.string()
-            case "silent":
-                time.sleep(3)  # past the peer timeout
-        info = StreamInfo(declared, BlobId.new(), key, offset, declared - offset)
+        declared, sent, key, offset = self._story(json.loads(ticket.ticket)["key"])
+        rows = [None] if self.mode == "nulls" else [sent]
+        column = pa.string() if self.mode == "schema" else pa.binary()
+        info = StreamInfo(declared, BlobId.new(), str(key), offset, declared - offset)
         schema = pa.schema([("data", column)], metadata=encode_stream_info(info))
-        return flight.RecordBatchStream(pa.table({"data": pa.array(sent, column)}, schema=schema))
+        return flight.RecordBatchStream(pa.table({"data": pa.array(rows, column)}, schema=schema))
 
 
 LIES: dict[bool, list[tuple[str, type[BlobError]]]] = {

@@ -90,9 +90,10 @@ CACHE_ACCOUNT = "peer-cache"
 # Fetches of distinct keys under way at once; more misses are refused (BrokerLimitReached)
 # rather than queued without bound.
 MAX_FETCHES = 64
-# Threads that ask peers (and take small blobs whole, `INLINE_GET_BYTES`), and threads that
-# move the bytes of larger ones: apart, so that long transfers never keep an ask waiting past
-# the peer timeout. Fetches beyond them wait their turn.
+# Threads that ask peers (and take small blobs whole: at most `INLINE_GET_BYTES` each, not
+# accounted until placed), and threads that move the bytes of larger ones: apart, so that
+# long transfers never keep an ask waiting past the peer timeout. Fetches beyond them wait
+# their turn.
 OPEN_THREADS = 8
 MOVE_THREADS = 8
 # A token this broker mints for its peers lives this long, and is replaced at half of it.

@@ -9,6 +9,11 @@ gRPC's threads and ask the broker's loop for every step through the `Bridge`.
   schema carries the blob's size, id and key, and the range (`StreamInfo`);
   then come record batches of one binary row each, pointing into the blob's
   read-only mapping: the sender copies nothing.
+- **DoAction "get"** takes the same ticket and answers in one call: a
+  `GetAnswer` (the stream's metadata, and whether the bytes follow), then,
+  for a range of at most `INLINE_GET_BYTES`, the bytes themselves, read
+  with one `pread`. A larger range is only described: its bytes come with a
+  DoGet. Peers fetch small blobs this way, a round of gRPC messages fewer.
 - **DoPut** takes a descriptor command ``{"key": K, "size": N}`` (and
   ``"lease_ms"``), reserves the blob (key, memory limit, quota) before the
   first byte, writes the batches straight into the new memfd as they come,
@@ -23,7 +28,7 @@ gRPC's threads and ask the broker's loop for every step through the `Bridge`.
 
 Every call must carry ``authorization: Bearer <token>``, a token of this
 broker's key (`blobplane token create`); the rights are those of the local
-socket: ``get`` for DoGet, GetFlightInfo and GetSchema, ``put`` for DoPut,
+socket: ``get`` for DoGet, the "get" action, GetFlightInfo and GetSchema, ``put`` for DoPut,
 ``list`` for ListFlights. A DoPut's token is checked as soon as its headers
 arrive, before gRPC reads its first message. Refusals are Flight errors
 whose extra info names the `blobplane.errors` class.
@@ -53,7 +58,7 @@ from blobplane.broker.flight.arrow import (
     stream_schema,
     to_flight_error,
 )
-from blobplane.broker.flight.bridge import Bridge, Writing
+from blobplane.broker.flight.bridge import Bridge, Reading, Writing
 from blobplane.broker.flight.config import FlightConfig
 from blobplane.broker.flight.filling import Filling, allocate_unfilled
 from blobplane.broker.flight.tickets import (
@@ -154,16 +159,32 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
 
     # -- DoGet ---------------------------------------------------------------------------
 
-    def do_get(self, context: Any, ticket: Any) -> Any:
+    def _start_get(self, context: Any, raw_ticket: bytes) -> tuple[Reading, int, int]:
+        """The blob a ticket names, referenced, with the range's offset and length.
+
+        Refused (a Flight error) as the local socket would refuse the get;
+        then nothing is held. Else the caller closes the reading's fd and
+        disconnects its client.
+        """
         bridge = self._bridge
         try:
-            wanted = decode_ticket(ticket.ticket)
+            wanted = decode_ticket(raw_ticket)
             reading = bridge.read(_token(context), wanted.target)
         except BlobError as exc:
             raise _refused("get", context, exc) from None
         try:
-            info = reading.info
-            length = _range_length(wanted, info)
+            length = _range_length(wanted, reading.info)
+        except BlobError as exc:
+            os.close(reading.fd)
+            bridge.post(bridge.disconnect, reading.client)
+            raise _refused("get", context, exc) from None
+        return reading, wanted.offset, length
+
+    def do_get(self, context: Any, ticket: Any) -> Any:
+        bridge = self._bridge
+        reading, offset, length = self._start_get(context, ticket.ticket)
+        info = reading.info
+        try:
             mapped = map_readonly(reading.fd, info.size) if length else None
         except BlobError as exc:
             bridge.post(bridge.disconnect, reading.client)
@@ -173,7 +194,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             raise
         finally:
             os.close(reading.fd)
-        schema = stream_schema(StreamInfo(info.size, info.id, info.key, wanted.offset, length))
+        schema = stream_schema(StreamInfo(info.size, info.id, info.key, offset, length))
         if mapped is None:
             bridge.post(bridge.disconnect, reading.client)
             table = schema.empty_table()
@@ -182,9 +203,8 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             # (or the call ends): the reference goes back with the mapping's last user.
             weakref.finalize(mapped, bridge.post, bridge.disconnect, reading.client)
             buffer = pa.py_buffer(mapped)
-            end = wanted.offset + length
             table = pa.Table.from_batches(
-                list(batches(buffer, wanted.offset, end, self._chunk, schema)), schema=schema
+                list(batches(buffer, offset, offset + length, self._chunk, schema)), schema=schema
             )
             del buffer, mapped
         event(
@@ -193,7 +213,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             peer=context.peer(),
             blob=info.id,
             key=info.key,
-            offset=wanted.offset,
+            offset=offset,
             length=length,
         )
         # Sent by Arrow's C++ without coming back to Python for each batch.
@@ -213,34 +233,29 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
 
     def do_action(self, context: Any, action: Any) -> Iterator[bytes]:
         """A blob in one answer: a peer's fetch of a small blob takes one call, not a stream."""
-        bridge = self._bridge
+        if action.type != GET_ACTION:
+            unknown = f"this endpoint has one action, {GET_ACTION!r}, not {action.type!r}"
+            raise _refused("action", context, RemoteProtocolError(unknown))
+        body = action.body
+        reading, offset, length = self._start_get(
+            context, b"" if body is None else body.to_pybytes()
+        )
+        info = reading.info
+        inline = length <= INLINE_GET_BYTES
         try:
-            if action.type != GET_ACTION:
-                raise RemoteProtocolError(
-                    f"this endpoint has one action, {GET_ACTION!r}, not {action.type!r}"
-                )
-            body = action.body
-            wanted = decode_ticket(b"" if body is None else body.to_pybytes())
-            reading = bridge.read(_token(context), wanted.target)
-        except BlobError as exc:
-            raise _refused("get", context, exc) from None
-        try:
-            info = reading.info
-            length = _range_length(wanted, info)
-            inline = length <= INLINE_GET_BYTES
-            data = memory.read_range(reading.fd, wanted.offset, length) if inline else b""
+            data = memory.read_range(reading.fd, offset, length) if inline else b""
         except BlobError as exc:
             raise _refused("get", context, exc) from None
         finally:
             os.close(reading.fd)
-            bridge.post(bridge.disconnect, reading.client)
+            self._bridge.post(self._bridge.disconnect, reading.client)
         event(
             # Too large to come inline, the bytes are got with a DoGet: that is the get.
             "flight.get" if inline else "flight.info",
             logging.DEBUG,
             blob=info.id,
             key=info.key,
-            offset=wanted.offset,
+            offset=offset,
             length=length,
             inline=inline,
         )
@@ -248,7 +263,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             size=info.size,
             id=info.id.uuid,
             key=info.key,
-            offset=wanted.offset,
+            offset=offset,
             length=length,
             inline=inline,
         )
