@@ -161,6 +161,7 @@ def test_a_stock_flight_client_lists_fetches_and_uploads(pair: Cluster) -> None:
         "key": name,
         "offset": 7,
         "length": 4096,
+        "lease_left_ms": None,  # put without a lease
         "inline": True,
     }
     assert body.body.to_pybytes() == data[7 : 7 + 4096]
@@ -375,6 +376,28 @@ def test_copies_expire_and_give_way_to_local_blobs() -> None:
                 "the copy's cache ttl to run out",
                 timeout=5,
             )
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("size", [5, 3 << 20], ids=["in the answer", "streamed"])
+def test_a_copy_lasts_no_longer_than_the_original_lease(pair: Cluster, size: int) -> None:
+    home, other = pair.brokers
+    name = key()
+    with connect_broker(home.socket_path) as producer:
+        producer.put_bytes(payload(size), key=name, lease_ms=2000)
+    with connect_broker(other.socket_path) as consumer:
+        with consumer.get(name) as mapped:
+            assert len(mapped) == size
+        copy = {entry.key: entry for entry in consumer.list()}[name]
+        assert copy.account == "peer-cache"
+        assert copy.lease_ms is not None
+        assert 0 < copy.lease_ms <= 2000  # not --cache-ttl's ten minutes
+        wait_until(
+            lambda: name not in {entry.key for entry in consumer.list()},
+            "the copy to expire with the original",
+            timeout=5,
+        )
+    settled(other)
 
 
 @pytest.mark.timeout(30)

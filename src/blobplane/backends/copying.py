@@ -65,12 +65,12 @@ _release_buffer.restype = None
 def copy_bytes(into: memoryview, source: memoryview) -> None:
     """Copy *source* (flat bytes) to the start of *into* (flat, writable, at least as long)."""
     size = source.nbytes
+    if into.nbytes < size:
+        raise ValueError(f"{size} bytes do not fit in a view of {into.nbytes}")
     parts = _parts(size)
     if parts == 1:
         into[:size] = source
         return
-    if into.nbytes < size:
-        raise ValueError(f"{size} bytes do not fit in a view of {into.nbytes}")
     with _address(into, _PyBUF_WRITABLE) as target, _address(source, _PyBUF_SIMPLE) as origin:
         step = min(size, -(-size // parts // _PART_ALIGN) * _PART_ALIGN)
         copiers = _copiers()

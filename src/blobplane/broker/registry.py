@@ -92,6 +92,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container
@@ -796,6 +797,12 @@ class BlobRegistry:
         return None
 
     # -- looking -------------------------------------------------------------------------
+
+    def lease_left_ms(self, info: BlobInfo) -> int | None:
+        """What is left of *info*'s lease now, in whole milliseconds (None: it has none)."""
+        if info.expires_at is None:
+            return None
+        return max(0, math.ceil((info.expires_at - self._clock()) * 1000))
 
     def info(self, blob_id: BlobId) -> BlobInfo:
         """The blob as the registry sees it, for the server (no rights checked)."""

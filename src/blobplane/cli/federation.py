@@ -109,7 +109,8 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
                 default="10m",
                 show_default=True,
                 metavar="DURATION",
-                help="How long a copy fetched from a peer is kept ('never': until evicted).",
+                help="How long a copy fetched from a peer is kept ('never': until evicted), "
+                "at most as long as the original's lease has left.",
             ),
             click.option(
                 "--peer-timeout",

@@ -69,6 +69,7 @@ class Reading:
     client: ClientId
     fd: int
     info: BlobInfo
+    lease_left_ms: int | None  # of the blob's lease when it was got (None: no lease)
 
 
 @dataclass(slots=True)
@@ -223,7 +224,8 @@ class Bridge:
         except BaseException:
             self.disconnect(client)
             raise
-        return Reading(client, fd, result.info)
+        info = result.info
+        return Reading(client, fd, info, self.server.registry.lease_left_ms(info))
 
     def undo_read(self, reading: Reading) -> None:
         os.close(reading.fd)

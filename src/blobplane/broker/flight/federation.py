@@ -24,7 +24,8 @@ small pool of threads:
    wait for this blob's seal, like gets of a blob a client is filling. A
    memfd of that size is made and filled as the chunks come (`Filling`:
    each chunk written through the fd, where it belongs).
-3. Complete, it is sealed, published with a lease of ``--cache-ttl``, and
+3. Complete, it is sealed, published with a lease of ``--cache-ttl`` (or
+   what is left of the original's lease, if that is shorter), and
    the parked gets are answered with an fd of it, exactly as for a blob put
    here. The client API does not change.
 
@@ -121,6 +122,7 @@ class _Fetch:
         self.client: ClientId | None = None
         self.stream: RemoteBlob | None = None
         self.stalled = False
+        self.home_deadline: float | None = None  # see `_Opened`
 
 
 class _Opened:
@@ -131,6 +133,10 @@ class _Opened:
         self.info = info
         self.stream = stream
         self.fd = fd
+        # When the original's lease runs out (this host's monotonic clock), counted from the
+        # answer's arrival: the copy lasts no longer.
+        left = info.lease_left_ms
+        self.home_deadline = None if left is None else time.monotonic() + left / 1000
 
     def close(self) -> None:
         if self.stream is not None:
@@ -270,6 +276,7 @@ class Federation:
                 failures.append(f"{peer.url}: {exc}")
                 continue
             fetch.stream = opened.stream
+            fetch.home_deadline = opened.home_deadline
             try:
                 if opened.fd is not None:
                     self._place_whole(fetch, peer, opened)
@@ -418,7 +425,8 @@ class Federation:
         return placed.id
 
     def _publish(self, fetch: _Fetch, blob_id: BlobId, size: int, *, sealed: bool = False) -> None:
-        """Seal the copy (unless *sealed* already) and publish it with the cache's lease."""
+        """Seal the copy (unless *sealed* already) and publish it with the cache's lease, or
+        what is left of the original's if that is shorter."""
         client = fetch.client
         if client is None or not self._still_allocated(blob_id):
             raise PeerUnreachable(f"the copy of {fetch.key!r} was withdrawn while it arrived")
@@ -429,6 +437,9 @@ class Federation:
             self.server.fds.replace(blob_id, memory.reopen_readonly(fd))
         self.server.apply(registry.seal(client, blob_id))  # the parked gets are answered
         ttl = self.config.cache_ttl
+        if fetch.home_deadline is not None:
+            left = fetch.home_deadline - time.monotonic()
+            ttl = left if ttl is None else min(ttl, left)
         registry.renew(client, blob_id, None if ttl is None else max(1, round(ttl * 1000)))
         fetch.client = None
         self._disconnect(client)  # the copy stays, owned by nobody, in the cache account

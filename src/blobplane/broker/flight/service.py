@@ -194,7 +194,9 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             raise
         finally:
             os.close(reading.fd)
-        schema = stream_schema(StreamInfo(info.size, info.id, info.key, offset, length))
+        schema = stream_schema(
+            StreamInfo(info.size, info.id, info.key, offset, length, reading.lease_left_ms)
+        )
         if mapped is None:
             bridge.post(bridge.disconnect, reading.client)
             table = schema.empty_table()
@@ -226,8 +228,8 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             (
                 GET_ACTION,
                 'body: a DoGet ticket; results: {"size", "id", "key", "offset", "length", '
-                f'"inline"}}, then the bytes if inline (a range of at most {INLINE_GET_BYTES} '
-                "bytes); else DoGet the ticket",
+                '"lease_left_ms", "inline"}, then the bytes if inline (a range of at most '
+                f"{INLINE_GET_BYTES} bytes); else DoGet the ticket",
             )
         ]
 
@@ -265,6 +267,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             key=info.key,
             offset=offset,
             length=length,
+            lease_left_ms=reading.lease_left_ms,
             inline=inline,
         )
         return iter([encode(answer), data] if inline else [encode(answer)])

@@ -99,6 +99,7 @@ class GetAnswer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     key: Key | None = None
     offset: Size
     length: Size
+    lease_left_ms: Size | None = None  # what was left of the blob's lease; None: it has none
     inline: bool  # the bytes are the next result; else, open a DoGet stream for them
 
 
@@ -118,6 +119,7 @@ class StreamInfo:
     key: str | None
     offset: int
     length: int
+    lease_left_ms: int | None = None  # of the blob's lease as it was served; None: no lease
 
 
 def encode(value: BlobTicket | PutCommand | PutResult | GetAnswer | ErrorInfo) -> bytes:
@@ -154,7 +156,11 @@ def decode_get_answer(data: bytes) -> tuple[StreamInfo, bool]:
     """A "get" action's answer, checked as a stream's metadata is; whether the bytes follow."""
     answer = _decode(data, GetAnswer, "get answer")
     key = None if answer.key is None else check_key(answer.key)
-    info = _checked_info(answer.size, BlobId(answer.id), key, answer.offset, answer.length)
+    info = _checked(
+        StreamInfo(
+            answer.size, BlobId(answer.id), key, answer.offset, answer.length, answer.lease_left_ms
+        )
+    )
     if answer.inline and info.length > INLINE_GET_BYTES:
         raise RemoteProtocolError(
             f"a get answer may carry at most {INLINE_GET_BYTES} bytes, not {info.length}"
@@ -174,6 +180,7 @@ _ID = b"blobplane.id"
 _KEY = b"blobplane.key"
 _OFFSET = b"blobplane.offset"
 _LENGTH = b"blobplane.length"
+_LEASE_LEFT = b"blobplane.lease_left_ms"
 
 
 def encode_stream_info(info: StreamInfo) -> dict[bytes, bytes]:
@@ -185,6 +192,8 @@ def encode_stream_info(info: StreamInfo) -> dict[bytes, bytes]:
     }
     if info.key is not None:
         metadata[_KEY] = info.key.encode()
+    if info.lease_left_ms is not None:
+        metadata[_LEASE_LEFT] = str(info.lease_left_ms).encode()
     return metadata
 
 
@@ -201,17 +210,21 @@ def decode_stream_info(metadata: dict[bytes, bytes] | None) -> StreamInfo:
         blob = BlobId(uuid.UUID(metadata[_ID].decode("ascii")))
         raw_key = metadata.get(_KEY)
         key = None if raw_key is None else check_key(raw_key.decode("utf-8"))
+        raw_lease = metadata.get(_LEASE_LEFT)
+        lease_left_ms = None if raw_lease is None else _number(raw_lease)
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed stream metadata: {exc}") from None
-    return _checked_info(size, blob, key, offset, length)
+    return _checked(StreamInfo(size, blob, key, offset, length, lease_left_ms))
 
 
-def _checked_info(size: int, blob: BlobId, key: str | None, offset: int, length: int) -> StreamInfo:
-    if offset + length > size:
+def _checked(info: StreamInfo) -> StreamInfo:
+    """*info*, unless its range is not inside the blob."""
+    end = info.offset + info.length
+    if end > info.size:
         raise RemoteProtocolError(
-            f"the peer claims bytes {offset} to {offset + length} of a blob of {size} bytes"
+            f"the peer claims bytes {info.offset} to {end} of a blob of {info.size} bytes"
         )
-    return StreamInfo(size=size, id=blob, key=key, offset=offset, length=length)
+    return info
 
 
 def _number(raw: bytes) -> int:
