@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -100,7 +101,7 @@ def test_a_peer_that_stalls_mid_transfer_is_given_up_on() -> None:
             assert not thread.is_alive()
             error, seconds = outcome
             assert isinstance(error, PeerUnreachable), outcome
-            assert "sent nothing for 1.0 s" in str(error)
+            assert "sent less than 1.0 MiB in 1.0 s" in str(error)
             assert isinstance(seconds, float)
             assert seconds < 10
             nothing_left(other, memfds)
@@ -234,8 +235,18 @@ class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
         head = json.dumps({**answer, "length": declared - offset, "inline": True}).encode()
         return [head, *results]
 
-    def do_get(self, context: object, ticket: flight.Ticket) -> flight.RecordBatchStream:
+    def do_get(self, context: object, ticket: flight.Ticket) -> flight.FlightDataStream:
         declared, sent, key, offset = self._story(json.loads(ticket.ticket)["key"])
+        if self.mode == "trickle":  # 40 KiB a second of the 8 MiB it declares
+            info = StreamInfo(8 << 20, BlobId.new(), str(key), 0, 8 << 20)
+            schema = pa.schema([("data", pa.binary())], metadata=encode_stream_info(info))
+
+            def drops() -> Iterator[pa.RecordBatch]:
+                for _ in range(2048):
+                    time.sleep(0.1)
+                    yield pa.record_batch([pa.array([b"x" * 4096], pa.binary())], schema=schema)
+
+            return flight.GeneratorStream(schema, drops())
         rows = [None] if self.mode == "nulls" else [sent]
         column = pa.string() if self.mode == "schema" else pa.binary()
         info = StreamInfo(declared, BlobId.new(), str(key), offset, declared - offset)
@@ -264,6 +275,7 @@ LIES: dict[bool, list[tuple[str, type[BlobError]]]] = {
         ("schema", PeerUnreachable),
         ("huge", InvalidSize),
         ("silent", PeerUnreachable),
+        ("trickle", PeerUnreachable),  # cut off once 1 MiB did not come in --peer-timeout
     ],
 }
 

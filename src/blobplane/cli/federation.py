@@ -118,7 +118,8 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
                 default="10s",
                 show_default=True,
                 metavar="DURATION",
-                help="A peer that answers or sends nothing for this long is given up on.",
+                help="A peer that does not answer, or sends less than 1 MiB, for this long "
+                "is given up on.",
             ),
             click.option(
                 "--upload-timeout",
@@ -126,8 +127,8 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
                 default="30s",
                 show_default=True,
                 metavar="DURATION",
-                help="A Flight upload that sends nothing for this long is dropped, and the "
-                "memory it reserved released.",
+                help="A Flight upload that sends less than 1 MiB for this long is dropped, "
+                "and the memory it reserved released.",
             ),
             click.option(
                 "--max-message",

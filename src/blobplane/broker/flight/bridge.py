@@ -11,8 +11,8 @@ as it lasts, connected with the grant its token gives, so rights, per-blob
 tokens, quotas and the memory limit apply exactly as on the local socket; a
 get counts a reference until the stream ends, and a call that ends any other
 way than by completing is disconnected, which releases what it held and
-frees an upload it never sealed. An upload that sends nothing for the
-upload timeout is disconnected by the loop itself (`attach` watches it): its
+frees an upload it never sealed. An upload that sends less than 1 MiB for
+the upload timeout is disconnected by the loop itself (`attach` watches it): its
 reservation goes at once, and so do the pages it wrote, even while its gRPC
 thread still waits for the client.
 """
@@ -282,8 +282,9 @@ class Bridge:
         return filling
 
     async def _watch(self, writing: Writing) -> None:
-        """Withdraw an upload that sends nothing for the upload timeout, and what it wrote."""
-        await stalled(lambda: writing.received, self.upload_timeout)
+        """Withdraw an upload that sends too little for the upload timeout (`stalled`), and
+        what it wrote."""
+        await stalled(lambda: writing.received, self.upload_timeout, writing.info.size)
         client, blob_id = writing.client, writing.info.id
         self._watches.pop(client, None)
         if not self.server.registry.connected(client) or not self.still_allocated(blob_id):

@@ -21,10 +21,11 @@ __all__ = [
 # A copy fetched from a peer is dropped this long after it arrived, read or not: it is a
 # cache, never a replica (see docs/guide/federation.md).
 DEFAULT_CACHE_TTL_S = 600.0
-# A peer that sends nothing for this long is given up on; so is one that does not answer.
+# A peer that sends less than 1 MiB (`filling.MIN_PROGRESS_BYTES`) for this long is given up
+# on; so is one that does not answer.
 DEFAULT_PEER_TIMEOUT_S = 10.0
-# An upload that sends nothing for this long is dropped: its reservation (bytes, key) and
-# what it wrote are released.
+# An upload that sends less than 1 MiB for this long is dropped: its reservation (bytes,
+# key) and what it wrote are released.
 DEFAULT_UPLOAD_TIMEOUT_S = 30.0
 # Record batches of this many bytes: below 2 GiB (a Flight message's limit) with room to
 # spare, large enough that the per-message cost vanishes (4-16 MiB measure the same).

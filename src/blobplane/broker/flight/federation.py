@@ -64,7 +64,13 @@ from blobplane.broker.flight.address import FlightAddress
 from blobplane.broker.flight.arrow import keep_transfer_buffers
 from blobplane.broker.flight.client import FlightBlobClient, RemoteBlob
 from blobplane.broker.flight.config import FlightConfig
-from blobplane.broker.flight.filling import Filling, RangeWriter, allocate_unfilled, stalled
+from blobplane.broker.flight.filling import (
+    MIN_PROGRESS_BYTES,
+    Filling,
+    RangeWriter,
+    allocate_unfilled,
+    stalled,
+)
 from blobplane.broker.flight.tickets import StreamInfo
 from blobplane.broker.logs import LOGGER, event
 from blobplane.broker.registry import BlobState, ClientId
@@ -379,8 +385,9 @@ class Federation:
         except BlobError as exc:
             if fetch.stalled:
                 raise PeerUnreachable(
-                    f"{peer.url} sent nothing for {self.config.peer_timeout} s "
-                    f"({stream.received} of {info.size} bytes of {key!r} had come)"
+                    f"{peer.url} sent less than {format_size(MIN_PROGRESS_BYTES)} in "
+                    f"{self.config.peer_timeout} s ({stream.received} of {info.size} bytes of "
+                    f"{key!r} had come)"
                 ) from None
             if isinstance(exc, PeerUnreachable):
                 raise
@@ -445,8 +452,8 @@ class Federation:
         self._disconnect(client)  # the copy stays, owned by nobody, in the cache account
 
     async def _watch(self, fetch: _Fetch, stream: RemoteBlob) -> None:
-        """Cancel a stream that brings nothing for the peer timeout."""
-        await stalled(lambda: stream.received, self.config.peer_timeout)
+        """Cancel a stream that brings too little for the peer timeout (`stalled`)."""
+        await stalled(lambda: stream.received, self.config.peer_timeout, stream.info.length)
         fetch.stalled = True
         stream.cancel()
 

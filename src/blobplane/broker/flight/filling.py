@@ -17,8 +17,8 @@ it).
 
 The size is checked against what the host can still back (`check_can_allocate`)
 before anything is made, as for every broker blob. A stream that brings
-nothing for a while is given up on (`stalled`, the one rule for peers a
-fetch reads from and for clients that upload).
+less than 1 MiB (or the rest of it) in a while is given up on (`stalled`,
+the one rule for peers a fetch reads from and for clients that upload).
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ from blobplane.backends.memfd import create_sealable_memfd
 from blobplane.backends.memlimit import check_can_allocate
 from blobplane.errors import InvalidSize, RemoteProtocolError, os_errors
 
-__all__ = ["Filling", "RangeWriter", "allocate_unfilled", "stalled"]
+__all__ = ["MIN_PROGRESS_BYTES", "Filling", "RangeWriter", "allocate_unfilled", "stalled"]
+
+# A stream must bring at least this much (or the rest of it) within each timeout: one that
+# trickles a few bytes at a time would hold its reservation, its fd and a thread as long as
+# it liked, as one that sends nothing would.
+MIN_PROGRESS_BYTES = 1 << 20
 
 
 def allocate_unfilled(size: int, name: str) -> int:
@@ -112,17 +117,19 @@ class RangeWriter:
         self.position = stop
 
 
-async def stalled(progress: Callable[[], int], timeout: float) -> None:
-    """Return once *progress* (bytes so far, read from another thread) stood still *timeout* s.
+async def stalled(progress: Callable[[], int], timeout: float, expected: int) -> None:
+    """Return once *progress* (bytes so far, read from another thread) brought less than
+    `MIN_PROGRESS_BYTES`, or the rest of *expected*, in *timeout* seconds.
 
     Looked at four times per timeout (at least once a second), so a stall is
-    noticed between *timeout* and 1.25 times it after the last byte.
+    noticed between *timeout* and 1.25 times it after the progress it lacks
+    was due.
     """
-    seen, since = progress(), time.monotonic()
+    mark, since = progress(), time.monotonic()
     while True:
         await asyncio.sleep(min(1.0, timeout / 4))
         now = progress()
-        if now != seen:
-            seen, since = now, time.monotonic()
+        if now - mark >= min(MIN_PROGRESS_BYTES, max(1, expected - mark)):
+            mark, since = now, time.monotonic()
         elif time.monotonic() - since >= timeout:
             return

@@ -60,7 +60,7 @@ from blobplane.broker.flight.arrow import (
 )
 from blobplane.broker.flight.bridge import Bridge, Reading, Writing
 from blobplane.broker.flight.config import FlightConfig
-from blobplane.broker.flight.filling import Filling, allocate_unfilled
+from blobplane.broker.flight.filling import MIN_PROGRESS_BYTES, Filling, allocate_unfilled
 from blobplane.broker.flight.tickets import (
     GET_ACTION,
     INLINE_GET_BYTES,
@@ -335,8 +335,8 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
                     raise RemoteProtocolError(f"the upload broke off: {exc}") from None
                 if writing.stalled:
                     raise Timeout(
-                        f"the upload sent nothing for {bridge.upload_timeout} s; it was dropped "
-                        "and its memory released"
+                        f"the upload sent less than {format_size(MIN_PROGRESS_BYTES)} in "
+                        f"{bridge.upload_timeout} s; it was dropped and its memory released"
                     )
                 received = _message_bytes(chunk)
                 if received > self._max_message:
