@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import uuid
@@ -13,8 +14,10 @@ pytest.importorskip("pyarrow.flight")
 
 from blobplane.broker.flight.client import FlightBlobClient
 from blobplane.broker.flight.config import TlsFiles
+from blobplane.broker.tokens import TokenAuthority
 from blobplane.client import connect_broker
 from blobplane.errors import PeerUnreachable
+from brokers import running_broker
 from flight_brokers import Certificates, at, cluster, make_certificates, openssl_missing, peer
 
 pytestmark = pytest.mark.skipif(
@@ -73,12 +76,16 @@ def test_mutual_tls_between_brokers(certs: Certificates) -> None:
         ),
     ) as running:  # fmt: skip
         home, trusted, rogue = running.brokers
-        name = key()
-        data = bytes(range(256)) * 4096
+        name, small = key(), key()
+        data = bytes(range(256)) * 12288  # 3 MiB: a DoGet stream, past the "get" action's 1 MiB
         with connect_broker(home.socket_path) as producer:
             producer.put_bytes(data, key=name)
-        with connect_broker(trusted.socket_path) as consumer, consumer.get(name) as mapped:
-            assert bytes(mapped.as_slice()) == data
+            producer.put_bytes(b"in the answer", key=small)
+        with connect_broker(trusted.socket_path) as consumer:
+            with consumer.get(name) as mapped:
+                assert hashlib.sha256(mapped.as_slice()).digest() == hashlib.sha256(data).digest()
+            with consumer.get(small) as mapped:
+                assert bytes(mapped.as_slice()) == b"in the answer"
         with connect_broker(rogue.socket_path) as consumer, pytest.raises(PeerUnreachable):
             consumer.get(name)
         url = running.url(0)
@@ -92,6 +99,26 @@ def test_mutual_tls_between_brokers(certs: Certificates) -> None:
         client_tls = TlsFiles(cert=certs.client_cert, key=certs.client_key, ca=certs.ca)
         with FlightBlobClient(url, running.token(), tls=client_tls) as client:
             assert client.get_bytes(name) == data
+
+
+@pytest.mark.timeout(30)
+def test_a_peers_file_is_checked_line_by_line(tmp_path: Path) -> None:
+    peers = tmp_path / "peers"
+    for content, reason in (
+        ("grpc://127.0.0.1:5000\nnot an address\n", "line 2: 'not an address' is not a Flight"),
+        ("grpc://192.0.2.1:5000\n", "plain text on a network address"),
+        ("# nobody yet\n\n", "names no peer"),
+    ):
+        peers.write_text(content)
+        socket_path = str(tmp_path / "run" / "b.sock")
+        result = subprocess.run(
+            [sys.executable, "-m", "blobplane", "serve", "--socket", socket_path,
+             "--peers-file", str(peers)],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert result.returncode == 1, result
+        assert reason in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.timeout(30)
@@ -110,3 +137,12 @@ def test_plain_text_is_refused_off_loopback(tmp_path: Path) -> None:
         assert result.stderr.startswith("error: "), result.stderr
         assert reason in result.stderr
         assert "Traceback" not in result.stderr
+    # --insecure: the operator says the network is private; the endpoint listens everywhere.
+    with running_broker("--flight", "grpc://0.0.0.0:0", "--insecure") as broker:
+        url = broker.handle.flight_url
+        assert url is not None
+        assert url.startswith("grpc://0.0.0.0:")
+        token = TokenAuthority.from_key_file(broker.socket_path + ".key").mint("list", ttl=60)
+        port = url.rsplit(":", 1)[1]
+        with FlightBlobClient(f"grpc://127.0.0.1:{port}", token) as client:
+            assert client.list() == []

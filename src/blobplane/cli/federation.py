@@ -97,6 +97,13 @@ def serve_options(function: Callable[P, T]) -> Callable[P, T]:
                 "the peers (repeatable).",
             ),
             click.option(
+                "--peers-file",
+                default=None,
+                metavar="PATH",
+                help="A file of peers, one Flight endpoint per line ('#' starts a comment), "
+                "read when the broker starts; with any --peer, all of them are peers.",
+            ),
+            click.option(
                 "--peer-token",
                 envvar=ENV_PEER_TOKEN,
                 default=None,
@@ -154,6 +161,7 @@ def flight_config(
     *,
     flight: str | None,
     peers: tuple[str, ...],
+    peers_file: str | None,
     peer_token: str | None,
     cache_ttl: float | None,
     peer_timeout: float | None,
@@ -164,7 +172,11 @@ def flight_config(
     tls_ca: str | None,
     insecure: bool,
 ) -> Any:
-    """The broker's `FlightConfig`, or None without --flight and --peer."""
+    """The broker's `FlightConfig`, or None without --flight and peers."""
+    if peers_file is not None:
+        from blobplane.broker.flight.config import read_peers_file
+
+        peers = (*peers, *read_peers_file(peers_file))
     if flight is None and not peers:
         for name, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
             if value is not None:

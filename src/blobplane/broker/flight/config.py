@@ -16,6 +16,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "FlightConfig",
     "TlsFiles",
+    "read_peers_file",
 ]
 
 # A copy fetched from a peer is dropped this long after it arrived, read or not: it is a
@@ -34,6 +35,8 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 # a larger one before taking it in) and, by default, a client's upload. Four times the
 # largest chunk a broker sends.
 MAX_MESSAGE_BYTES = 256 << 20
+# A peers file is a list of addresses, never this long.
+_MAX_PEERS_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,35 @@ class TlsFiles:
 
     def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         return _read(self.cert), _read(self.key), _read(self.ca)
+
+
+def read_peers_file(path: str) -> list[str]:
+    """The peer addresses in the file at *path*: one per line; blank lines and text after a
+    ``#`` are left out. Each is checked as a ``--peer`` is (`InvalidAddress`, with its line)."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_MAX_PEERS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidAddress(f"the peers file {path} cannot be read: {exc.strerror}") from None
+    if len(raw) > _MAX_PEERS_FILE_BYTES:
+        raise InvalidAddress(f"the peers file {path} is over 1 MiB: it holds addresses only")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidAddress(f"the peers file {path} is not UTF-8 text") from None
+    peers = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        address = line.split("#", 1)[0].strip()
+        if not address:
+            continue
+        try:
+            parse_address(address)
+        except InvalidAddress as exc:
+            raise InvalidAddress(f"{path}, line {number}: {exc}") from None
+        peers.append(address)
+    if not peers:
+        raise InvalidAddress(f"the peers file {path} names no peer")
+    return peers
 
 
 def _read(path: str | None) -> bytes | None:
