@@ -24,7 +24,16 @@ from blobplane.broker.flight.address import parse_address
 from blobplane.broker.flight.arrow import from_flight_error
 from blobplane.broker.flight.client import FlightBlobClient
 from blobplane.broker.flight.federation import rendezvous
-from blobplane.broker.flight.tickets import decode_stream_info
+from blobplane.broker.flight.tickets import (
+    MAX_TICKET_BYTES,
+    BlobTicket,
+    GetAnswer,
+    StreamInfo,
+    decode_get_answer,
+    decode_stream_info,
+    encode,
+    encode_stream_info,
+)
 from blobplane.broker.tokens import TokenAuthority, generate_key
 from blobplane.client import connect_broker
 from blobplane.errors import (
@@ -40,6 +49,10 @@ from blobplane.errors import (
 from blobplane.types import BlobId
 from brokers import Broker, start, wait_until
 from flight_brokers import Cluster, at, cluster, peer
+
+
+def stream_metadata(size: int) -> dict[bytes, bytes]:
+    return encode_stream_info(StreamInfo(size, BlobId.new(), "k", 0, size))
 
 
 def key() -> str:
@@ -464,3 +477,16 @@ def test_tickets_and_commands_are_checked(pair: Cluster) -> None:
     # What a peer sends back is checked too.
     with pytest.raises(RemoteProtocolError):
         decode_stream_info({b"blobplane.size": b"10", b"blobplane.id": b"x"})
+    lease = {b"blobplane.lease_left_ms": str(1 << 62).encode()}
+    with pytest.raises(RemoteProtocolError, match="beyond any valid value"):
+        decode_stream_info({**stream_metadata(10), **lease})
+    # An answer about any key a ticket may name fits an answer's bound (JSON escapes the
+    # control characters six times over).
+    longest = max(
+        ("\x01" * n for n in range(600, 700)),
+        key=lambda k: len(k) if len(encode(BlobTicket(key=k))) <= MAX_TICKET_BYTES else 0,
+    )
+    answer = GetAnswer(size=1, id=uuid.uuid4(), key=longest, offset=0, length=1, inline=True)
+    info, inline = decode_get_answer(encode(answer))
+    assert info.key == longest
+    assert inline

@@ -18,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import flight
 
+from blobplane.broker.flight.address import parse_address
 from blobplane.broker.flight.client import FlightBlobClient
+from blobplane.broker.flight.federation import rendezvous
 from blobplane.broker.flight.tickets import StreamInfo, encode_stream_info
 from blobplane.client import connect_broker
 from blobplane.errors import BlobError, InvalidSize, PeerUnreachable, Timeout
@@ -202,6 +204,11 @@ class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
         super().__init__("grpc://127.0.0.1:0")
         self.mode = ""
         self.inline = True
+        self.released = threading.Event()  # ends the calls that "hang"
+
+    def shutdown(self) -> None:
+        self.released.set()
+        super().shutdown()
 
     def _story(self, asked: str) -> tuple[int, bytes, object, int]:
         """The declared size, the bytes sent, the key and the offset its mode tells of."""
@@ -224,19 +231,27 @@ class LyingPeer(flight.FlightServerBase):  # type: ignore[misc]
     def do_action(self, context: object, action: flight.Action) -> list[bytes]:
         asked = json.loads(action.body.to_pybytes())["key"]
         if not self.inline:
-            size, blob_id = 20, str(uuid.uuid4())
+            size, blob_id = (1 << 30 if self.mode == "hang" else 20), str(uuid.uuid4())
             answer = {"size": size, "id": blob_id, "key": asked, "offset": 0, "length": size}
             return [json.dumps({**answer, "inline": False}).encode()]
         declared, sent, key, offset = self._story(asked)
-        results: list[bytes] = {"no bytes": [], "more results": [sent, b"x"]}.get(self.mode, [sent])
+        results: list[bytes] = {
+            "no bytes": [],
+            "more results": [sent, b"x"],
+            "flood": [sent, *[b"x" * (2 << 20)] * 8],  # messages over the inline bound
+        }.get(self.mode, [sent])
         if self.mode == "schema":
             key = 7
         answer = {"size": declared, "id": str(uuid.uuid4()), "key": key, "offset": offset}
+        if self.mode == "eternal":  # a lease no broker could hold
+            answer["lease_left_ms"] = 1 << 62
         head = json.dumps({**answer, "length": declared - offset, "inline": True}).encode()
         return [head, *results]
 
     def do_get(self, context: object, ticket: flight.Ticket) -> flight.FlightDataStream:
         declared, sent, key, offset = self._story(json.loads(ticket.ticket)["key"])
+        if self.mode == "hang":  # never opens the stream it said would come
+            self.released.wait(60)
         if self.mode == "trickle":  # 40 KiB a second of the 8 MiB it declares
             info = StreamInfo(8 << 20, BlobId.new(), str(key), 0, 8 << 20)
             schema = pa.schema([("data", pa.binary())], metadata=encode_stream_info(info))
@@ -262,6 +277,8 @@ LIES: dict[bool, list[tuple[str, type[BlobError]]]] = {
         ("range", PeerUnreachable),
         ("no bytes", PeerUnreachable),
         ("more results", PeerUnreachable),
+        ("flood", PeerUnreachable),
+        ("eternal", PeerUnreachable),
         ("schema", PeerUnreachable),
         ("huge", PeerUnreachable),
         ("silent", PeerUnreachable),
@@ -300,6 +317,38 @@ def test_what_a_lying_peer_sends_is_refused_and_nothing_stays(inline: bool) -> N
                     assert bytes(mapped.as_slice()) == b"x" * 20
                 consumer.delete("honest")
             nothing_left(broker, memfds)
+    finally:
+        liar.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_never_opens_its_streams_holds_a_few_threads_not_the_others() -> None:
+    liar = LyingPeer()
+    liar.inline, liar.mode = False, "hang"
+    try:
+        liar_url = f"grpc://127.0.0.1:{liar.port}"
+        with cluster(at(0), (*peer(0), "--peer", liar_url, "--peer-timeout", "1s")) as running:
+            home, asker = running.brokers
+            peers = (parse_address(running.url(0)), parse_address(liar_url))
+            # Keys the liar is asked for first: each of its asks waits for a DoGet that
+            # never opens, with a deadline fit for the GiB it claims.
+            names = [name for name in (key() for _ in range(200)) if
+                     rendezvous(name, peers)[0] == peers[1]][:10]  # fmt: skip
+            with connect_broker(home.socket_path) as producer:
+                for name in names:
+                    producer.put_bytes(name.encode(), key=name)
+            took = []
+            with connect_broker(asker.socket_path) as consumer:
+                for name in names:  # the home answers each, once the liar was given up on
+                    started = time.monotonic()
+                    with consumer.get(name, timeout=10) as mapped:
+                        assert bytes(mapped.as_slice()) == name.encode()
+                    took.append(time.monotonic() - started)
+            # Four asks wait for the liar, a peer timeout each, and keep their threads; the
+            # others skip it at once (were it asked, they would wait for threads never
+            # freed, and fail).
+            assert all(seconds >= 0.9 for seconds in took[:4]), took
+            assert all(seconds < 0.5 for seconds in took[4:]), took
     finally:
         liar.shutdown()
 

@@ -47,6 +47,7 @@ __all__ = [
     "MAX_INLINE_PUT",
     "MAX_KEY_BYTES",
     "MAX_LIST_PART_BYTES",
+    "MAX_MILLIS",
     "PROTOCOL_VERSION",
     "AccountEntry",
     "BlobEntry",
@@ -96,7 +97,9 @@ MAX_REQUEST_ID = 2**63 - 1
 RequestId = Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEST_ID)]
 ReplyTo = Annotated[int, msgspec.Meta(ge=0, le=MAX_REQUEST_ID)]
 Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_ENCODABLE_SIZE)]
-Millis = Annotated[int, msgspec.Meta(gt=0, le=2**53)]
+# Milliseconds (leases, timeouts, ttls): what a double holds exactly.
+MAX_MILLIS = 2**53
+Millis = Annotated[int, msgspec.Meta(gt=0, le=MAX_MILLIS)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_CHARS)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]

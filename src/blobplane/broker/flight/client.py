@@ -29,6 +29,8 @@ from blobplane.broker.flight.arrow import (
 from blobplane.broker.flight.config import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, TlsFiles
 from blobplane.broker.flight.tickets import (
     GET_ACTION,
+    INLINE_GET_BYTES,
+    MAX_ANSWER_BYTES,
     BlobTicket,
     PutCommand,
     PutResult,
@@ -141,9 +143,7 @@ class FlightBlobClient:
         self.address = parse_address(address) if isinstance(address, str) else address
         self.address.check_plain_text(insecure, "the broker")
         self.token = token
-        options: dict[str, Any] = {
-            "generic_options": [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        }
+        options: dict[str, Any] = {}
         if tls is not None:
             cert, key, ca = tls.read()
             if ca is not None:
@@ -151,7 +151,15 @@ class FlightBlobClient:
             if cert is not None and key is not None and self.address.tls:
                 options["cert_chain"] = cert  # mutual TLS: who this side is
                 options["private_key"] = key
-        self._client = flight.FlightClient(self.address.url, **options)
+        self._options = options
+        self._client = self._connect(MAX_MESSAGE_BYTES)
+        self._asker: Any = None  # the connection for "get" actions, made at the first
+
+    def _connect(self, max_message: int) -> Any:
+        """A gRPC channel to the broker that refuses messages over *max_message* before it
+        takes them in."""
+        limit = [("grpc.max_receive_message_length", max_message)]
+        return flight.FlightClient(self.address.url, generic_options=limit, **self._options)
 
     @property
     def where(self) -> str:
@@ -207,28 +215,31 @@ class FlightBlobClient:
     ) -> tuple[StreamInfo, pa.Buffer | None]:
         """The blob's size, id and key in one call, and its bytes if it is small enough to
         come with them (`INLINE_GET_BYTES`); None: `open` it as a stream instead."""
-        ticket = _ticket(target)
+        action = flight.Action(GET_ACTION, encode(_ticket(target)))
+        if self._asker is None:
+            # Its own channel, whose messages may hold the bytes of a small blob and no more:
+            # a peer cannot make this side take in more than that per result.
+            self._asker = self._connect(INLINE_GET_BYTES + MAX_ANSWER_BYTES)
         try:
-            results = list(
-                self._client.do_action(
-                    flight.Action(GET_ACTION, encode(ticket)), self.options(token, timeout)
-                )
-            )
+            results = iter(self._asker.do_action(action, self.options(token, timeout)))
+            head = next(results, None)
+            if head is None or head.body.size > MAX_ANSWER_BYTES:
+                raise RemoteProtocolError(f"{self.where} answered a get without a valid answer")
+            info, inline = decode_get_answer(head.body.to_pybytes())
+            self._check_target(target, info, 0, None)
+            data = next(results, None) if inline else None
+            if next(results, None) is not None:
+                raise RemoteProtocolError(f"{self.where} answered a get with more results")
         except (flight.FlightError, pa.ArrowException) as exc:
             raise from_flight_error(exc, self.where) from None
-        if not results or len(results) > 2:
-            raise RemoteProtocolError(f"{self.where} answered a get with {len(results)} results")
-        info, inline = decode_get_answer(results[0].body.to_pybytes())
-        self._check_target(target, info, 0, None)
         if not inline:
             return info, None
-        data = results[1].body if len(results) == 2 else None
-        if data is None or data.size != info.length:
+        if data is None or data.body.size != info.length:
             raise RemoteProtocolError(
                 f"{self.where} declared {info.length} bytes and sent "
-                f"{0 if data is None else data.size}"
+                f"{0 if data is None else data.body.size}"
             )
-        return info, data
+        return info, data.body
 
     def get_bytes(self, target: str | BlobId, *, timeout: float | None = None) -> bytes:
         return self.open(target, timeout=timeout).read_all()
@@ -275,6 +286,8 @@ class FlightBlobClient:
 
     def close(self) -> None:
         self._client.close()
+        if self._asker is not None:
+            self._asker.close()
 
     def __enter__(self) -> FlightBlobClient:
         return self

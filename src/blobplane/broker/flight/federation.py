@@ -73,6 +73,7 @@ from blobplane.broker.flight.filling import (
 )
 from blobplane.broker.flight.tickets import StreamInfo
 from blobplane.broker.logs import LOGGER, event
+from blobplane.broker.protocol import MAX_MILLIS
 from blobplane.broker.registry import BlobState, ClientId
 from blobplane.broker.rights import Grant, Right
 from blobplane.errors import (
@@ -84,6 +85,7 @@ from blobplane.errors import (
     KeyInUse,
     PeerUnreachable,
     RemoteProtocolError,
+    Timeout,
 )
 from blobplane.sizes import format_size
 from blobplane.types import BlobId
@@ -103,6 +105,10 @@ MAX_FETCHES = 64
 # their turn.
 OPEN_THREADS = 8
 MOVE_THREADS = 8
+# A peer that takes its time to answer holds at most this many opening threads (a thread
+# waits until its call's deadline, even after the get gave up): the others stay free for
+# the other peers.
+MAX_ASKS_PER_PEER = OPEN_THREADS // 2
 # A token this broker mints for its peers lives this long, and is replaced at half of it.
 PEER_TOKEN_TTL_S = 3600.0
 
@@ -166,6 +172,8 @@ class Federation:
         self._openers = ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="blobplane-open")
         self._movers = ThreadPoolExecutor(MOVE_THREADS, thread_name_prefix="blobplane-fetch")
         self._fetches: dict[str, _Fetch] = {}
+        # Opening threads each peer occupies (see MAX_ASKS_PER_PEER).
+        self._asking: dict[FlightAddress, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # A fetch's outcome while its gets are woken to take it in (see `on_miss`).
         self._settled: dict[str, BlobError | None] = {}
@@ -301,7 +309,15 @@ class Federation:
     async def _open(self, peer: FlightAddress, key: str) -> _Opened:
         loop = asyncio.get_running_loop()
         token = self._peer_token()
+        asking = self._asking.get(peer, 0)
+        if asking >= MAX_ASKS_PER_PEER:
+            raise PeerUnreachable(
+                f"{peer.url} has not answered {asking} asks yet; it is not asked more meanwhile"
+            )
+        self._asking[peer] = asking + 1
         opening = loop.run_in_executor(self._openers, self._open_blocking, peer, key, token)
+        # Counted until the thread is done, whoever stopped waiting for it.
+        opening.add_done_callback(lambda _: self._asked(peer))
         try:
             return await asyncio.wait_for(asyncio.shield(opening), self.config.peer_timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -313,6 +329,11 @@ class Federation:
                 f"{peer.url} did not answer within {self.config.peer_timeout} s"
             ) from None
 
+    def _asked(self, peer: FlightAddress) -> None:
+        left = self._asking.pop(peer) - 1
+        if left:
+            self._asking[peer] = left
+
     def _open_blocking(self, peer: FlightAddress, key: str, token: str | None) -> _Opened:
         """In an opening thread: ask for the blob (`get_inline`, bounded by the peer timeout).
         A small one comes whole and goes into a sealed memfd; a larger one is opened as a
@@ -321,10 +342,16 @@ class Federation:
         info, data = client.get_inline(key, token=token, timeout=self.config.peer_timeout)
         if info.offset != 0 or info.length != info.size:
             raise RemoteProtocolError(f"{peer.url} sent part of the blob for the whole")
-        if data is None:
-            stream = client.open(key, token=token)
-            return _Opened(stream.info, stream, None)
-        return _Opened(info, None, memory.holding(memoryview(data)))
+        if data is not None:
+            return _Opened(info, None, memory.holding(memoryview(data)))
+        # gRPC bounds a DoGet only as a whole, opening included: by the time a transfer
+        # takes at the slowest pace the stall rule lets through.
+        windows = 1 + info.size / MIN_PROGRESS_BYTES
+        stream = client.open(key, token=token, timeout=self.config.peer_timeout * windows)
+        if stream.info.offset != 0 or stream.info.length != stream.info.size:
+            stream.cancel()
+            raise RemoteProtocolError(f"{peer.url} sent part of the blob for the whole")
+        return _Opened(stream.info, stream, None)
 
     def _place_whole(self, fetch: _Fetch, peer: FlightAddress, opened: _Opened) -> None:
         """Publish a small blob that arrived whole (`_open_blocking`): place, seal, done."""
@@ -391,6 +418,11 @@ class Federation:
                 ) from None
             if isinstance(exc, PeerUnreachable):
                 raise
+            if isinstance(exc, Timeout):  # the call's deadline: see `_open_blocking`
+                raise PeerUnreachable(
+                    f"{peer.url} did not send {key!r} in the time a transfer of "
+                    f"{format_size(info.size)} may take at the slowest"
+                ) from None
             if isinstance(exc, RemoteProtocolError):
                 raise PeerUnreachable(f"{peer.url} broke the protocol: {exc}") from None
             # This broker's own trouble (memory, fds) is said as itself.
@@ -447,7 +479,8 @@ class Federation:
         if fetch.home_deadline is not None:
             left = fetch.home_deadline - time.monotonic()
             ttl = left if ttl is None else min(ttl, left)
-        registry.renew(client, blob_id, None if ttl is None else max(1, round(ttl * 1000)))
+        lease_ms = None if ttl is None else min(MAX_MILLIS, max(1, round(ttl * 1000)))
+        registry.renew(client, blob_id, lease_ms)
         fetch.client = None
         self._disconnect(client)  # the copy stays, owned by nobody, in the cache account
 

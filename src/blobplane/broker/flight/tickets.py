@@ -14,13 +14,14 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-from blobplane.broker.protocol import MAX_KEY_CHARS, MAX_TEXT, check_key
+from blobplane.broker.protocol import MAX_KEY_CHARS, MAX_MILLIS, MAX_TEXT, check_key
 from blobplane.errors import RemoteProtocolError
 from blobplane.types import MAX_ENCODABLE_SIZE, BlobId
 
 __all__ = [
     "GET_ACTION",
     "INLINE_GET_BYTES",
+    "MAX_ANSWER_BYTES",
     "MAX_TICKET_BYTES",
     "BlobTicket",
     "ErrorInfo",
@@ -40,6 +41,8 @@ __all__ = [
 
 # A ticket, a command or a put's answer: a key of at most 1 KiB and a few numbers.
 MAX_TICKET_BYTES = 4096
+# A "get" answer: what a ticket holds, and a few fields more.
+MAX_ANSWER_BYTES = MAX_TICKET_BYTES + 512
 # What a schema's metadata may hold before it is even looked at.
 MAX_METADATA_BYTES = 4096
 
@@ -51,7 +54,8 @@ INLINE_GET_BYTES = 1 << 20
 
 Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_ENCODABLE_SIZE)]
 Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_CHARS)]
-Millis = Annotated[int, msgspec.Meta(gt=0, le=2**53)]
+Millis = Annotated[int, msgspec.Meta(gt=0, le=MAX_MILLIS)]
+MillisLeft = Annotated[int, msgspec.Meta(ge=0, le=MAX_MILLIS)]
 T = TypeVar("T")
 
 
@@ -99,7 +103,7 @@ class GetAnswer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     key: Key | None = None
     offset: Size
     length: Size
-    lease_left_ms: Size | None = None  # what was left of the blob's lease; None: it has none
+    lease_left_ms: MillisLeft | None = None  # what was left of the blob's lease; None: none
     inline: bool  # the bytes are the next result; else, open a DoGet stream for them
 
 
@@ -126,8 +130,8 @@ def encode(value: BlobTicket | PutCommand | PutResult | GetAnswer | ErrorInfo) -
     return msgspec.json.encode(value)
 
 
-def _decode(data: bytes, kind: type[T], what: str) -> T:
-    if len(data) > MAX_TICKET_BYTES:
+def _decode(data: bytes, kind: type[T], what: str, limit: int = MAX_TICKET_BYTES) -> T:
+    if len(data) > limit:
         raise RemoteProtocolError(f"a {what} of {len(data)} bytes is longer than any valid one")
     try:
         return msgspec.json.decode(data, type=kind)
@@ -154,7 +158,7 @@ def decode_put_result(data: bytes) -> PutResult:
 
 def decode_get_answer(data: bytes) -> tuple[StreamInfo, bool]:
     """A "get" action's answer, checked as a stream's metadata is; whether the bytes follow."""
-    answer = _decode(data, GetAnswer, "get answer")
+    answer = _decode(data, GetAnswer, "get answer", MAX_ANSWER_BYTES)
     key = None if answer.key is None else check_key(answer.key)
     info = _checked(
         StreamInfo(
@@ -211,7 +215,7 @@ def decode_stream_info(metadata: dict[bytes, bytes] | None) -> StreamInfo:
         raw_key = metadata.get(_KEY)
         key = None if raw_key is None else check_key(raw_key.decode("utf-8"))
         raw_lease = metadata.get(_LEASE_LEFT)
-        lease_left_ms = None if raw_lease is None else _number(raw_lease)
+        lease_left_ms = None if raw_lease is None else _number(raw_lease, MAX_MILLIS)
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed stream metadata: {exc}") from None
     return _checked(StreamInfo(size, blob, key, offset, length, lease_left_ms))
@@ -227,10 +231,10 @@ def _checked(info: StreamInfo) -> StreamInfo:
     return info
 
 
-def _number(raw: bytes) -> int:
+def _number(raw: bytes, limit: int = MAX_ENCODABLE_SIZE) -> int:
     if not raw.isdigit() or len(raw) > 20:
-        raise ValueError(f"{raw[:24]!r} is not a size")
+        raise ValueError(f"{raw[:24]!r} is not a number")
     value = int(raw)
-    if value > MAX_ENCODABLE_SIZE:
-        raise ValueError(f"{value} is beyond any size")
+    if value > limit:
+        raise ValueError(f"{value} is beyond any valid value (at most {limit})")
     return value
