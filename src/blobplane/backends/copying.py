@@ -17,18 +17,17 @@ the caller may be interrupted at any point (a signal handler that raises,
 KeyboardInterrupt) without a part being left to copy into memory that is
 gone: it returns once every part is copied, or raises and leaves the parts
 under way to finish on their own holds. Overlapping buffers are copied in
-one `memmove`, which is right for them, and so is a copy made while the
-interpreter shuts down its thread pools.
+one `memmove`, which is right for them. A child forked while a copy ran lets
+go of its parts and holds, as nothing copies there.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
-import itertools
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 __all__ = ["PARALLEL_COPY_BYTES", "copy_bytes"]
@@ -83,42 +82,91 @@ def copy_bytes(into: memoryview, source: memoryview) -> None:
             ctypes.memmove(target, origin, size)  # overlapping: one memmove gets it right
             return
         step = min(size, -(-size // parts // _PART_ALIGN) * _PART_ALIGN)
-        pending: list[Future[None]] = []
+        handed: list[_Part] = []
         for start in range(step, size, step):
             stop = min(start + step, size)
-            part = _submit(into[start:stop], source[start:stop])
-            if part is not None:
-                pending.append(part)
+            part = _Part(into[start:stop], source[start:stop])
+            _hand_over(part)
+            handed.append(part)
         ctypes.memmove(target, origin, step)
-    for part in pending:
-        part.result()
+    for part in handed:
+        part.wait()
 
 
-def _copy_part(number: int, into: memoryview, source: memoryview) -> None:
-    """One part, in a worker: its own hold on both buffers while it copies."""
-    try:
-        with _address(into, _PyBUF_WRITABLE) as target, _address(source, _PyBUF_SIMPLE) as origin:
-            ctypes.memmove(target, origin, source.nbytes)
-    finally:
-        into.release()
-        source.release()
-        _parts_under_way.pop(number, None)
+class _Part:
+    """A part of a copy, handed to a copier with views of its own of both buffers."""
+
+    __slots__ = ("_done", "_error", "into", "source")
+
+    def __init__(self, into: memoryview, source: memoryview) -> None:
+        self.into = into
+        self.source = source
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def copy(self) -> None:
+        """In a copier: hold both buffers, copy, let them go."""
+        try:
+            with (
+                _address(self.into, _PyBUF_WRITABLE) as target,
+                _address(self.source, _PyBUF_SIMPLE) as origin,
+            ):
+                ctypes.memmove(target, origin, self.source.nbytes)
+        except BaseException as exc:  # the caller's to raise
+            self._error = exc
+        finally:
+            self.abandon()
+            self._done.set()
+
+    def abandon(self) -> None:
+        self.into.release()
+        self.source.release()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
 
 
-def _submit(into: memoryview, source: memoryview) -> Future[None] | None:
-    """Copy a part in a worker; None when it was copied here (the pool is shutting down)."""
-    number = next(_part_numbers)
-    _parts_under_way[number] = (into, source)
-    try:
-        return _copiers().submit(_copy_part, number, into, source)
-    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
-        _copy_part(number, into, source)
-        return None
-    except BaseException:
-        # Interrupted: queued or not, the part needs no entry (a worker that runs it
-        # takes its own holds and gives them back).
-        _parts_under_way.pop(number, None)
-        raise
+# The copiers: daemon threads (they must not hold up the interpreter's exit, and copy for
+# its atexit handlers too), made at the first large copy, one fewer than the CPUs. A part
+# is always in `_waiting` or `_in_hand` until copied: in a child forked meanwhile, where
+# nothing copies, `_forget_after_fork` lets go of them all, and of their holds (`_holds`),
+# so that the child can close those buffers. The fork takes `_lock` first.
+_lock = threading.RLock()
+_work = threading.Condition(_lock)
+_waiting: collections.deque[_Part] = collections.deque()
+_in_hand: set[_Part] = set()
+_copiers: list[threading.Thread] = []
+
+
+def _hand_over(part: _Part) -> None:
+    # `with` on the lock itself, not on the condition: a lock's enter and exit are C, where
+    # an interrupt cannot land between taking the lock and the block that gives it back.
+    with _lock:
+        if not _copiers:
+            for number in range(max(1, _cpus() - 1)):
+                copier = threading.Thread(
+                    target=_copy_parts, name=f"blobplane-copy-{number}", daemon=True
+                )
+                copier.start()
+                _copiers.append(copier)
+        # Woken first: an interrupt between the two leaves the part unhanded, never
+        # handed and unseen (a copier wakes only once the lock is let go).
+        _work.notify()
+        _waiting.append(part)
+
+
+def _copy_parts() -> None:
+    while True:
+        with _lock:
+            while not _waiting:
+                _work.wait()
+            part = _waiting.popleft()
+            _in_hand.add(part)
+        part.copy()
+        with _lock:
+            _in_hand.discard(part)
 
 
 def _parts(size: int) -> int:
@@ -134,12 +182,8 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-# The holds taken and not yet given back (by address of their Py_buffer), and the views of
-# the parts handed to workers and not yet copied: a child forked while a copy ran gives them
-# back (`_forget_after_fork`), as nobody copies there, so that it can close those buffers.
+# The holds taken and not yet given back, by address of their Py_buffer (see above).
 _holds: dict[int, _PyBuffer] = {}
-_parts_under_way: dict[int, tuple[memoryview, memoryview]] = {}
-_part_numbers = itertools.count()
 
 
 @contextmanager
@@ -147,7 +191,8 @@ def _address(view: memoryview, flags: int) -> Iterator[int]:
     """The address of *view*'s bytes, the buffer held exported meanwhile.
 
     An interrupt anywhere leaves no hold behind: ``obj`` is set only once the
-    hold is taken, and only then is it given back.
+    hold is taken, and only then is it given back, once (a forked child may
+    have given it back already).
     """
     buffer = _PyBuffer()
     key = ctypes.addressof(buffer)
@@ -156,39 +201,37 @@ def _address(view: memoryview, flags: int) -> Iterator[int]:
         _get_buffer(view, ctypes.byref(buffer), flags)
         yield buffer.buf or 0
     finally:
-        if buffer.obj:
+        if _holds.pop(key, None) is not None and buffer.obj:
             _release_buffer(ctypes.byref(buffer))
-        _holds.pop(key, None)
 
 
-_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
+def _before_fork() -> None:
+    _lock.acquire()
 
 
-def _copiers() -> ThreadPoolExecutor:
-    """The threads that copy parts: made at the first large copy, one fewer than the CPUs."""
-    global _executor
-    with _lock:
-        if _executor is None:
-            workers = max(1, _cpus() - 1)
-            _executor = ThreadPoolExecutor(workers, thread_name_prefix="blobplane-copy")
-        return _executor
+def _after_fork_in_parent() -> None:
+    _lock.release()
 
 
-def _forget_after_fork() -> None:
-    # The child has none of the parent's threads, and nothing copies in it: a new pool is
-    # made when needed, and the holds of copies that were under way are given back.
-    global _executor, _lock
-    _executor = None
-    _lock = threading.Lock()
-    for buffer in list(_holds.values()):
+def _after_fork_in_child() -> None:
+    # No copier lives on in the child, and nothing copies there: let go of every part
+    # and hold, and make copiers anew when needed.
+    global _lock, _work
+    for buffer in _holds.values():
         if buffer.obj:
             _release_buffer(ctypes.byref(buffer))
     _holds.clear()
-    for views in list(_parts_under_way.values()):
-        for view in views:
-            view.release()
-    _parts_under_way.clear()
+    for part in (*_waiting, *_in_hand):
+        part.abandon()
+    _waiting.clear()
+    _in_hand.clear()
+    _copiers.clear()
+    _lock = threading.RLock()
+    _work = threading.Condition(_lock)
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
