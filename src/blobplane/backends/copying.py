@@ -12,20 +12,21 @@ The parts are copied by `ctypes.memmove`, which runs without the GIL, at
 the addresses of the two buffers. Whoever copies a part holds both buffers
 exported (`PyObject_GetBuffer`) while it copies: neither can be resized,
 freed or unmapped under the copy (an `mmap.close()` meanwhile raises
-`BufferError`). Each worker takes its own hold, on slices it is handed, so
-the caller may be interrupted at any point (a signal handler that raises,
-KeyboardInterrupt) without a part being left to copy into memory that is
-gone: it returns once every part is copied, or raises and leaves the parts
-under way to finish on their own holds. Overlapping buffers are copied in
+`BufferError`). A copier (a daemon thread of this module's) takes its own
+hold, on views of its own it is handed with the part, so the caller may be
+interrupted at any point (a signal handler that raises, KeyboardInterrupt)
+without a part being left to copy into memory that is gone: it returns once
+every part is copied, or raises and leaves the parts under way to finish on
+their own holds. Overlapping buffers are copied in
 one `memmove`, which is right for them. A child forked while a copy ran lets
 go of its parts and holds, as nothing copies there.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,44 +130,35 @@ class _Part:
 
 
 # The copiers: daemon threads (they must not hold up the interpreter's exit, and copy for
-# its atexit handlers too), made at the first large copy, one fewer than the CPUs. A part
-# is always in `_waiting` or `_in_hand` until copied: in a child forked meanwhile, where
-# nothing copies, `_forget_after_fork` lets go of them all, and of their holds (`_holds`),
-# so that the child can close those buffers. The fork takes `_lock` first.
-_lock = threading.RLock()
-_work = threading.Condition(_lock)
-_waiting: collections.deque[_Part] = collections.deque()
+# its atexit handlers too), made at the first large copy, one fewer than the CPUs. Parts
+# reach them through a queue whose put and get are each one C call, which no interrupt
+# can split. A part is in `_queue` or in `_in_hand` until copied (but for an instant after
+# a copier takes it): a child forked meanwhile, where nothing copies, lets go of them all
+# and of their holds (`_holds`, `_after_fork_in_child`), so that it can close those buffers.
+_lock = threading.Lock()
+_queue: queue.SimpleQueue[_Part] = queue.SimpleQueue()
 _in_hand: set[_Part] = set()
 _copiers: list[threading.Thread] = []
 
 
 def _hand_over(part: _Part) -> None:
-    # `with` on the lock itself, not on the condition: a lock's enter and exit are C, where
-    # an interrupt cannot land between taking the lock and the block that gives it back.
-    with _lock:
-        if not _copiers:
-            for number in range(max(1, _cpus() - 1)):
+    if not _copiers:
+        with _lock:
+            for number in range(len(_copiers), max(1, _cpus() - 1)):
                 copier = threading.Thread(
                     target=_copy_parts, name=f"blobplane-copy-{number}", daemon=True
                 )
                 copier.start()
-                _copiers.append(copier)
-        # Woken first: an interrupt between the two leaves the part unhanded, never
-        # handed and unseen (a copier wakes only once the lock is let go).
-        _work.notify()
-        _waiting.append(part)
+                _copiers.append(copier)  # listed once running: one listed always copies
+    _queue.put(part)
 
 
 def _copy_parts() -> None:
     while True:
-        with _lock:
-            while not _waiting:
-                _work.wait()
-            part = _waiting.popleft()
-            _in_hand.add(part)
+        part = _queue.get()
+        _in_hand.add(part)
         part.copy()
-        with _lock:
-            _in_hand.discard(part)
+        _in_hand.discard(part)
 
 
 def _parts(size: int) -> int:
@@ -205,33 +197,23 @@ def _address(view: memoryview, flags: int) -> Iterator[int]:
             _release_buffer(ctypes.byref(buffer))
 
 
-def _before_fork() -> None:
-    _lock.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _lock.release()
-
-
 def _after_fork_in_child() -> None:
     # No copier lives on in the child, and nothing copies there: let go of every part
     # and hold, and make copiers anew when needed.
-    global _lock, _work
+    global _lock, _queue
     for buffer in _holds.values():
         if buffer.obj:
             _release_buffer(ctypes.byref(buffer))
     _holds.clear()
-    for part in (*_waiting, *_in_hand):
+    waiting = []
+    while not _queue.empty():
+        waiting.append(_queue.get_nowait())
+    for part in (*waiting, *_in_hand):
         part.abandon()
-    _waiting.clear()
     _in_hand.clear()
     _copiers.clear()
-    _lock = threading.RLock()
-    _work = threading.Condition(_lock)
+    _lock = threading.Lock()
+    _queue = queue.SimpleQueue()
 
 
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
+os.register_at_fork(after_in_child=_after_fork_in_child)
