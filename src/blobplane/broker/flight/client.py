@@ -153,7 +153,10 @@ class FlightBlobClient:
                 options["private_key"] = key
         self._options = options
         self._client = self._connect(MAX_MESSAGE_BYTES)
-        self._asker: Any = None  # the connection for "get" actions, made at the first
+        # "get" actions go over a channel of their own, whose messages may hold the bytes
+        # of a small blob and no more: a peer cannot make this side take in more than that
+        # per result. (gRPC connects either at its first call.)
+        self._asker = self._connect(INLINE_GET_BYTES + MAX_ANSWER_BYTES)
 
     def _connect(self, max_message: int) -> Any:
         """A gRPC channel to the broker that refuses messages over *max_message* before it
@@ -216,10 +219,6 @@ class FlightBlobClient:
         """The blob's size, id and key in one call, and its bytes if it is small enough to
         come with them (`INLINE_GET_BYTES`); None: `open` it as a stream instead."""
         action = flight.Action(GET_ACTION, encode(_ticket(target)))
-        if self._asker is None:
-            # Its own channel, whose messages may hold the bytes of a small blob and no more:
-            # a peer cannot make this side take in more than that per result.
-            self._asker = self._connect(INLINE_GET_BYTES + MAX_ANSWER_BYTES)
         try:
             results = iter(self._asker.do_action(action, self.options(token, timeout)))
             head = next(results, None)
@@ -286,8 +285,7 @@ class FlightBlobClient:
 
     def close(self) -> None:
         self._client.close()
-        if self._asker is not None:
-            self._asker.close()
+        self._asker.close()
 
     def __enter__(self) -> FlightBlobClient:
         return self
