@@ -85,8 +85,7 @@ def map_readonly(fd: int, size: int, info: os.stat_result | None = None) -> mmap
         return None
     if info is None:
         info = _stat(fd)
-    # `map_length`'s usual answer in line: a channel maps every blob it receives.
-    length = size if info.st_blksize <= mmap.PAGESIZE else map_length(fd, size, info)
+    length = map_length(fd, size, info)
     try:
         # access=ACCESS_READ, not prot=PROT_READ: only the former makes the
         # exported memoryviews read-only (a write would otherwise segfault).
