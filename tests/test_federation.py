@@ -203,6 +203,32 @@ def test_a_stock_flight_client_lists_fetches_and_uploads(pair: Cluster) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_range_outside_the_blob_is_refused(pair: Cluster) -> None:
+    """By a DoGet and by the "get" action alike; neither keeps a reference (`settled`)."""
+    home = pair.brokers[0]
+    name = key()
+    with connect_broker(home.socket_path) as producer:
+        producer.put_bytes(payload(4096), key=name)
+    client = flight.FlightClient(pair.url(0))
+    options = flight.FlightCallOptions(
+        headers=[(b"authorization", f"Bearer {pair.token()}".encode())]
+    )
+    for outside in ('"offset": 4097', '"offset": 1, "length": 4096'):
+        raw = f'{{"key": "{name}", {outside}}}'.encode()
+        with pytest.raises(flight.FlightError, match="InvalidSize"):
+            client.do_get(flight.Ticket(raw), options).read_all()
+        with pytest.raises(flight.FlightError, match="InvalidSize"):
+            list(client.do_action(flight.Action("get", raw), options))
+    (head, body) = client.do_action(
+        flight.Action("get", f'{{"key": "{name}", "offset": 4096}}'.encode()), options
+    )
+    assert json.loads(head.body.to_pybytes())["length"] == 0
+    assert body.body.size == 0
+    client.close()
+    settled(home)
+
+
+@pytest.mark.timeout(30)
 def test_uploads_publish_exactly_what_they_declared(pair: Cluster) -> None:
     home = pair.brokers[0]
     with connect_broker(home.socket_path) as local:

@@ -319,15 +319,15 @@ class Federation:
         # Counted until the thread is done, whoever stopped waiting for it.
         opening.add_done_callback(lambda _: self._asked(peer))
         try:
-            return await asyncio.wait_for(asyncio.shield(opening), self.config.peer_timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            # The open goes on in its thread: whatever stream it brings is ended.
-            opening.add_done_callback(_cancel_opened)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise PeerUnreachable(
-                f"{peer.url} did not answer within {self.config.peer_timeout} s"
-            ) from None
+            # Unlike `wait_for`, `wait` leaves the thread's future alone when it gives up.
+            await asyncio.wait((opening,), timeout=self.config.peer_timeout)
+        finally:
+            if not opening.done():
+                # The open goes on in its thread: whatever stream it brings is ended.
+                opening.add_done_callback(_cancel_opened)
+        if not opening.done():
+            raise PeerUnreachable(f"{peer.url} did not answer within {self.config.peer_timeout} s")
+        return opening.result()
 
     def _asked(self, peer: FlightAddress) -> None:
         left = self._asking.pop(peer) - 1

@@ -48,7 +48,6 @@ import pyarrow as pa
 from pyarrow import flight
 
 from blobplane.backends.mapping import map_readonly
-from blobplane.broker import memory
 from blobplane.broker.flight.address import FlightAddress
 from blobplane.broker.flight.arrow import (
     batches,
@@ -159,8 +158,8 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
 
     # -- DoGet ---------------------------------------------------------------------------
 
-    def _start_get(self, context: Any, raw_ticket: bytes) -> tuple[Reading, int, int]:
-        """The blob a ticket names, referenced, with the range's offset and length.
+    def _start_get(self, context: Any, ticket: Any) -> tuple[Reading, int, int]:
+        """The blob a DoGet ticket names, referenced, with the range's offset and length.
 
         Refused (a Flight error) as the local socket would refuse the get;
         then nothing is held. Else the caller closes the reading's fd and
@@ -168,12 +167,12 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         """
         bridge = self._bridge
         try:
-            wanted = decode_ticket(raw_ticket)
+            wanted = decode_ticket(ticket.ticket)
             reading = bridge.read(_token(context), wanted.target)
         except BlobError as exc:
             raise _refused("get", context, exc) from None
         try:
-            length = _range_length(wanted, reading.info)
+            length = wanted.length_in(reading.info.size)
         except BlobError as exc:
             os.close(reading.fd)
             bridge.post(bridge.disconnect, reading.client)
@@ -182,7 +181,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
 
     def do_get(self, context: Any, ticket: Any) -> Any:
         bridge = self._bridge
-        reading, offset, length = self._start_get(context, ticket.ticket)
+        reading, offset, length = self._start_get(context, ticket)
         info = reading.info
         try:
             mapped = map_readonly(reading.fd, info.size) if length else None
@@ -239,38 +238,34 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             unknown = f"this endpoint has one action, {GET_ACTION!r}, not {action.type!r}"
             raise _refused("action", context, RemoteProtocolError(unknown))
         body = action.body
-        reading, offset, length = self._start_get(
-            context, b"" if body is None else body.to_pybytes()
-        )
-        info = reading.info
-        inline = length <= INLINE_GET_BYTES
         try:
-            data = memory.read_range(reading.fd, offset, length) if inline else b""
+            wanted = decode_ticket(b"" if body is None else body.to_pybytes())
+            answer = self._bridge.answer(_token(context), wanted)
         except BlobError as exc:
             raise _refused("get", context, exc) from None
-        finally:
-            os.close(reading.fd)
-            self._bridge.post(self._bridge.disconnect, reading.client)
+        info, data = answer.info, answer.data
         event(
             # Too large to come inline, the bytes are got with a DoGet: that is the get.
-            "flight.get" if inline else "flight.info",
+            "flight.info" if data is None else "flight.get",
             logging.DEBUG,
             blob=info.id,
             key=info.key,
-            offset=offset,
-            length=length,
-            inline=inline,
+            offset=answer.offset,
+            length=answer.length,
+            inline=data is not None,
         )
-        answer = GetAnswer(
-            size=info.size,
-            id=info.id.uuid,
-            key=info.key,
-            offset=offset,
-            length=length,
-            lease_left_ms=reading.lease_left_ms,
-            inline=inline,
+        head = encode(
+            GetAnswer(
+                size=info.size,
+                id=info.id.uuid,
+                key=info.key,
+                offset=answer.offset,
+                length=answer.length,
+                lease_left_ms=answer.lease_left_ms,
+                inline=data is not None,
+            )
         )
-        return iter([encode(answer), data] if inline else [encode(answer)])
+        return iter([head] if data is None else [head, data])
 
     # -- DoPut ---------------------------------------------------------------------------
 
@@ -402,19 +397,6 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         except BlobError as exc:
             raise _refused("describe", context, exc) from None
         return info
-
-
-def _range_length(wanted: BlobTicket, info: BlobInfo) -> int:
-    """How many bytes of the blob *wanted* asks for; `InvalidSize` unless they are inside it."""
-    if wanted.offset > info.size:
-        raise InvalidSize(f"offset {wanted.offset} is past the end of {info.size} bytes")
-    length = info.size - wanted.offset if wanted.length is None else wanted.length
-    if wanted.offset + length > info.size:
-        raise InvalidSize(
-            f"bytes {wanted.offset} to {wanted.offset + length} are not inside "
-            f"a blob of {info.size}"
-        )
-    return length
 
 
 def _message_bytes(chunk: Any) -> int:

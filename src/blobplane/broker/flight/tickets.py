@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 import msgspec
 
 from blobplane.broker.protocol import MAX_KEY_CHARS, MAX_MILLIS, MAX_TEXT, check_key
-from blobplane.errors import RemoteProtocolError
+from blobplane.errors import InvalidSize, RemoteProtocolError
 from blobplane.types import MAX_ENCODABLE_SIZE, BlobId
 
 __all__ = [
@@ -77,6 +77,18 @@ class BlobTicket(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             return BlobId(self.id)
         assert self.key is not None
         return self.key
+
+    def length_in(self, size: int) -> int:
+        """How many bytes of a blob of *size* the ticket asks for; `InvalidSize` unless they
+        are inside it."""
+        if self.offset > size:
+            raise InvalidSize(f"offset {self.offset} is past the end of {size} bytes")
+        length = size - self.offset if self.length is None else self.length
+        if self.offset + length > size:
+            raise InvalidSize(
+                f"bytes {self.offset} to {self.offset + length} are not inside a blob of {size}"
+            )
+        return length
 
 
 class PutCommand(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
