@@ -73,7 +73,7 @@ bench: $(INSTALLED)
 	@# On the temporary folder's disk; --dir DIR measures another.
 	$(BIN)/python bench/spill.py --json $(RESULTS)/spill.json
 	$(BIN)/python bench/executors.py --json $(RESULTS)/executors.json
-	@# Two brokers on loopback; its table is docs/guide/federation.md's.
+	@# Two brokers on loopback; docs/guide/federation.md's table is copied from it by hand.
 	$(BIN)/python bench/federation.py --json $(RESULTS)/federation.json
 	$(BIN)/python bench/report.py $(RESULTS) \
 		--write docs/performance.md README.md docs/guide/spilling.md

@@ -72,7 +72,7 @@ TCP_PARALLEL = "raw TCP, 4 streams"
 SMALL = 4 * KIB
 DEFAULT_PLAN: dict[int, int] = {SMALL: 201, 64 * MIB: 15, 1 * GIB: 11}  # runs vary by 20%: many
 QUICK_PLAN: dict[int, int] = {SMALL: 21, 16 * MIB: 3}
-# A cached or local get maps the blob and moves no byte: some 0.15 ms at any size, so it
+# A cached or local get maps the blob and moves no byte: 0.08 to 0.15 ms at any size, so it
 # is timed as often as the smallest size's gets, however few runs a large transfer gets.
 CACHED_RUNS = DEFAULT_PLAN[SMALL]
 QUICK_CACHED_RUNS = QUICK_PLAN[SMALL]

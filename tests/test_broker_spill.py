@@ -736,15 +736,25 @@ def test_a_spilled_blob_is_served_over_flight_too(tmp_path: Path, no_leaks: None
     spill = tmp_path / "spill"
     with cluster((*at(0), "--memory-limit", "8MiB", "--spill-dir", str(spill))) as one:
         broker = one.brokers[0]
-        payloads = {key(): random.Random(i).randbytes(3 * MiB) for i in range(4)}
+        # The small ones, put first, are spilled first: the "get" action answers with
+        # their bytes (at most 1 MiB); the larger ones come as streams.
+        sizes = [768 << 10] * 4 + [3 * MiB] * 4
+        payloads = {key(): random.Random(i).randbytes(size) for i, size in enumerate(sizes)}
         with connect_broker(broker.socket_path) as client:
             for name, data in payloads.items():
                 client.put_bytes(data, key=name)
             states = {entry.key: entry.state for entry in client.list() if entry.key}
         spilled = [name for name, state in states.items() if state == "spilled"]
-        assert spilled, states
+        assert any(len(payloads[name]) < MiB for name in spilled), states
         with FlightBlobClient(one.url(0), one.token("get")) as remote:
             for name in spilled:
+                info, inline = remote.get_inline(name, timeout=30)
+                assert info.size == len(payloads[name])
+                if len(payloads[name]) < MiB:
+                    assert inline is not None
+                    assert inline.to_pybytes() == payloads[name]
+                else:
+                    assert inline is None
                 assert remote.get_bytes(name, timeout=30) == payloads[name]
         with connect_broker(broker.socket_path) as client:
             for name in payloads:

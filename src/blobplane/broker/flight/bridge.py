@@ -5,9 +5,7 @@ broker holds (the registry, the fd table, the parked gets) belongs to its
 event loop and is never touched from elsewhere. So a handler asks the loop
 (`Bridge.call`: `call_soon_threadsafe` and a future it waits on) for each
 step that reads or changes that state, and does the slow part, moving bytes,
-in its own thread, on a mapping of a duplicated fd. A "get" action is one
-step (`answer_get`): its at most 1 MiB are read in the loop, which costs
-less than a second trip between the threads. The rules are the
+in its own thread, on a mapping of a duplicated fd. The rules are the
 registry's own: each Flight call is a registry client of its own for as long
 as it lasts, connected with the grant its token gives, so rights, per-blob
 tokens, quotas and the memory limit apply exactly as on the local socket; a
@@ -36,7 +34,7 @@ from blobplane.backends.mapping import physical_memory
 from blobplane.broker import memory
 from blobplane.broker.flight.config import DEFAULT_UPLOAD_TIMEOUT_S
 from blobplane.broker.flight.filling import stalled
-from blobplane.broker.flight.tickets import INLINE_GET_BYTES, BlobTicket, PutCommand
+from blobplane.broker.flight.tickets import PutCommand
 from blobplane.broker.logs import event
 from blobplane.broker.registry import BlobInfo, BlobState, ClientId, Pending
 from blobplane.broker.rights import Grant, Right
@@ -56,7 +54,7 @@ from blobplane.types import BlobId
 if TYPE_CHECKING:
     from blobplane.broker.server import BrokerServer
 
-__all__ = ["Answer", "Bridge", "Reading", "Writing"]
+__all__ = ["Bridge", "Reading", "Writing"]
 
 T = TypeVar("T")
 
@@ -72,18 +70,6 @@ class Reading:
     fd: int
     info: BlobInfo
     lease_left_ms: int | None  # of the blob's lease when it was got (None: no lease)
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A "get" action's answer: the blob, the range asked for, and its bytes if they come
-    inline (None: too many for one answer; a DoGet streams them)."""
-
-    info: BlobInfo
-    offset: int
-    length: int
-    lease_left_ms: int | None
-    data: bytes | None
 
 
 @dataclass(slots=True)
@@ -203,20 +189,7 @@ class Bridge:
         self._watches.clear()
 
     def read(self, token: str | None, target: BlobId | str) -> Reading:
-        """`open_read` in the loop, from a gRPC thread (`restored`)."""
-        return self.restored(self.open_read, token, target, undo=self.undo_read)
-
-    def answer(self, token: str | None, wanted: BlobTicket) -> Answer:
-        """`answer_get` in the loop, from a gRPC thread (`restored`)."""
-        return self.restored(self.answer_get, token, wanted)
-
-    def restored(
-        self,
-        function: Callable[..., T],
-        *args: Any,
-        undo: Callable[[T], None] | None = None,
-    ) -> T:
-        """`call`, asked again while the blob it reads is being restored from the spill folder.
+        """`open_read` in the loop, from a gRPC thread, waiting while a spilled blob comes back.
 
         The restore is the loop's own work (a read from disk in a thread);
         this thread asks again every few milliseconds until the blob is back,
@@ -226,7 +199,7 @@ class Bridge:
         deadline = time.monotonic() + CALL_TIMEOUT_S
         while True:
             try:
-                return self.call(function, *args, undo=undo)
+                return self.call(self.open_read, token, target, undo=self.undo_read)
             except _Restoring as restoring:
                 if time.monotonic() > deadline:
                     raise Timeout(
@@ -238,41 +211,21 @@ class Bridge:
     def open_read(self, token: str | None, target: BlobId | str) -> Reading:
         client = self.connect(self.grant(token))
         try:
-            info = self._sealed(client, target)
-            fd = self.server.fds.dup(info.id)
+            # Served from this process's mapping: the reader never holds the memory.
+            result = self.server.registry.get(client, target, served=True)
+            if isinstance(result, Pending):
+                if result.restore:
+                    self.server.apply(self.server.registry.restore(result.id))
+                    raise _Restoring(result.id)
+                raise BlobNotFound(
+                    f"blob {result.id} is not sealed yet; the Flight endpoint serves sealed blobs"
+                )
+            fd = self.server.fds.dup(result.info.id)
         except BaseException:
             self.disconnect(client)
             raise
+        info = result.info
         return Reading(client, fd, info, self.server.registry.lease_left_ms(info))
-
-    def answer_get(self, token: str | None, wanted: BlobTicket) -> Answer:
-        """A "get" action's answer, got, described and read in one step: the registry's rules
-        for a get, and a range of at most `INLINE_GET_BYTES` read with one `pread` here (tens
-        of microseconds, less than a trip out of the loop and back for an fd to read)."""
-        client = self.connect(self.grant(token))
-        try:
-            info = self._sealed(client, wanted.target)
-            length = wanted.length_in(info.size)
-            data = None
-            if length <= INLINE_GET_BYTES:
-                data = memory.read_range(self.server.fds.get(info.id), wanted.offset, length)
-            lease_left_ms = self.server.registry.lease_left_ms(info)
-            return Answer(info, wanted.offset, length, lease_left_ms, data)
-        finally:
-            self.disconnect(client)
-
-    def _sealed(self, client: ClientId, target: BlobId | str) -> BlobInfo:
-        """The sealed blob *target*, referenced by *client*; `_Restoring` while it comes back."""
-        # Served from this process's mapping: the reader never holds the memory.
-        result = self.server.registry.get(client, target, served=True)
-        if isinstance(result, Pending):
-            if result.restore:
-                self.server.apply(self.server.registry.restore(result.id))
-                raise _Restoring(result.id)
-            raise BlobNotFound(
-                f"blob {result.id} is not sealed yet; the Flight endpoint serves sealed blobs"
-            )
-        return result.info
 
     def undo_read(self, reading: Reading) -> None:
         os.close(reading.fd)

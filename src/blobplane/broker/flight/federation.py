@@ -314,20 +314,20 @@ class Federation:
             raise PeerUnreachable(
                 f"{peer.url} has not answered {asking} asks yet; it is not asked more meanwhile"
             )
-        self._asking[peer] = asking + 1
         opening = loop.run_in_executor(self._openers, self._open_blocking, peer, key, token)
+        self._asking[peer] = asking + 1
         # Counted until the thread is done, whoever stopped waiting for it.
         opening.add_done_callback(lambda _: self._asked(peer))
         try:
-            # Unlike `wait_for`, `wait` leaves the thread's future alone when it gives up.
-            await asyncio.wait((opening,), timeout=self.config.peer_timeout)
-        finally:
-            if not opening.done():
-                # The open goes on in its thread: whatever stream it brings is ended.
-                opening.add_done_callback(_cancel_opened)
-        if not opening.done():
-            raise PeerUnreachable(f"{peer.url} did not answer within {self.config.peer_timeout} s")
-        return opening.result()
+            return await asyncio.wait_for(asyncio.shield(opening), self.config.peer_timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # The open goes on in its thread: whatever stream it brings is ended.
+            opening.add_done_callback(_cancel_opened)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise PeerUnreachable(
+                f"{peer.url} did not answer within {self.config.peer_timeout} s"
+            ) from None
 
     def _asked(self, peer: FlightAddress) -> None:
         left = self._asking.pop(peer) - 1

@@ -48,6 +48,7 @@ import pyarrow as pa
 from pyarrow import flight
 
 from blobplane.backends.mapping import map_readonly
+from blobplane.broker import memory
 from blobplane.broker.flight.address import FlightAddress
 from blobplane.broker.flight.arrow import (
     batches,
@@ -158,8 +159,8 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
 
     # -- DoGet ---------------------------------------------------------------------------
 
-    def _start_get(self, context: Any, ticket: Any) -> tuple[Reading, int, int]:
-        """The blob a DoGet ticket names, referenced, with the range's offset and length.
+    def _start_get(self, context: Any, raw_ticket: bytes) -> tuple[Reading, int, int]:
+        """The blob a ticket names, referenced, with the range's offset and length.
 
         Refused (a Flight error) as the local socket would refuse the get;
         then nothing is held. Else the caller closes the reading's fd and
@@ -167,7 +168,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
         """
         bridge = self._bridge
         try:
-            wanted = decode_ticket(ticket.ticket)
+            wanted = decode_ticket(raw_ticket)
             reading = bridge.read(_token(context), wanted.target)
         except BlobError as exc:
             raise _refused("get", context, exc) from None
@@ -181,7 +182,7 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
 
     def do_get(self, context: Any, ticket: Any) -> Any:
         bridge = self._bridge
-        reading, offset, length = self._start_get(context, ticket)
+        reading, offset, length = self._start_get(context, ticket.ticket)
         info = reading.info
         try:
             mapped = map_readonly(reading.fd, info.size) if length else None
@@ -238,34 +239,38 @@ class _Service(flight.FlightServerBase):  # type: ignore[misc]
             unknown = f"this endpoint has one action, {GET_ACTION!r}, not {action.type!r}"
             raise _refused("action", context, RemoteProtocolError(unknown))
         body = action.body
+        reading, offset, length = self._start_get(
+            context, b"" if body is None else body.to_pybytes()
+        )
+        info = reading.info
+        inline = length <= INLINE_GET_BYTES
         try:
-            wanted = decode_ticket(b"" if body is None else body.to_pybytes())
-            answer = self._bridge.answer(_token(context), wanted)
+            data = memory.read_range(reading.fd, offset, length) if inline else b""
         except BlobError as exc:
             raise _refused("get", context, exc) from None
-        info, data = answer.info, answer.data
+        finally:
+            os.close(reading.fd)
+            self._bridge.post(self._bridge.disconnect, reading.client)
         event(
             # Too large to come inline, the bytes are got with a DoGet: that is the get.
-            "flight.info" if data is None else "flight.get",
+            "flight.get" if inline else "flight.info",
             logging.DEBUG,
             blob=info.id,
             key=info.key,
-            offset=answer.offset,
-            length=answer.length,
-            inline=data is not None,
+            offset=offset,
+            length=length,
+            inline=inline,
         )
-        head = encode(
-            GetAnswer(
-                size=info.size,
-                id=info.id.uuid,
-                key=info.key,
-                offset=answer.offset,
-                length=answer.length,
-                lease_left_ms=answer.lease_left_ms,
-                inline=data is not None,
-            )
+        answer = GetAnswer(
+            size=info.size,
+            id=info.id.uuid,
+            key=info.key,
+            offset=offset,
+            length=length,
+            lease_left_ms=reading.lease_left_ms,
+            inline=inline,
         )
-        return iter([head] if data is None else [head, data])
+        return iter([encode(answer), data] if inline else [encode(answer)])
 
     # -- DoPut ---------------------------------------------------------------------------
 
