@@ -24,7 +24,8 @@ rows are left out without it). Variants:
   token) streams the same bytes from a memfd mapping in 8 MiB batches; the
   client reads every batch and copies nothing.
 - 4 parallel: four keys got at once by four clients of B, against four TCP
-  streams at once (each into its own pre-faulted buffer).
+  streams at once (each into its own pre-faulted buffer; and, for
+  information, each into a buffer allocated and faulted in on the clock).
 
 Each round runs every variant once, in a new seeded random order; medians.
 Ratios are against raw TCP into a pre-faulted buffer. Targets: a remote
@@ -68,6 +69,7 @@ TCP_ALLOCATING = "raw TCP, buffer allocated on the clock (info)"
 FLIGHT = "bare Flight DoGet"
 PARALLEL = "4 parallel remote gets"
 TCP_PARALLEL = "raw TCP, 4 streams"
+TCP_PARALLEL_ALLOCATING = "raw TCP, 4 streams, buffers allocated on the clock (info)"
 
 SMALL = 4 * KIB
 DEFAULT_PLAN: dict[int, int] = {SMALL: 201, 64 * MIB: 15, 1 * GIB: 11}  # runs vary by 20%: many
@@ -376,6 +378,7 @@ def measure_parallel(size: int, rounds: int, plain: Brokers, seed: int) -> list[
     total = size * STREAMS
     parallel = Result("parallel", total, PARALLEL)
     tcp_parallel = Result("parallel", total, TCP_PARALLEL)
+    tcp_allocating = Result("parallel", total, TCP_PARALLEL_ALLOCATING)
     tcp, port = spawn("tcp-server", size)
     clients = [connect_broker(plain.b.socket_path, name=f"bench {i}") for i in range(STREAMS)]
     try:
@@ -397,12 +400,34 @@ def measure_parallel(size: int, rounds: int, plain: Brokers, seed: int) -> list[
                 release(mapped, view)
             return elapsed
 
-        runs = {PARALLEL: run_remote, TCP_PARALLEL: run_tcp}
+        def run_tcp_allocating() -> int:
+            # As B must for its copies: each buffer allocated and faulted in on the clock.
+            buffers: list[tuple[mmap.mmap, memoryview]] = []
+
+            def one(index: int) -> None:
+                buffer = prefaulted(size)
+                buffers.append(buffer)
+                tcp_receive(port, buffer[1])
+
+            elapsed = _in_threads(one)
+            for mapped, view in buffers:
+                release(mapped, view)
+            return elapsed
+
+        runs = {
+            PARALLEL: run_remote,
+            TCP_PARALLEL: run_tcp,
+            TCP_PARALLEL_ALLOCATING: run_tcp_allocating,
+        }
         for run in runs.values():
             run()
         order = list(runs)
         shuffler = random.Random(seed)
-        results = {PARALLEL: parallel, TCP_PARALLEL: tcp_parallel}
+        results = {
+            PARALLEL: parallel,
+            TCP_PARALLEL: tcp_parallel,
+            TCP_PARALLEL_ALLOCATING: tcp_allocating,
+        }
         for _ in range(rounds):
             shuffler.shuffle(order)
             for name in order:
@@ -414,7 +439,7 @@ def measure_parallel(size: int, rounds: int, plain: Brokers, seed: int) -> list[
         tcp.wait()
     for key in keys:
         plain.at_a.delete(key)
-    return [parallel, tcp_parallel]
+    return [parallel, tcp_parallel, tcp_allocating]
 
 
 def _in_threads(work: Callable[[int], None]) -> int:
