@@ -198,10 +198,8 @@ class AsyncBrokerClient(AutoPoolOption):
         self._closed = True
         self._reader.stop()
         self._outbox.close()
-        # The core first: it lets go of the slots the broker keeps (`ClientCore.close`)
-        # before the broker hears of the disconnection.
         self._core.close()
-        self._let_go()
+        self._let_go()  # the slots the broker keeps, before it hears of the disconnection
         self._fail(BlobClosed("this broker client is closed"))
 
     async def aclose(self) -> None:

@@ -477,22 +477,20 @@ class ClientCore:
         return Timeout(f"the broker did not answer {type(call.request).__name__.lower()} in time")
 
     def close(self) -> None:
+        """The client's own state; its automatic-pool slots and connection go with `let_go`."""
         self.slots.close()
         if self._local is not None:
             self._local.close()
-        # What we put from the automatic pool and the broker still publishes is the
-        # broker's from now on: never to be loaned (or written) here again. Unmapped
-        # before the connection closes: the broker seals it against writes then, which
-        # the kernel refuses while a writable mapping exists.
-        self.slot_owner.retire()
 
 
 def let_go(slot_owner: SlotOwner, channel: ChannelBase) -> None:
     """A client's end: its automatic-pool slots unmapped, then its connection closed.
 
-    In that order, also when the client is dropped unclosed or the process
-    exits: the broker seals a slot it keeps only once no process maps it
-    writable, and it tries when the connection ends.
+    What it put from the automatic pool and the broker still publishes is the
+    broker's from now on, never loaned (or written) here again. In that order,
+    also when the client is dropped unclosed or the process exits: the broker
+    seals a slot it keeps only once no process maps it writable, and it tries
+    when the connection ends.
     """
     slot_owner.retire()
     channel.close()

@@ -214,10 +214,8 @@ class BrokerClient(AutoPoolOption):
         if self._closed:
             return
         self._closed = True
-        # The core first: it lets go of the slots the broker keeps (`ClientCore.close`)
-        # before the broker hears of the disconnection.
         self._core.close()
-        self._let_go()
+        self._let_go()  # the slots the broker keeps, before it hears of the disconnection
 
     def __enter__(self) -> Self:
         return self

@@ -28,8 +28,8 @@ gRPC's threads and ask the broker's loop for every step through the `Bridge`.
 
 Every call must carry ``authorization: Bearer <token>``, a token of this
 broker's key (`blobplane token create`); the rights are those of the local
-socket: ``get`` for DoGet, the "get" action, GetFlightInfo and GetSchema, ``put`` for DoPut,
-``list`` for ListFlights. A DoPut's token is checked as soon as its headers
+socket: ``get`` for DoGet, the "get" action, GetFlightInfo and GetSchema,
+``put`` for DoPut, ``list`` for ListFlights. A DoPut's token is checked as soon as its headers
 arrive, before gRPC reads its first message. Refusals are Flight errors
 whose extra info names the `blobplane.errors` class.
 """
